@@ -1,0 +1,93 @@
+"""Array backends: NumPy on the CPU, CuPy on CUDA GPUs.
+
+Every tensor holds a raw array of one of the two libraries; `get_array_module`
+(the Chainer/DeZero idiom) returns the library an array belongs to, so an op is
+written once against `xp` and runs on either device.
+"""
+import os
+
+import numpy as np
+
+try:  # CuPy is optional: the CPU path never needs it.
+    import cupy
+except Exception:  # ImportError, or a CuPy built for a CUDA the machine lacks
+    cupy = None
+
+DEVICES = ("cpu", "cuda")
+
+
+def cuda_available():
+    """True when CuPy imports and at least one CUDA device answers."""
+    if cupy is None:
+        return False
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def default_device():
+    """'cuda' when a GPU is usable, else 'cpu'; TINYGRAD3_DEVICE overrides."""
+    wanted = os.environ.get("TINYGRAD3_DEVICE", "").strip().lower()
+    if wanted:
+        return check_device(wanted)
+    return "cuda" if cuda_available() else "cpu"
+
+
+def check_device(device):
+    """Validate a device name; asking for CUDA without a GPU is an error, never a fallback."""
+    device = str(device).lower()
+    if device.startswith("cuda"):
+        device = "cuda"
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'")
+    if device == "cuda" and not cuda_available():
+        why = "CuPy is not installed" if cupy is None else "no CUDA GPU is visible"
+        raise RuntimeError(f"device 'cuda' was requested but {why}; "
+                           "install cupy-cuda12x/cupy-cuda13x on a GPU machine or use device 'cpu' "
+                           "(TINYGRAD3_DEVICE=cpu)")
+    return device
+
+
+def get_array_module(*arrays):
+    """numpy or cupy, whichever the arrays belong to (numpy for plain Python values)."""
+    if cupy is not None:
+        return cupy.get_array_module(*arrays)
+    return np
+
+
+def array_module(device):
+    """The array library for a device name."""
+    return cupy if check_device(device) == "cuda" else np
+
+
+def device_of(array):
+    return "cuda" if get_array_module(array) is not np else "cpu"
+
+
+def to_device(array, device):
+    """Move a raw array to `device` (no copy when it is already there)."""
+    device = check_device(device)
+    if device == "cuda":
+        return cupy.asarray(array)
+    if cupy is not None and isinstance(array, cupy.ndarray):
+        return cupy.asnumpy(array)
+    return np.asarray(array)
+
+
+def to_numpy(array):
+    """A host (NumPy) copy or view of a raw array."""
+    if cupy is not None and isinstance(array, cupy.ndarray):
+        return cupy.asnumpy(array)
+    return np.asarray(array)
+
+
+def scatter_add(target, index, values):
+    """target[index] += values with repeated indices accumulating (in place)."""
+    xp = get_array_module(target)
+    if xp is np:
+        np.add.at(target, index, values)
+    else:
+        import cupyx
+        cupyx.scatter_add(target, index, values)
+    return target

@@ -1,0 +1,246 @@
+"""Tensor and Function: the whole reverse-mode autograd in one file.
+
+A `Function` computes its forward on raw arrays (NumPy or CuPy) and knows how to
+turn the gradient of its output into gradients of its inputs. Calling a Function
+on Tensors runs the forward and, when a gradient is wanted, records the call in
+a graph.
+
+The graph holds Functions and leaf tensors only: an intermediate Tensor is
+represented by the Function that made it (every Function has one output), so
+its array is freed as soon as user code drops it, unless a backward saved it.
+`Tensor.backward` visits the Functions in reverse topological order, hands each
+one the gradient summed over all uses of its output, and then releases what the
+Function saved, so activation memory shrinks as the backward pass proceeds.
+"""
+import contextlib
+
+import numpy as np
+
+from . import backend
+
+_grad_enabled = True
+
+
+def is_grad_enabled():
+    return _grad_enabled
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Inside this block, calls build no graph (inference, optimizer updates)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+class Function:
+    """One differentiable operation: `forward(*arrays) -> array`, `backward(gy) -> grads`.
+
+    Subclasses keep what their backward needs as plain attributes; everything
+    not starting with an underscore is dropped once the backward has run.
+    `self.needs_grad[i]` says whether input i wants a gradient, so a forward can
+    skip saving what no backward will read and a backward can return None.
+    """
+
+    def __call__(self, *inputs):
+        tensors = [x if isinstance(x, Tensor) else None for x in inputs]
+        arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
+        self.needs_grad = tuple(t is not None and t.requires_grad for t in tensors)
+        record = _grad_enabled and any(self.needs_grad)
+        if not record:
+            self.needs_grad = (False,) * len(inputs)
+        out = Tensor(self.forward(*arrays), requires_grad=record)
+        if record:
+            # A parent is the leaf tensor itself or the Function that produced a non-leaf input.
+            self._parents = tuple(
+                None if not need else (t if t._creator is None else t._creator)
+                for t, need in zip(tensors, self.needs_grad))
+            self._out_grad = None
+            out._creator = self
+        else:
+            self._release()
+        return out
+
+    def forward(self, *arrays):
+        raise NotImplementedError
+
+    def backward(self, gy):
+        raise NotImplementedError
+
+    def _release(self):
+        for name in [k for k in vars(self) if not k.startswith("_")]:
+            delattr(self, name)
+
+
+def _accumulate(current, g):
+    return g if current is None else current + g
+
+
+class Tensor:
+    """An n-dimensional array with an optional gradient.
+
+    `data` is the raw NumPy/CuPy array; `grad` is a raw array of the same shape and
+    dtype once `backward` has reached this tensor (leaf tensors only).
+    """
+
+    __array_priority__ = 1000  # make `ndarray + Tensor` defer to Tensor.__radd__
+
+    def __init__(self, data, requires_grad=False, dtype=None, device=None):
+        if isinstance(data, Tensor):
+            data = data.data
+        if device is not None:
+            data = backend.to_device(data, device)
+        elif not hasattr(data, "__array_interface__") and not hasattr(data, "__cuda_array_interface__"):
+            # Python scalars and lists land on the default device, floats as float32.
+            arr = np.asarray(data)
+            if dtype is None and arr.dtype == np.float64:
+                arr = arr.astype(np.float32)
+            data = backend.to_device(arr, backend.default_device())
+        if not hasattr(data, "dtype") or not hasattr(data, "shape"):
+            data = np.asarray(data)
+        if dtype is not None and data.dtype != dtype:
+            data = data.astype(dtype)
+        if requires_grad and data.dtype.kind != "f":
+            raise TypeError(f"only floating-point tensors can require gradients, got {data.dtype}")
+        self.data = data
+        self.requires_grad = bool(requires_grad)
+        self.grad = None
+        self._creator = None
+
+    # ----- properties -------------------------------------------------------------
+    shape = property(lambda self: self.data.shape)
+    dtype = property(lambda self: self.data.dtype)
+    ndim = property(lambda self: self.data.ndim)
+    size = property(lambda self: self.data.size)
+    device = property(lambda self: backend.device_of(self.data))
+    is_leaf = property(lambda self: self._creator is None)
+
+    @property
+    def T(self):
+        return self.transpose()
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor({backend.to_numpy(self.data)!r}, device={self.device}{grad})"
+
+    def numpy(self):
+        """A host (NumPy) copy of the data."""
+        return backend.to_numpy(self.data).copy()
+
+    def item(self):
+        return backend.to_numpy(self.data).item()
+
+    def detach(self):
+        """The same data, cut from the graph."""
+        return Tensor(self.data)
+
+    def to(self, device):
+        """A copy on another device, itself a leaf (use on parameters before building graphs)."""
+        return Tensor(backend.to_device(self.data, device), requires_grad=self.requires_grad)
+
+    # ----- backward -----------------------------------------------------------------
+    def backward(self, grad=None):
+        """Accumulate d(self)/d(leaf) into every leaf's `.grad`.
+
+        `grad` is the upstream gradient; for a one-element tensor it defaults to 1.
+        The graph is freed as it is walked, so a second backward over it raises.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad "
+                               "(no input had requires_grad=True, or it was built under no_grad())")
+        xp = backend.get_array_module(self.data)
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward() needs an explicit gradient for a tensor of shape {self.shape}")
+            grad = xp.ones_like(self.data)
+        grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype)
+        if grad.shape != self.shape:
+            raise ValueError(f"gradient shape {grad.shape} does not match tensor shape {self.shape}")
+        if self._creator is None:
+            self.grad = _accumulate(self.grad, grad)
+            return
+        root = self._creator
+        if not hasattr(root, "_parents"):
+            raise RuntimeError("this graph was already freed by an earlier backward()")
+        root._out_grad = grad
+        for fn in reversed(_topological_order(root)):
+            gy, fn._out_grad = fn._out_grad, None
+            if gy is None:  # no path from the root passes through this output
+                _drop(fn)
+                continue
+            grads = fn.backward(gy)
+            if not isinstance(grads, tuple):
+                grads = (grads,)
+            for parent, g in zip(fn._parents, grads):
+                if parent is None or g is None:
+                    continue
+                if isinstance(parent, Tensor):
+                    parent.grad = _accumulate(parent.grad, _match(g, parent.data))
+                else:
+                    parent._out_grad = _accumulate(parent._out_grad, g)
+            _drop(fn)
+
+    # ----- operators (implemented in ops.py) -----------------------------------
+    def __add__(self, other): return ops.add(self, other)
+    def __radd__(self, other): return ops.add(other, self)
+    def __sub__(self, other): return ops.sub(self, other)
+    def __rsub__(self, other): return ops.sub(other, self)
+    def __mul__(self, other): return ops.mul(self, other)
+    def __rmul__(self, other): return ops.mul(other, self)
+    def __truediv__(self, other): return ops.div(self, other)
+    def __rtruediv__(self, other): return ops.div(other, self)
+    def __matmul__(self, other): return ops.matmul(self, other)
+    def __rmatmul__(self, other): return ops.matmul(other, self)
+    def __pow__(self, other): return ops.pow(self, other)
+    def __rpow__(self, other): return ops.pow(other, self)
+    def __neg__(self): return ops.neg(self)
+    def __getitem__(self, index): return ops.getitem(self, index)
+
+    def sum(self, axis=None, keepdims=False): return ops.sum(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False): return ops.mean(self, axis, keepdims)
+    def max(self, axis=None, keepdims=False): return ops.max(self, axis, keepdims)
+    def reshape(self, *shape): return ops.reshape(self, *shape)
+    def transpose(self, *axes): return ops.transpose(self, *axes)
+    def exp(self): return ops.exp(self)
+    def log(self): return ops.log(self)
+    def astype(self, dtype): return ops.astype(self, dtype)
+
+
+def _match(g, like):
+    """Cast a gradient to the leaf's dtype (a leaf's grad always has the leaf's dtype)."""
+    return g if g.dtype == like.dtype else g.astype(like.dtype)
+
+
+def _drop(fn):
+    """Free a Function's saved arrays and its links once its backward has run."""
+    fn._release()
+    del fn._parents
+
+
+def _topological_order(root):
+    """Functions reachable from root in post-order: each after every Function it consumes."""
+    order, visited, stack = [], set(), [(root, False)]
+    while stack:
+        fn, finished = stack.pop()
+        if finished:
+            order.append(fn)
+            continue
+        if id(fn) in visited:
+            continue
+        visited.add(id(fn))
+        stack.append((fn, True))
+        for parent in fn._parents:
+            if isinstance(parent, Function) and id(parent) not in visited:
+                if not hasattr(parent, "_parents"):
+                    raise RuntimeError("part of this graph was already freed by an earlier backward()")
+                stack.append((parent, False))
+    return order
+
+
+from . import ops  # noqa: E402  (ops needs Tensor and Function defined above)
