@@ -1,0 +1,148 @@
+"""Gemma 3 (text), built only from tinygrad3: the architecture of Hugging Face's Gemma3ForCausalLM.
+
+    h = embed(idx) * sqrt(hidden)
+    per layer:  h = h + post_attn_norm(attention(input_norm(h)))
+                h = h + post_ffw_norm(mlp(pre_ffw_norm(h)))
+    logits = lm_head(norm(h))
+
+Attention: q/k/v projections; RMSNorm over head_dim on q and k; RoPE with the layer's base;
+scores scaled by query_pre_attn_scalar**-0.5; causal, or sliding-window causal on
+"sliding_attention" layers; multi-query when there is one KV head.
+MLP (GeGLU): down(gelu_tanh(gate(x)) * up(x)).
+Parameter names are Hugging Face's, so their checkpoints load with load_state_dict.
+"""
+import math
+
+import numpy as np
+
+import tinygrad3.functional as F
+from tinygrad3 import Tensor, backend
+from nn import Embedding, Linear, Module, ModuleList, RMSNorm
+from .config import Gemma3Config
+
+
+class Gemma3Attention(Module):
+    def __init__(self, config, layer_index, rng):
+        super().__init__()
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.scale = c.query_pre_attn_scalar ** -0.5
+        self.rope_base = c.rope_base(layer_index)
+        self.window = c.sliding_window if c.is_sliding(layer_index) else None
+        self.q_proj = Linear(c.hidden_size, c.num_attention_heads * c.head_dim, rng=rng)
+        self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, rng=rng)
+        self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, rng=rng)
+        self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size, rng=rng)
+        self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps)
+        self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps)
+
+    def heads(self, x, proj, num_heads, norm=None):
+        """(B, T, hidden) -> (B, heads, T, head_dim), normalised over head_dim when a norm is given."""
+        B, T, _ = x.shape
+        y = proj(x).reshape(B, T, num_heads, self.head_dim)
+        if norm is not None:
+            y = norm(y)
+        return y.transpose(0, 2, 1, 3)
+
+    def forward(self, x, cache=None):
+        B, T, _ = x.shape
+        offset = 0 if cache is None else cache.position
+        q = F.rope(self.heads(x, self.q_proj, self.num_heads, self.q_norm), self.rope_base, offset)
+        k = F.rope(self.heads(x, self.k_proj, self.num_kv_heads, self.k_norm), self.rope_base, offset)
+        v = self.heads(x, self.v_proj, self.num_kv_heads)
+        if cache is None:
+            y = F.attention(q, k, v, self.scale, window=self.window)
+        else:
+            y = cache.attend(self, q, k, v)
+        return self.o_proj(y.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class Gemma3MLP(Module):
+    def __init__(self, config, rng):
+        super().__init__()
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, rng=rng)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, rng=rng)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, rng=rng)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gemma3DecoderLayer(Module):
+    def __init__(self, config, layer_index, rng):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.self_attn = Gemma3Attention(config, layer_index, rng)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.mlp = Gemma3MLP(config, rng)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, h, cache=None):
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cache))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class Gemma3TextModel(Module):
+    def __init__(self, config, rng):
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, rng=rng)
+        self.layers = ModuleList(Gemma3DecoderLayer(config, i, rng) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embed_scale = math.sqrt(config.hidden_size)
+
+    def forward(self, idx, cache=None):
+        # The scale is rounded to the embedding's dtype before multiplying, as the reference does.
+        h = F.embedding(idx, self.embed_tokens.weight) * self.embed_scale
+        for i, layer in enumerate(self.layers):
+            h = layer(h, None if cache is None else cache.layer(i))
+        if cache is not None:
+            cache.advance(idx.shape[1])
+        return self.norm(h)
+
+
+class Gemma3(Module):
+    """Gemma 3 causal language model: `logits, loss = model(idx, targets)`."""
+
+    def __init__(self, config=None, seed=0):
+        super().__init__()
+        self.config = config = config or Gemma3Config.gemma3_270m()
+        rng = np.random.default_rng(seed)
+        self.model = Gemma3TextModel(config, rng)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, rng=rng)
+        self._vocab_masks = {}
+
+    def vocab_mask(self, like):
+        """0 for real ids, the most negative finite value of the logits' dtype for padding ids
+        (None without padding): after the softmax padding ids have probability 0, so the loss
+        and every gradient equal those of the unpadded vocabulary."""
+        real, size = self.config.unpadded_vocab_size, self.config.vocab_size
+        if real is None or real == size:
+            return None
+        key = (like.dtype, like.device)
+        if key not in self._vocab_masks:
+            mask = np.zeros(size, like.dtype)
+            mask[real:] = np.finfo(like.dtype).min
+            self._vocab_masks[key] = backend.to_device(mask, like.device)
+        return self._vocab_masks[key]
+
+
+    def output_weight(self):
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, idx, targets=None, ignore_index=-1, cache=None):
+        """idx: (B, T) integer ids. Returns (logits (B, T, vocab), mean cross-entropy or None)."""
+        idx = idx.data if isinstance(idx, Tensor) else idx
+        if idx.ndim != 2:
+            raise ValueError(f"idx must have shape (batch, time), got {idx.shape}")
+        if idx.size and (int(idx.max()) >= self.config.vocab_size or int(idx.min()) < 0):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got "
+                             f"min {int(idx.min())}, max {int(idx.max())}")
+        logits = F.linear(self.model(idx, cache), self.output_weight())
+        mask = self.vocab_mask(logits)
+        if mask is not None:
+            logits = logits + mask
+        loss = None if targets is None else F.cross_entropy(logits, targets, ignore_index=ignore_index)
+        return logits, loss

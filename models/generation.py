@@ -1,0 +1,62 @@
+"""Text generation: greedy, temperature, top-k and top-p (nucleus) sampling, with or without a KV cache."""
+import numpy as np
+
+from tinygrad3 import backend, no_grad
+from .kv_cache import KVCache
+
+
+def filter_probabilities(logits, temperature=1.0, top_k=None, top_p=None):
+    """Next-token probabilities (float64, NumPy) after temperature, top-k and top-p.
+
+    top-k keeps the k most likely ids; top-p keeps the smallest set of most likely ids whose
+    probabilities add up to at least p. The kept probabilities are renormalised.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 for sampling (use greedy=True for argmax decoding)")
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max()
+    p = np.exp(z)
+    p /= p.sum()
+    if top_k is not None and 0 < top_k < p.size:
+        threshold = np.partition(p, -top_k)[-top_k]
+        p = np.where(p >= threshold, p, 0.0)
+    if top_p is not None and 0 < top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        cumulative = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(cumulative, top_p * cumulative[-1])) + 1]
+        mask = np.zeros_like(p, dtype=bool)
+        mask[keep] = True
+        p = np.where(mask, p, 0.0)
+    return p / p.sum()
+
+
+def generate(model, prompt_ids, max_new_tokens, greedy=False, temperature=1.0, top_k=None, top_p=None,
+             seed=None, stop_id=None, use_cache=True):
+    """Continue one prompt (a list of ids); returns the new ids (stop_id included if reached).
+
+    With use_cache the prompt is processed once and every later step feeds one token;
+    without it every step recomputes the whole sequence (the reference the cache must equal).
+    """
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    rng = np.random.default_rng(seed)
+    xp = backend.get_array_module(model.parameters()[0].data)
+    ids = list(int(i) for i in prompt_ids)
+    cache = KVCache(model.config) if use_cache else None
+    new = []
+    with no_grad():
+        chunk = ids
+        for _ in range(max_new_tokens):
+            window = chunk if use_cache else ids
+            logits, _ = model(xp.asarray([window], dtype=xp.int64), cache=cache)
+            last = backend.to_numpy(logits.data[0, -1]).astype(np.float64)
+            if greedy:
+                token = int(np.argmax(last))
+            else:
+                token = int(rng.choice(last.size, p=filter_probabilities(last, temperature, top_k, top_p)))
+            new.append(token)
+            ids.append(token)
+            chunk = [token]
+            if stop_id is not None and token == stop_id:
+                break
+    return new

@@ -1,0 +1,136 @@
+"""Gemma 3 model on its own: parameter count, padding, gradients, state dicts, modules."""
+import numpy as np
+import pytest
+
+import nn
+from models import Gemma3, Gemma3Config
+from tinygrad3 import Tensor, gradcheck
+
+
+def _expected_270m_parameters():
+    """Counted by hand from the architecture, independently of the model code."""
+    vocab, d, ff, layers, heads, kv, hd = 50304, 640, 2048, 18, 4, 1, 256
+    attention = d * heads * hd * 2 + d * kv * hd * 2 + 2 * hd   # q, o, k, v, q_norm, k_norm
+    mlp = 3 * d * ff
+    norms = 4 * d
+    return 2 * vocab * d + layers * (attention + mlp + norms) + d
+
+
+def test_270m_parameter_count():
+    config = Gemma3Config.gemma3_270m()
+    assert config.layer_types.count("full_attention") == 3
+    assert [i for i, t in enumerate(config.layer_types) if t == "full_attention"] == [5, 11, 17]
+    assert config.vocab_size == 50304 and config.vocab_size % 128 == 0
+    n = Gemma3(config).num_parameters()
+    assert n == _expected_270m_parameters() == 164_715_136
+
+
+def test_tiny_preset_has_both_layer_types_and_mqa():
+    c = Gemma3Config.tiny()
+    assert set(c.layer_types) == {"sliding_attention", "full_attention"}
+    assert c.num_key_value_heads == 1 < c.num_attention_heads
+    assert c.sliding_window < 16
+
+
+def test_padded_vocabulary_gives_the_unpadded_loss():
+    rng = np.random.default_rng(0)
+    padded = Gemma3(Gemma3Config.tiny(vocab_size=50304, unpadded_vocab_size=50257), seed=1)
+    plain = Gemma3(Gemma3Config.tiny(vocab_size=50257, unpadded_vocab_size=None), seed=2)
+    state = padded.state_dict()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name] = state[name][:50257]
+    plain.load_state_dict(state)
+    ids = rng.integers(0, 50257, size=(2, 12))
+    targets = rng.integers(0, 50257, size=(2, 12))
+    targets[0, :3] = 50256  # the end-of-text id, the largest real id
+    _, loss_padded = padded(ids, targets)
+    _, loss_plain = plain(ids, targets)
+    assert abs(loss_padded.item() - loss_plain.item()) < 1e-5 * loss_plain.item()
+    loss_padded.backward()
+    loss_plain.backward()
+    head = dict(padded.named_parameters())["lm_head.weight"].grad
+    np.testing.assert_allclose(head[:50257], dict(plain.named_parameters())["lm_head.weight"].grad, atol=1e-7)
+    assert not head[50257:].any()  # padding rows never receive gradient
+
+
+def test_loss_gradcheck_on_a_sample_of_parameters():
+    """float64 finite differences of the whole model's loss w.r.t. several parameter tensors."""
+    config = Gemma3Config.tiny(vocab_size=40, unpadded_vocab_size=37)
+    config.hidden_size, config.intermediate_size, config.head_dim, config.query_pre_attn_scalar = 16, 24, 8, 8
+    model = Gemma3(config, seed=3).to(dtype=np.float64)
+    rng = np.random.default_rng(1)
+    for p in model.parameters():  # random norm weights too, so the (1 + w) path is exercised
+        p.data = p.data + rng.standard_normal(p.shape) * 0.1
+    ids = rng.integers(0, 37, size=(2, 11))  # longer than the window of 8
+    targets = rng.integers(0, 37, size=(2, 11))
+    targets[1, 4] = -1
+    params = dict(model.named_parameters())
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.2.self_attn.k_norm.weight",
+             "model.layers.1.mlp.gate_proj.weight", "model.layers.0.post_feedforward_layernorm.weight",
+             "model.embed_tokens.weight", "lm_head.weight"]
+
+    def loss_of(*probes):
+        originals = [_swap(model, n, t) for n, t in zip(names, probes)]
+        try:
+            return model(ids, targets)[1]
+        finally:
+            for n, p in zip(names, originals):
+                _swap(model, n, p)
+
+    assert gradcheck(loss_of, [params[n].data.copy() for n in names], eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _swap(model, dotted, tensor):
+    """Put `tensor` where parameter `dotted` was (so the graph runs through it); return the old one."""
+    *path, attr = dotted.split(".")
+    owner = model
+    for part in path:
+        owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
+    old = getattr(owner, attr)
+    setattr(owner, attr, tensor)
+    return old
+
+
+def test_state_dict_errors_are_clear():
+    model = Gemma3(Gemma3Config.tiny(vocab_size=128, unpadded_vocab_size=None))
+    state = model.state_dict()
+    missing = {k: v for k, v in state.items() if k != "model.norm.weight"}
+    with pytest.raises(nn.StateDictError, match="missing keys: model.norm.weight"):
+        model.load_state_dict(missing)
+    with pytest.raises(nn.StateDictError, match="unexpected keys: extra.weight"):
+        model.load_state_dict(dict(state, **{"extra.weight": np.zeros(3)}))
+    wrong = dict(state, **{"model.norm.weight": np.zeros(5, np.float32)})
+    with pytest.raises(nn.StateDictError, match=r"model.norm.weight: checkpoint shape \(5,\)"):
+        model.load_state_dict(wrong)
+    before = model.state_dict()["lm_head.weight"].copy()
+    bad = dict(state, **{"lm_head.weight": state["lm_head.weight"] + 1, "model.norm.weight": np.zeros(5)})
+    with pytest.raises(nn.StateDictError):
+        model.load_state_dict(bad)
+    np.testing.assert_array_equal(model.state_dict()["lm_head.weight"], before)  # nothing half-loaded
+    model.load_state_dict(missing, strict=False)
+
+
+def test_module_registration_train_eval_and_dtype():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(3, 4, rng=np.random.default_rng(0))
+            self.norm = nn.RMSNorm(4)
+
+    m = Pair()
+    assert [n for n, _ in m.named_parameters()] == ["first.weight", "norm.weight"]
+    assert m.first.weight.shape == (4, 3) and not m.norm.weight.data.any()
+    assert m.eval().training is False and m.first.training is False
+    assert m.train().first.training is True
+    m.to(dtype=np.float16)
+    assert all(p.dtype == np.float16 for p in m.parameters())
+    y = m.norm(m.first(Tensor(np.ones((2, 3), np.float16))))
+    assert y.shape == (2, 4) and y.dtype == np.float16
+
+
+def test_bad_token_ids_are_a_clear_error():
+    model = Gemma3(Gemma3Config.tiny(vocab_size=128, unpadded_vocab_size=None))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 128\)"):
+        model(np.array([[1, 500]]))
+    with pytest.raises(ValueError, match="shape"):
+        model(np.array([1, 2]))
