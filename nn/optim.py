@@ -1,0 +1,307 @@
+"""AdamW over flat buffers, holding float32 master weights for mixed-precision training.
+
+Layout. At construction every trainable parameter is copied into ONE flat master buffer
+(float32; float64 for float64 parameters), next to flat moment buffers m and v and a flat
+gradient buffer. Decayed parameters come first, so weight decay touches the prefix
+`master[:num_decayed]` and needs no mask. Each parameter's `.data` is then re-bound to a view
+into a flat "compute" buffer of the parameters' own dtype:
+
+  * float32 (or float64) parameters: the compute buffer IS the master buffer, so the update
+    writes the model's weights directly, with no copy;
+  * fp16 parameters: the compute buffer is a separate fp16 array, refreshed from the masters
+    after every update with one cast-copy. Forward and backward run in fp16; the update runs
+    in float32, where a small step `lr * update` is not rounded away against a large weight.
+
+Every step is a handful of whole-buffer operations, whatever the number of parameters (a
+later fused kernel can do them in one or a few launches).
+
+Build the optimizer AFTER loading weights: `Module.load_state_dict` and `Module.to` replace
+`.data` with new arrays, which cuts the parameters loose from the flat buffers. If that happens
+afterwards, call `opt.sync_params()` to take the new values as masters and re-bind.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tinygrad3 import backend
+
+# The dtype the masters and moments are kept in, for each parameter dtype.
+MASTER_DTYPE = {np.dtype(np.float16): np.dtype(np.float32),
+                np.dtype(np.float32): np.dtype(np.float32),
+                np.dtype(np.float64): np.dtype(np.float64)}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one `AdamW.step` did.
+
+    found_inf: the unscaled gradients held an inf/NaN, so nothing was updated (the step is skipped).
+    grad_norm: global L2 norm of the unscaled gradients before clipping (inf/NaN when skipped).
+    clip_coef: the factor the gradients were multiplied by (1.0 when not clipped or skipped).
+    """
+    found_inf: bool
+    grad_norm: float
+    clip_coef: float
+
+
+class AdamW:
+    """AdamW with decoupled weight decay, over one flat buffer of all parameters.
+
+    named_parameters: iterable of (name, Parameter), e.g. `model.named_parameters()`. Parameters
+        with requires_grad=False are left alone; a parameter listed twice (tied weights) is kept once.
+    lr: the learning rate used when `step` is not given one (a schedule passes its own each step).
+    weight_decay: applied to parameters with ndim >= 2, except embeddings (names containing
+        "embed_tokens") unless decay_embeddings=True. Norm weights and other 1-D parameters never decay.
+    no_decay: optional predicate (name, param) -> True to exempt a parameter; replaces that rule.
+    """
+
+    def __init__(self, named_parameters, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                 decay_embeddings=False, no_decay=None):
+        self.lr = _check_number("lr", lr)
+        self.betas = _check_betas(betas)
+        self.eps = _check_number("eps", eps)
+        self.weight_decay = _check_number("weight_decay", weight_decay)
+        self.decay_embeddings = bool(decay_embeddings)
+        self.step_count = 0
+
+        def exempt(name, param):
+            if no_decay is not None:
+                return bool(no_decay(name, param))
+            return param.ndim < 2 or ("embed_tokens" in name and not self.decay_embeddings)
+
+        decayed, undecayed, seen = [], [], set()
+        for name, param in named_parameters:
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (undecayed if exempt(name, param) else decayed).append((name, param))
+        if not decayed and not undecayed:
+            raise ValueError("AdamW was given no trainable parameters")
+        entries = decayed + undecayed
+        self._names = [name for name, _ in entries]
+        self._params = [param for _, param in entries]
+        self._num_decayed_params = len(decayed)
+        self._check_uniform()
+
+        dtype = self._params[0].dtype
+        self.master_dtype = MASTER_DTYPE[np.dtype(dtype)]
+        self._xp = xp = backend.get_array_module(self._params[0].data)
+        self._slices, start = [], 0
+        for param in self._params:
+            self._slices.append(slice(start, start + param.size))
+            start += param.size
+        self.num_decayed = sum(p.size for p in self._params[:self._num_decayed_params])
+
+        self.master = xp.empty(start, dtype=self.master_dtype)
+        for param, where in zip(self._params, self._slices):
+            self.master[where] = param.data.reshape(-1)
+        self.m = xp.zeros_like(self.master)      # first moment: running mean of gradients
+        self.v = xp.zeros_like(self.master)      # second moment: running mean of squared gradients
+        self._grad = xp.zeros_like(self.master)  # gathered, unscaled gradients of the current step
+        self._compute = self.master if dtype == self.master_dtype else xp.empty(start, dtype=dtype)
+        self._views = [self._compute[where].reshape(param.shape)
+                       for param, where in zip(self._params, self._slices)]
+        self._refresh_compute()
+        self._bind()
+
+    def _check_uniform(self):
+        first = self._params[0]
+        for name, param in zip(self._names, self._params):
+            if np.dtype(param.dtype) not in MASTER_DTYPE:
+                raise TypeError(f"{name}: AdamW supports float16/float32/float64 parameters, got {param.dtype}")
+            if param.dtype != first.dtype or param.device != first.device:
+                raise ValueError(f"all parameters must share one dtype and device: {self._names[0]} is "
+                                 f"{first.dtype} on {first.device} but {name} is {param.dtype} on "
+                                 f"{param.device} (cast/move the model before building the optimizer)")
+
+    # ----- introspection ---------------------------------------------------------------------
+    @property
+    def num_params(self):
+        """Number of scalar weights the optimizer updates (num_decayed of them decay)."""
+        return int(self.master.size)
+
+    def decayed_names(self):
+        return self._names[:self._num_decayed_params]
+
+    def undecayed_names(self):
+        return self._names[self._num_decayed_params:]
+
+    def master_of(self, name):
+        """The master copy of one parameter (a view into the flat master buffer)."""
+        i = self._names.index(name)
+        return self.master[self._slices[i]].reshape(self._params[i].shape)
+
+    # ----- the update --------------------------------------------------------------------------
+    def zero_grad(self):
+        for param in self._params:
+            param.grad = None
+
+    def step(self, lr=None, inv_scale=1.0, clip_norm=None):
+        """One AdamW update from the parameters' `.grad`; returns a StepResult.
+
+        inv_scale: multiplies the gradients first (1 / loss scale), in float32.
+        clip_norm: clip the global L2 norm of the unscaled gradients to this value.
+        The order is: unscale -> inf/NaN check (skip) -> clip -> update -> refresh compute copy.
+        """
+        lr = self.lr if lr is None else _check_number("lr", lr)
+        inv_scale = _check_positive("inv_scale", inv_scale)
+        clip_norm = None if clip_norm is None else _check_positive("clip_norm", clip_norm)
+        grad = self._gather_grads(inv_scale)
+
+        # One reduction answers both questions: sum(g^2) is inf/NaN exactly when some gradient
+        # is inf/NaN (or so large that its square overflows, which would put inf into v), and
+        # otherwise it is the squared global norm. float() is a host sync; a fused kernel will
+        # keep the flag on the GPU and skip the update there instead.
+        sum_sq = float(self._xp.dot(grad, grad))
+        grad_norm = math.sqrt(sum_sq)  # inf or NaN when sum_sq is
+        if not math.isfinite(sum_sq):
+            # Skip BEFORE any write: one NaN in m or v would poison every later update (NaN
+            # survives every decay), so master, m, v, the step count and the params stay untouched.
+            return StepResult(found_inf=True, grad_norm=grad_norm, clip_coef=1.0)
+
+        clip_coef = 1.0
+        if clip_norm is not None:
+            # Clip the UNSCALED gradients: the scaled ones are `scale` times too large, so clipping
+            # them would compare the wrong norm with clip_norm. Same rule as clip_grad_norm_.
+            clip_coef = min(1.0, clip_norm / (grad_norm + 1e-6))
+            if clip_coef < 1.0:
+                grad *= clip_coef
+        self._update(grad, lr)
+        self._refresh_compute()
+        return StepResult(found_inf=False, grad_norm=grad_norm, clip_coef=clip_coef)
+
+    def _gather_grads(self, inv_scale):
+        """Copy every gradient into the flat float32 buffer, then unscale it there.
+
+        Unscaling after the cast matters: in fp16, g / scale could underflow to zero again.
+        """
+        grad = self._grad
+        for name, param, where in zip(self._names, self._params, self._slices):
+            if param.grad is None:
+                grad[where] = 0
+                continue
+            if param.grad.shape != param.shape:
+                raise ValueError(f"{name}: gradient shape {param.grad.shape} != parameter shape {param.shape}")
+            grad[where] = param.grad.reshape(-1)
+        if inv_scale != 1.0:
+            grad *= inv_scale
+        return grad
+
+    def _update(self, g, lr):
+        """torch.optim.AdamW's update, in its order, on the flat buffers."""
+        beta1, beta2 = self.betas
+        self.step_count += 1
+        t = self.step_count
+        # Decoupled weight decay (Loshchilov & Hutter): shrink the weights directly instead of
+        # adding wd*p to the gradient. Added to the gradient, the decay would be divided by
+        # sqrt(v) like everything else, so weights with large gradients would barely decay.
+        if self.num_decayed and self.weight_decay:
+            self.master[:self.num_decayed] *= 1.0 - lr * self.weight_decay
+        # Exponential moving averages of g and g^2.
+        self.m *= beta1
+        self.m += (1.0 - beta1) * g
+        self.v *= beta2
+        self.v += (1.0 - beta2) * g * g
+        # Bias correction: m and v start at zero, so after t steps m = (1 - beta1^t) * E[g] (a
+        # weighted mean whose weights sum to 1 - beta1^t, not 1); dividing by that sum undoes
+        # the pull towards zero, which is strong in early steps (v especially, beta2 near 1).
+        bias_correction1 = 1.0 - beta1 ** t
+        bias_correction2 = 1.0 - beta2 ** t
+        # p -= lr * m_hat / (sqrt(v_hat) + eps), with m_hat = m / bc1 and v_hat = v / bc2;
+        # eps is added after the bias correction, as torch does.
+        denom = self._xp.sqrt(self.v) / math.sqrt(bias_correction2) + self.eps
+        self.master -= (lr / bias_correction1) * self.m / denom
+
+    def _refresh_compute(self):
+        """fp16 parameters: write the freshly updated masters into the fp16 copy (one cast-copy)."""
+        if self._compute is not self.master:
+            self._xp.copyto(self._compute, self.master, casting="same_kind")
+
+    def _bind(self):
+        for param, view in zip(self._params, self._views):
+            param.data = view
+
+    def sync_params(self):
+        """Take parameters whose `.data` was replaced (load_state_dict, .to) as the new masters.
+
+        Their values are copied into the master buffer and `.data` is re-bound to the flat
+        compute buffer; the moments and the step count are kept.
+        """
+        for name, param, view, where in zip(self._names, self._params, self._views, self._slices):
+            if param.data is view:
+                continue
+            if param.shape != view.shape or param.dtype != view.dtype or param.device != backend.device_of(view):
+                raise ValueError(f"{name} is now {param.dtype} {param.shape} on {param.device}, but the "
+                                 f"optimizer holds {view.dtype} {view.shape} on {backend.device_of(view)}: "
+                                 "build a new optimizer")
+            self.master[where] = param.data.reshape(-1)
+        self._refresh_compute()
+        self._bind()
+
+    # ----- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self):
+        """NumPy copies of the flat buffers and plain values; load_state_dict restores them exactly."""
+        return {"names": list(self._names), "shapes": [tuple(p.shape) for p in self._params],
+                "num_decayed_params": self._num_decayed_params, "step": self.step_count,
+                "lr": self.lr, "betas": tuple(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay, "decay_embeddings": self.decay_embeddings,
+                "master": backend.to_numpy(self.master).copy(),
+                "m": backend.to_numpy(self.m).copy(), "v": backend.to_numpy(self.v).copy()}
+
+    def load_state_dict(self, state):
+        """Restore buffers, step count and hyperparameters, then re-bind and refresh the params.
+
+        The decay rule is not restored: it fixed the buffer layout at construction, so a state
+        saved under another rule is refused.
+        """
+        self._check_state(state)
+        betas = _check_betas(state["betas"])
+        for key, buffer in (("master", self.master), ("m", self.m), ("v", self.v)):
+            buffer[...] = backend.to_device(np.asarray(state[key]), backend.device_of(buffer))
+        self.step_count = int(state["step"])
+        self.lr, self.betas = float(state["lr"]), betas
+        self.eps, self.weight_decay = float(state["eps"]), float(state["weight_decay"])
+        self._refresh_compute()
+        self._bind()
+        return self
+
+    def _check_state(self, state):
+        shapes = dict(zip(self._names, (tuple(p.shape) for p in self._params)))
+        saved = dict(zip(state["names"], (tuple(s) for s in state["shapes"])))
+        problems = [f"{n} is not in the saved state" for n in shapes if n not in saved]
+        problems += [f"saved {n} is not in this model" for n in saved if n not in shapes]
+        problems += [f"{n}: saved shape {saved[n]} != {shapes[n]}"
+                     for n in shapes if n in saved and saved[n] != shapes[n]]
+        if problems:
+            raise ValueError("optimizer state is for a different model: " + "; ".join(problems[:8])
+                             + (" ..." if len(problems) > 8 else ""))
+        if list(state["names"]) != self._names or state["num_decayed_params"] != self._num_decayed_params:
+            raise ValueError("optimizer state was saved with a different weight-decay rule (decayed: "
+                             f"{state['names'][:state['num_decayed_params']]}, now: {self.decayed_names()})")
+        for key in ("master", "m", "v"):
+            array = np.asarray(state[key])
+            if array.dtype != self.master_dtype or array.shape != self.master.shape:
+                raise ValueError(f"optimizer state {key!r} is {array.dtype} {array.shape}, expected "
+                                 f"{self.master_dtype} {self.master.shape} (parameters of another dtype?)")
+
+
+def _check_number(name, value):
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def _check_positive(name, value):
+    value = _check_number(name, value)
+    if value == 0:
+        raise ValueError(f"{name} must be > 0, got 0")
+    return value
+
+
+def _check_betas(betas):
+    betas = tuple(float(b) for b in betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+    return betas

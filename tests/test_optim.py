@@ -1,0 +1,264 @@
+"""AdamW: equal to torch.optim.AdamW, the decay rule, fp16 masters, checkpoints, errors, GPU."""
+import numpy as np
+import pytest
+
+from nn.module import Module, Parameter
+from nn.optim import AdamW
+
+SHAPES = {
+    "model.embed_tokens.weight": (11, 6),
+    "model.layers.0.input_layernorm.weight": (6,),
+    "model.layers.0.self_attn.q_norm.weight": (4,),
+    "model.layers.0.self_attn.q_proj.weight": (8, 6),
+    "model.layers.0.mlp.up_proj.weight": (12, 6),
+    "model.norm.weight": (6,),
+    "lm_head.weight": (11, 6),
+}
+DECAYED = {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"}
+STEPS = 20
+
+
+def initial_values(seed=0):
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape) for name, shape in SHAPES.items()}
+
+
+def gradient_sequence(steps=STEPS, seed=1, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return [{name: scale * rng.standard_normal(shape) for name, shape in SHAPES.items()} for _ in range(steps)]
+
+
+def lr_at(step):
+    return 1e-2 * (step + 1) / STEPS  # varies, so the lr passed to step() matters
+
+
+def make_params(values, dtype, xp=np):
+    return [(name, Parameter(xp.asarray(values[name].astype(dtype)))) for name in SHAPES]
+
+
+def run_ours(values, grads, dtype, clip_norm=None, xp=np, **kwargs):
+    params = make_params(values, dtype, xp)
+    opt = AdamW(params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **kwargs)
+    results = []
+    for step, g in enumerate(grads):
+        for name, p in params:
+            p.grad = xp.asarray(g[name].astype(dtype))
+        results.append(opt.step(lr_at(step), clip_norm=clip_norm))
+    return dict(params), opt, results
+
+
+def run_torch(torch, values, grads, dtype, clip_norm=None):
+    params = {name: torch.tensor(values[name].astype(dtype), requires_grad=True) for name in SHAPES}
+    groups = [{"params": [p for n, p in params.items() if n in DECAYED], "weight_decay": 0.1},
+              {"params": [p for n, p in params.items() if n not in DECAYED], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr_at(0), betas=(0.9, 0.95), eps=1e-8)
+    norms = []
+    for step, g in enumerate(grads):
+        for name, p in params.items():
+            p.grad = torch.tensor(g[name].astype(dtype))
+        if clip_norm is not None:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(list(params.values()), clip_norm)))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        opt.step()
+    return {name: p.detach().numpy() for name, p in params.items()}, norms
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-6)])
+@pytest.mark.parametrize("clip_norm", [None, 1.0])
+def test_matches_torch_adamw_for_20_steps(torch, dtype, tol, clip_norm):
+    values, grads = initial_values(), gradient_sequence()
+    ours, opt, results = run_ours(values, grads, dtype, clip_norm)
+    theirs, torch_norms = run_torch(torch, values, grads, dtype, clip_norm)
+    assert opt.step_count == STEPS and not any(r.found_inf for r in results)
+    for name in SHAPES:
+        assert ours[name].dtype == dtype
+        np.testing.assert_allclose(ours[name].data, theirs[name], rtol=tol, atol=tol, err_msg=name)
+    if clip_norm is not None:  # the gradients' norm is ~16, so clipping to 1 engages on every step
+        np.testing.assert_allclose([r.grad_norm for r in results], torch_norms, rtol=tol)
+        assert all(r.clip_coef < 0.1 for r in results)
+
+
+def test_default_decay_rule_skips_norms_and_embeddings():
+    opt = AdamW(make_params(initial_values(), np.float32))
+    assert set(opt.decayed_names()) == DECAYED
+    assert set(opt.undecayed_names()) == set(SHAPES) - DECAYED
+    assert opt.num_decayed == sum(np.prod(SHAPES[n]) for n in DECAYED)
+    assert opt.num_params == sum(np.prod(s) for s in SHAPES.values())
+
+
+def test_decay_embeddings_and_custom_rule():
+    with_embed = AdamW(make_params(initial_values(), np.float32), decay_embeddings=True)
+    assert set(with_embed.decayed_names()) == DECAYED | {"model.embed_tokens.weight"}
+    only_head = AdamW(make_params(initial_values(), np.float32), no_decay=lambda name, p: name != "lm_head.weight")
+    assert only_head.decayed_names() == ["lm_head.weight"]
+
+
+def test_decay_shrinks_only_decayed_weights():
+    params = make_params(initial_values(), np.float64)
+    before = {n: p.data.copy() for n, p in params}
+    opt = AdamW(params, weight_decay=0.5)
+    opt.step(lr=0.1)  # no gradients at all: only the decay moves anything
+    for name, p in params:
+        expected = before[name] * (1 - 0.1 * 0.5) if name in DECAYED else before[name]
+        np.testing.assert_array_equal(p.data, expected)
+
+
+def test_float32_params_are_views_of_the_master():
+    params = make_params(initial_values(), np.float32)
+    opt = AdamW(params)
+    assert opt.master.dtype == np.float32
+    assert all(np.shares_memory(p.data, opt.master) for _, p in params)
+
+
+def test_float64_params_keep_float64_masters():
+    assert AdamW(make_params(initial_values(), np.float64)).master.dtype == np.float64
+
+
+def test_fp16_params_follow_their_float32_masters():
+    values = {n: v.astype(np.float16).astype(np.float64) for n, v in initial_values().items()}
+    grads = [{n: g.astype(np.float16).astype(np.float64) for n, g in step.items()} for step in gradient_sequence()]
+    half, opt, _ = run_ours(values, grads, np.float16, clip_norm=1.0)
+    full, reference, _ = run_ours(values, grads, np.float32, clip_norm=1.0)
+    assert opt.master.dtype == np.float32 and not np.shares_memory(opt.master, half["lm_head.weight"].data)
+    np.testing.assert_array_equal(opt.master, reference.master)  # the fp16 copy never feeds back
+    for name, p in half.items():
+        assert p.data.dtype == np.float16
+        np.testing.assert_array_equal(p.data, opt.master_of(name).astype(np.float16))
+        assert not np.array_equal(p.data, values[name].astype(np.float16))  # the copy was refreshed
+
+
+def test_small_fp16_gradients_are_unscaled_in_float32():
+    params = make_params(initial_values(), np.float16)
+    opt = AdamW(params)
+    scale = 2.0 ** 16
+    for _, p in params:  # 1e-8 flushes to zero in fp16, 1e-8 * 2^16 does not
+        p.grad = np.full(p.shape, 1e-8 * scale, dtype=np.float16)
+    result = opt.step(1e-3, inv_scale=1 / scale)
+    assert result.grad_norm == pytest.approx(1e-8 * np.sqrt(opt.num_params), rel=1e-3)
+
+
+def test_missing_gradients_count_as_zero():
+    params = make_params(initial_values(), np.float64)
+    opt = AdamW(params)
+    params[3][1].grad = np.ones(SHAPES[params[3][0]])
+    result = opt.step(1e-3)
+    assert result.grad_norm == pytest.approx(np.sqrt(np.prod(SHAPES[params[3][0]])))
+
+
+def test_zero_grad_clears_every_gradient():
+    params = make_params(initial_values(), np.float32)
+    opt = AdamW(params)
+    for _, p in params:
+        p.grad = np.ones(p.shape, np.float32)
+    opt.zero_grad()
+    assert all(p.grad is None for _, p in params)
+
+
+def test_frozen_and_repeated_parameters():
+    params = make_params(initial_values(), np.float32)
+    params[0][1].requires_grad = False
+    opt = AdamW(params + [("tied.lm_head.weight", params[-1][1])])
+    assert "model.embed_tokens.weight" not in opt.decayed_names() + opt.undecayed_names()
+    assert "tied.lm_head.weight" not in opt.decayed_names()
+    assert opt.num_params == sum(np.prod(s) for n, s in SHAPES.items() if n != "model.embed_tokens.weight")
+
+
+def train(opt, params, grads, start):
+    for step in range(start, len(grads)):
+        for name, p in params:
+            p.grad = grads[step][name].astype(p.dtype)
+        opt.step(lr_at(step), clip_norm=1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_state_dict_round_trip_resumes_bit_identically(dtype):
+    values, grads = initial_values(), gradient_sequence()
+    params = make_params(values, dtype)
+    opt = AdamW(params)
+    train(opt, params, grads[:10], 0)
+    saved_opt, saved_weights = opt.state_dict(), {n: p.data.copy() for n, p in params}
+    train(opt, params, grads, 10)
+
+    resumed_params = [(n, Parameter(saved_weights[n])) for n in SHAPES]
+    resumed = AdamW(resumed_params)
+    resumed.load_state_dict(saved_opt)
+    assert resumed.step_count == 10
+    train(resumed, resumed_params, grads, 10)
+    for (name, p), (_, q) in zip(params, resumed_params):
+        np.testing.assert_array_equal(p.data, q.data, err_msg=name)
+    np.testing.assert_array_equal(opt.master, resumed.master)
+    np.testing.assert_array_equal(opt.v, resumed.v)
+
+
+def test_load_state_dict_rejects_another_model():
+    state = AdamW(make_params(initial_values(), np.float32)).state_dict()
+    smaller = [(n, p) for n, p in make_params(initial_values(), np.float32) if n != "lm_head.weight"]
+    with pytest.raises(ValueError, match="optimizer state is for a different model: saved lm_head.weight is not in this model"):
+        AdamW(smaller).load_state_dict(state)
+    reshaped = [(n, Parameter(np.zeros((3, 3), np.float32)) if n == "lm_head.weight" else p)
+                for n, p in make_params(initial_values(), np.float32)]
+    with pytest.raises(ValueError, match=r"different model: lm_head.weight: saved shape \(11, 6\)"):
+        AdamW(reshaped).load_state_dict(state)
+    with pytest.raises(ValueError, match="different weight-decay rule"):
+        AdamW(make_params(initial_values(), np.float32), decay_embeddings=True).load_state_dict(state)
+    with pytest.raises(ValueError, match="expected float64"):
+        AdamW(make_params(initial_values(), np.float64)).load_state_dict(state)
+
+
+class Tiny(Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = Parameter(np.ones((2, 3), np.float16))
+        self.bias = Parameter(np.zeros(3, np.float16))
+
+
+def test_sync_params_adopts_weights_loaded_after_the_optimizer():
+    model = Tiny()
+    opt = AdamW(model.named_parameters())
+    model.load_state_dict({"weight": np.full((2, 3), 3.0), "bias": np.full(3, 2.0)})  # replaces .data
+    opt.sync_params()
+    np.testing.assert_array_equal(opt.master_of("weight"), np.full((2, 3), 3.0))
+    model.weight.grad = np.ones((2, 3), np.float16)
+    opt.step(0.5)
+    assert np.all(model.weight.data < 3.0)  # the update reaches the model again
+    np.testing.assert_array_equal(model.bias.data, np.full(3, 2.0, np.float16))
+    model.to(dtype=np.float32)
+    with pytest.raises(ValueError, match="build a new optimizer"):
+        opt.sync_params()
+
+
+def test_bad_arguments_are_rejected():
+    params = make_params(initial_values(), np.float32)
+    mixed = params[:-1] + [("lm_head.weight", Parameter(np.zeros((2, 2), np.float64)))]
+    with pytest.raises(ValueError, match="share one dtype and device"):
+        AdamW(mixed)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        AdamW([])
+    with pytest.raises(ValueError, match="betas must be"):
+        AdamW(params, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="weight_decay must be"):
+        AdamW(params, weight_decay=-0.1)
+    opt = AdamW(params)
+    with pytest.raises(ValueError, match="clip_norm must be > 0"):
+        opt.step(1e-3, clip_norm=0)
+    with pytest.raises(ValueError, match="inv_scale must be > 0"):
+        opt.step(1e-3, inv_scale=0)
+    params[0][1].grad = np.zeros((2, 2), np.float32)
+    with pytest.raises(ValueError, match="gradient shape"):
+        opt.step(1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_cupy_step_matches_numpy(gpu_xp, dtype):
+    values, grads = initial_values(), gradient_sequence()
+    cpu, cpu_opt, cpu_results = run_ours(values, grads, dtype, clip_norm=1.0)
+    gpu, gpu_opt, gpu_results = run_ours(values, grads, dtype, clip_norm=1.0, xp=gpu_xp)
+    assert isinstance(gpu_opt.master, gpu_xp.ndarray)
+    np.testing.assert_allclose(gpu_xp.asnumpy(gpu_opt.master), cpu_opt.master, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([r.grad_norm for r in gpu_results], [r.grad_norm for r in cpu_results], rtol=1e-5)
+    for name in SHAPES:
+        assert isinstance(gpu[name].data, gpu_xp.ndarray) and gpu[name].dtype == dtype
+        np.testing.assert_allclose(gpu_xp.asnumpy(gpu[name].data).astype(np.float32),
+                                   cpu[name].data.astype(np.float32), rtol=2e-3, atol=2e-3, err_msg=name)
