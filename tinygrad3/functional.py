@@ -1,0 +1,117 @@
+"""Neural-network functions with hand-written backward passes (import as F).
+
+Each function is a thin wrapper: it checks its arguments and calls one Function class
+from tinygrad3/nn_ops/, where the forward and the derivation of the backward live.
+Half-precision inputs are computed in float32 and returned in their own dtype;
+float64 inputs stay float64 (that is what gradcheck uses).
+"""
+from .nn_ops.activation import GeluTanh, LogSoftmax, Softmax
+from .nn_ops.attention import Attention
+from .nn_ops.common import as_index_array, check_range
+from .nn_ops.dense import Embedding, Linear
+from .nn_ops.loss import CrossEntropy
+from .nn_ops.norm import RMSNorm
+from .nn_ops.rope import RoPE
+from .tensor import Tensor
+
+__all__ = ["linear", "embedding", "rms_norm", "rope", "attention", "gelu_tanh", "softmax",
+           "log_softmax", "cross_entropy"]
+
+
+def _data(x):
+    return x.data if isinstance(x, Tensor) else x
+
+
+def linear(x, weight):
+    """x @ weight.T for x (..., in) and weight (out, in), as torch.nn.functional.linear (no bias)."""
+    if x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"linear: x has {x.shape[-1]} input features, weight {tuple(weight.shape)} expects "
+                         f"{weight.shape[-1]}")
+    return Linear()(x, weight)
+
+
+def embedding(ids, weight):
+    """Rows of weight (V, D) picked by integer ids of any shape: out has shape ids.shape + (D,).
+
+    ids (a raw integer array or an integer Tensor) is never differentiated; ids outside
+    [0, V) raise ValueError.
+    """
+    ids = as_index_array(_data(ids), _data(weight), "embedding ids")
+    check_range(ids, weight.shape[0], "embedding ids")
+    return Embedding()(ids, weight)
+
+
+def rms_norm(x, weight, eps=1e-6):
+    """Gemma RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * (1 + weight).
+
+    Math in float32 whatever x's dtype; the output has x's dtype, weight's gradient weight's.
+    """
+    return RMSNorm(eps)(x, weight)
+
+
+def rope(x, base, offset=0):
+    """Rotary embedding of x (..., T, D) for positions offset .. offset+T-1 (rotate-half layout).
+
+    out = x cos(theta) + rotate_half(x) sin(theta), theta[p, i] = p base^(-2i/D) repeated for
+    both halves of the last axis; computed in float32, returned in x's dtype.
+    """
+    if x.shape[-1] % 2:
+        raise ValueError(f"rope needs an even last dimension, got {x.shape[-1]}")
+    offset = int(offset)
+    if offset < 0:
+        raise ValueError(f"rope offset must be >= 0, got {offset}")
+    return RoPE(base, offset)(x)
+
+
+def attention(q, k, v, scale, window=None, q_offset=None):
+    """Causal softmax attention: q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) -> (B, Hq, Tq, D).
+
+    Hq must be a multiple of Hkv; query head h uses kv head h // (Hq / Hkv). Query i sits at
+    absolute position q_offset + i (default Tk - Tq: the queries are the last Tq positions,
+    as in KV-cache generation) and sees keys j <= its position; with `window=W` only keys
+    with position - W < j. Scores and softmax in float32; output in q's dtype.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention: q, k, v must be (B, H, T, D), got {q.shape}, {k.shape}, {v.shape}")
+    (b, hq, tq, d), (bk, hkv, tk, dk) = q.shape, k.shape
+    if (bk, dk) != (b, d) or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"attention: incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}")
+    if hq % hkv:
+        raise ValueError(f"attention: {hq} query heads is not a multiple of {hkv} kv heads")
+    q_offset = tk - tq if q_offset is None else int(q_offset)
+    if q_offset < 0 or q_offset + tq > tk:
+        raise ValueError(f"attention: queries at positions {q_offset}..{q_offset + tq - 1} need keys "
+                         f"0..{q_offset + tq - 1}, but there are only {tk}")
+    if window is not None and window < 1:
+        raise ValueError(f"attention window must be >= 1, got {window}")
+    return Attention(scale, window, q_offset)(q, k, v)
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return GeluTanh()(x)
+
+
+def softmax(x, axis=-1):
+    """exp(x) / sum(exp(x)) along axis, computed stably (max subtracted) in float32 or wider."""
+    return Softmax(axis)(x)
+
+
+def log_softmax(x, axis=-1):
+    """x - logsumexp(x) along axis, computed stably (max subtracted) in float32 or wider."""
+    return LogSoftmax(axis)(x)
+
+
+def cross_entropy(logits, targets, ignore_index=-1):
+    """Mean of -log softmax(logits)[target] over the targets that are not ignore_index.
+
+    logits (N, V) or (B, T, V); targets (N,) or (B, T), a raw integer array or integer Tensor.
+    Computed in float32 (float64 for float64 logits), returned as a scalar Tensor of that dtype.
+    If every target is ignored the loss is 0 and the gradient is 0 (no division by zero).
+    Targets outside [0, V) other than ignore_index raise ValueError.
+    """
+    targets = as_index_array(_data(targets), _data(logits), "cross_entropy targets")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"cross_entropy: targets of shape {tuple(targets.shape)} do not match logits "
+                         f"{tuple(logits.shape)} (expected {tuple(logits.shape[:-1])})")
+    return CrossEntropy(ignore_index)(logits, targets)

@@ -1,0 +1,51 @@
+"""Linear (a GEMM against a PyTorch-layout weight) and embedding (a row gather)."""
+from ..backend import get_array_module, scatter_add
+from ..tensor import Function
+from .common import compute_dtype
+
+
+class Linear(Function):
+    """y = x W^T over the last axis of x, with W of shape (out, in).
+
+    Leading axes of x are flattened so the product is one 2-D GEMM (on the GPU this
+    is what keeps float16 on the tensor cores).
+    """
+
+    def forward(self, x, w):
+        x2 = x.reshape(-1, x.shape[-1])
+        self.x2 = x2 if self.needs_grad[1] else None
+        self.w = w if self.needs_grad[0] else None
+        self.lead, self.x_dtype, self.w_dtype = x.shape[:-1], x.dtype, w.dtype
+        return (x2 @ w.T).reshape(*self.lead, w.shape[0])
+
+    def backward(self, gy):
+        """y[n,o] = sum_i x[n,i] W[o,i], so
+
+        dL/dx[n,i] = sum_o g[n,o] W[o,i]  ->  dX = G W
+        dL/dW[o,i] = sum_n g[n,o] x[n,i]  ->  dW = G^T X
+        (the sum over n also sums over every flattened leading axis).
+        """
+        g = gy.reshape(-1, gy.shape[-1])
+        gx = (g @ self.w).reshape(*self.lead, -1).astype(self.x_dtype, copy=False) if self.needs_grad[0] else None
+        gw = (g.T @ self.x2).astype(self.w_dtype, copy=False) if self.needs_grad[1] else None
+        return gx, gw
+
+
+class Embedding(Function):
+    """out[...] = W[ids[...]]: one row of W per id."""
+
+    def forward(self, ids, w):
+        self.ids = ids if self.needs_grad[1] else None
+        self.w_shape, self.w_dtype = w.shape, w.dtype
+        return w[ids]
+
+    def backward(self, gy):
+        """Each output row is a copy of one row of W, so row r of dW is the sum of the
+        output gradients of every position whose id is r (zero for unused rows). That
+        is a scatter-add: repeated ids must accumulate, not overwrite. It accumulates in
+        float32 (or float64) so that many float16 contributions do not lose precision.
+        """
+        xp = get_array_module(gy)
+        acc = xp.zeros(self.w_shape, dtype=compute_dtype(self.w_dtype))
+        scatter_add(acc, self.ids.reshape(-1), gy.reshape(-1, self.w_shape[-1]).astype(acc.dtype, copy=False))
+        return None, acc.astype(self.w_dtype, copy=False)

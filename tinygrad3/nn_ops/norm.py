@@ -1,0 +1,44 @@
+"""Gemma's RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + w), math in float32."""
+from ..backend import get_array_module
+from ..tensor import Function
+from .common import compute_dtype
+
+
+class RMSNorm(Function):
+    """Normalise the last axis by its root mean square, then scale by (1 + w).
+
+    As Hugging Face's Gemma3RMSNorm: x is upcast to float32 (at least), normalised,
+    multiplied by (1 + w) in float32 and cast back to x's dtype.
+    """
+
+    def __init__(self, eps):
+        self.eps = eps
+
+    def forward(self, x, w):
+        xp, c = get_array_module(x), compute_dtype(x.dtype)
+        xf = x.astype(c, copy=False)
+        self.rstd = 1 / xp.sqrt((xf * xf).mean(axis=-1, keepdims=True) + c.type(self.eps))
+        self.x = x
+        self.w = w if self.needs_grad[0] else None
+        self.w_dtype = w.dtype
+        return (xf * self.rstd * (1 + w.astype(c, copy=False))).astype(x.dtype, copy=False)
+
+    def backward(self, gy):
+        """Write n = x r with r = (mean(x^2) + eps)^(-1/2) and y = n (1 + w), over D features.
+
+        dL/dw_k = sum over all rows of g_k n_k.
+        dL/dn_k = h_k = g_k (1 + w_k). Since dr/dx_k = -r^3 x_k / D,
+        dL/dx_k = h_k r + sum_j h_j x_j (-r^3 x_k / D) = r (h_k - n_k mean_j(h_j n_j)):
+        the gradient of n with its component along n removed, scaled by r.
+        """
+        c = self.rstd.dtype
+        g = gy.astype(c, copy=False)
+        n = self.x.astype(c, copy=False) * self.rstd
+        gx = gw = None
+        if self.needs_grad[0]:
+            h = g * (1 + self.w.astype(c, copy=False))
+            gx = self.rstd * (h - n * (h * n).mean(axis=-1, keepdims=True))
+            gx = gx.astype(self.x.dtype, copy=False)
+        if self.needs_grad[1]:
+            gw = (g * n).reshape(-1, n.shape[-1]).sum(axis=0).astype(self.w_dtype, copy=False)
+        return gx, gw
