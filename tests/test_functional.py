@@ -1,0 +1,329 @@
+"""tinygrad3.functional: a float64 gradcheck and a torch.autograd comparison for every op,
+plus the behaviours each op promises (masks, caches, ignored targets, errors)."""
+import numpy as np
+import pytest
+
+import tinygrad3.functional as F
+from engine_checks import check_grad, compare_with_torch
+from tinygrad3 import Tensor
+from tinygrad3.backend import to_numpy
+
+
+def host(t):
+    return to_numpy(t.data if isinstance(t, Tensor) else t)
+
+
+# ----- linear ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("x_shape", [(5, 3), (2, 3, 3), (3,)])
+def test_linear(xp, torch, rng, x_shape):
+    x, w = rng.standard_normal(x_shape), rng.standard_normal((4, 3))
+    check_grad(xp, F.linear, [x, w])
+    compare_with_torch(torch, xp, F.linear, torch.nn.functional.linear, [x, w])
+
+
+def test_linear_shape_error(xp, rng):
+    with pytest.raises(ValueError, match="input features"):
+        F.linear(Tensor(xp.asarray(rng.standard_normal((2, 3)))), Tensor(xp.asarray(rng.standard_normal((4, 5)))))
+
+
+# ----- embedding ---------------------------------------------------------------------------
+
+IDS = np.array([[1, 4, 1], [0, 4, 4]])  # repeated ids
+
+
+def test_embedding(xp, torch, rng):
+    w = rng.standard_normal((5, 3))
+    check_grad(xp, lambda w: F.embedding(IDS, w), [w])
+    compare_with_torch(torch, xp, lambda w: F.embedding(xp.asarray(IDS), w),
+                       lambda w: torch.nn.functional.embedding(torch.as_tensor(IDS), w), [w])
+
+
+def test_embedding_repeated_ids_accumulate(xp, rng):
+    w = Tensor(xp.asarray(rng.standard_normal((4, 2))), requires_grad=True)
+    ids = Tensor(xp.asarray([2, 0, 2, 2]))  # an integer Tensor works as well as an array
+    out = F.embedding(ids, w)
+    np.testing.assert_array_equal(host(out), host(w)[[2, 0, 2, 2]])
+    out.sum().backward()
+    np.testing.assert_array_equal(host(w.grad), [[1, 1], [0, 0], [3, 3], [0, 0]])
+
+
+def test_embedding_errors(xp, rng):
+    w = Tensor(xp.asarray(rng.standard_normal((4, 2))))
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        F.embedding(np.array([0, 4]), w)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        F.embedding(np.array([-1]), w)
+    with pytest.raises(TypeError, match="integers"):
+        F.embedding(np.array([0.0, 1.0]), w)
+
+
+# ----- rms_norm ----------------------------------------------------------------------------
+
+def torch_rms_norm(torch, eps):
+    return lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1 + w)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (7,)])
+@pytest.mark.parametrize("eps", [1e-6, 0.5])
+def test_rms_norm(xp, torch, rng, shape, eps):
+    x, w = rng.standard_normal(shape), 0.3 * rng.standard_normal(shape[-1])
+    fn = lambda x, w: F.rms_norm(x, w, eps=eps)  # noqa: E731
+    check_grad(xp, fn, [x, w])
+    compare_with_torch(torch, xp, fn, torch_rms_norm(torch, eps), [x, w])
+
+
+# ----- rope --------------------------------------------------------------------------------
+
+def torch_rope(torch, base, offset):
+    """Hugging Face's formula: float32 angles, out = x cos + rotate_half(x) sin."""
+    def rope(x):
+        t, d = x.shape[-2:]
+        inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        angles = torch.arange(offset, offset + t).float()[:, None] * inv_freq[None, :]
+        emb = torch.cat([angles, angles], dim=-1)
+        x1, x2 = x[..., : d // 2], x[..., d // 2:]
+        return x * emb.cos().double() + torch.cat([-x2, x1], dim=-1) * emb.sin().double()
+    return rope
+
+
+@pytest.mark.parametrize("base", [10000.0, 100.0])
+@pytest.mark.parametrize("offset", [0, 5, 300])
+def test_rope(xp, torch, rng, base, offset):
+    x = rng.standard_normal((2, 3, 5, 6))
+    fn = lambda x: F.rope(x, base, offset=offset)  # noqa: E731
+    check_grad(xp, fn, [x])
+    compare_with_torch(torch, xp, fn, torch_rope(torch, base, offset), [x], rtol=1e-6, atol=1e-6)
+
+
+def test_rope_offset_matches_full_sequence(xp, rng):
+    """KV-cache generation rotates one position at a time with offset = its position."""
+    x = xp.asarray(rng.standard_normal((1, 2, 9, 4)).astype(np.float32))
+    full = host(F.rope(Tensor(x), 10000.0))
+    for t in (0, 4, 8):
+        one = host(F.rope(Tensor(x[:, :, t:t + 1]), 10000.0, offset=t))
+        np.testing.assert_allclose(one, full[:, :, t:t + 1], rtol=1e-6, atol=1e-6)
+
+
+def test_rope_rotates_pairs_by_position_angle(xp):
+    """Position p turns the pair (x_i, x_{i+D/2}) by p * base^(-2i/D): check with D = 2, base any."""
+    x = Tensor(xp.asarray(np.ones((1, 1, 3, 2), dtype=np.float64)))
+    out = host(F.rope(x, 10.0))[0, 0]
+    p = np.arange(3)
+    np.testing.assert_allclose(out[:, 0], np.cos(p) - np.sin(p), rtol=1e-6)
+    np.testing.assert_allclose(out[:, 1], np.sin(p) + np.cos(p), rtol=1e-6)
+
+
+def test_rope_errors(xp, rng):
+    with pytest.raises(ValueError, match="even"):
+        F.rope(Tensor(xp.asarray(rng.standard_normal((1, 1, 2, 5)))), 10000.0)
+    with pytest.raises(ValueError, match="offset"):
+        F.rope(Tensor(xp.asarray(rng.standard_normal((1, 1, 2, 4)))), 10000.0, offset=-1)
+
+
+# ----- attention ---------------------------------------------------------------------------
+
+def torch_attention(torch, scale, window=None, q_offset=None):
+    """Explicit mask and softmax, K/V repeated over the query heads of their group."""
+    def attention(q, k, v):
+        tq, (hkv, tk) = q.shape[2], k.shape[1:3]
+        group = q.shape[1] // hkv
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        pos = torch.arange(tq)[:, None] + (tk - tq if q_offset is None else q_offset)
+        key = torch.arange(tk)[None, :]
+        allowed = key <= pos
+        if window is not None:
+            allowed &= key > pos - window
+        scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ v
+    return attention
+
+
+def attention_inputs(rng, b, hq, hkv, tq, d, tk=None):
+    tk = tq if tk is None else tk
+    return [rng.standard_normal((b, hq, tq, d)), rng.standard_normal((b, hkv, tk, d)),
+            rng.standard_normal((b, hkv, tk, d))]
+
+
+ATTENTION_CASES = [  # (B, Hq, Hkv, T, D, window)
+    (1, 4, 1, 3, 3, 4),     # multi-query, T smaller than the window
+    (1, 4, 1, 7, 2, 3),     # multi-query, T larger than the window
+    (1, 4, 2, 6, 3, 4),     # grouped, T larger than the window
+    (2, 4, 2, 5, 3, None),  # grouped, causal only
+    (1, 2, 2, 4, 3, None),  # one kv head per query head
+]
+
+
+@pytest.mark.parametrize("b, hq, hkv, t, d, window", ATTENTION_CASES)
+def test_attention(xp, torch, rng, b, hq, hkv, t, d, window):
+    arrays, scale = attention_inputs(rng, b, hq, hkv, t, d), d ** -0.5
+    fn = lambda q, k, v: F.attention(q, k, v, scale, window=window)  # noqa: E731
+    check_grad(xp, fn, arrays)
+    compare_with_torch(torch, xp, fn, torch_attention(torch, scale, window), arrays)
+
+
+def test_attention_large_random_directions(xp, torch, rng):
+    """Too big for a full gradcheck (2048 inputs): checked along random directions."""
+    arrays = attention_inputs(rng, 2, 4, 2, 16, 8)
+    fn = lambda q, k, v: F.attention(q, k, v, 0.3, window=5)  # noqa: E731
+    check_grad(xp, fn, arrays, directions=6)
+    compare_with_torch(torch, xp, fn, torch_attention(torch, 0.3, 5), arrays)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("q_offset", [None, 1])
+def test_attention_queries_at_an_offset(xp, torch, rng, window, q_offset):
+    """Fewer queries than keys (KV-cache generation): query i sits at q_offset + i."""
+    arrays = attention_inputs(rng, 1, 4, 2, 2, 3, tk=6)
+    fn = lambda q, k, v: F.attention(q, k, v, 0.5, window=window, q_offset=q_offset)  # noqa: E731
+    check_grad(xp, fn, arrays)
+    compare_with_torch(torch, xp, fn, torch_attention(torch, 0.5, window, q_offset), arrays)
+
+
+def test_attention_last_queries_match_full_sequence(xp, rng):
+    q, k, v = (Tensor(xp.asarray(a)) for a in attention_inputs(rng, 1, 4, 1, 7, 4))
+    full = host(F.attention(q, k, v, 0.5, window=3))
+    last = host(F.attention(q[:, :, 5:], k, v, 0.5, window=3))
+    middle = host(F.attention(q[:, :, 2:4], k, v, 0.5, window=3, q_offset=2))
+    np.testing.assert_allclose(last, full[:, :, 5:], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(middle, full[:, :, 2:4], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [None, 1, 3])
+def test_attention_sees_exactly_the_window(xp, rng, window):
+    """Output row i depends on v_j exactly for i - W < j <= i (all j <= i without a window)."""
+    t = 6
+    q, k, v = (Tensor(xp.asarray(a), requires_grad=True) for a in attention_inputs(rng, 1, 2, 1, t, 3))
+    for i in range(t):
+        v.grad = None
+        upstream = np.zeros((1, 2, t, 3))
+        upstream[0, :, i] = 1.0
+        F.attention(q, k, v, 1.0, window=window).backward(xp.asarray(upstream))
+        touched = np.flatnonzero(np.abs(host(v.grad)[0, 0]).sum(axis=-1) > 0)
+        lo = 0 if window is None else max(0, i - window + 1)
+        np.testing.assert_array_equal(touched, np.arange(lo, i + 1))
+
+
+def test_attention_partial_gradients(xp, rng):
+    """Each input alone gets the gradient it gets when all three require one."""
+    arrays = [xp.asarray(a) for a in attention_inputs(rng, 1, 4, 2, 5, 3)]
+    upstream = xp.asarray(rng.standard_normal((1, 4, 5, 3)))
+    fn = lambda q, k, v: F.attention(q, k, v, 0.4, window=3)  # noqa: E731
+    all_grad = [Tensor(a, requires_grad=True) for a in arrays]
+    fn(*all_grad).backward(upstream)
+    for i in range(3):
+        one = [Tensor(a, requires_grad=(j == i)) for j, a in enumerate(arrays)]
+        out = fn(*one)
+        saved = out._creator
+        assert (saved.q is None) == (i != 1) and (saved.k is None) == (i != 0) and (saved.v is None) == (i == 2)
+        out.backward(upstream)
+        np.testing.assert_allclose(host(one[i].grad), host(all_grad[i].grad), rtol=1e-12, atol=1e-12)
+        assert all(t.grad is None for j, t in enumerate(one) if j != i)
+
+
+def test_attention_errors(xp, rng):
+    q, k, v = (Tensor(xp.asarray(a)) for a in attention_inputs(rng, 1, 3, 2, 4, 2))
+    with pytest.raises(ValueError, match="multiple"):
+        F.attention(q, k, v, 1.0)
+    q, k, v = (Tensor(xp.asarray(a)) for a in attention_inputs(rng, 1, 2, 1, 4, 2, tk=3))
+    with pytest.raises(ValueError, match="only 3"):
+        F.attention(q, k, v, 1.0)
+
+
+# ----- linear and rms_norm with one input frozen -------------------------------------------
+
+@pytest.mark.parametrize("op", ["linear", "rms_norm"])
+def test_partial_gradients(xp, rng, op):
+    arrays = [xp.asarray(rng.standard_normal((2, 3, 4))), xp.asarray(rng.standard_normal((5, 4) if op == "linear"
+                                                                                         else (4,)))]
+    fn = getattr(F, op)
+    upstream = xp.asarray(rng.standard_normal(fn(*[Tensor(a) for a in arrays]).shape))
+    all_grad = [Tensor(a, requires_grad=True) for a in arrays]
+    fn(*all_grad).backward(upstream)
+    for i in range(2):
+        one = [Tensor(a, requires_grad=(j == i)) for j, a in enumerate(arrays)]
+        fn(*one).backward(upstream)
+        np.testing.assert_allclose(host(one[i].grad), host(all_grad[i].grad), rtol=1e-12, atol=1e-12)
+        assert one[1 - i].grad is None
+
+
+def test_linear_frozen_weight_does_not_keep_x(xp, rng):
+    x = Tensor(xp.asarray(rng.standard_normal((2, 3))), requires_grad=True)
+    out = F.linear(x, Tensor(xp.asarray(rng.standard_normal((4, 3)))))
+    assert out._creator.x2 is None and out._creator.w is not None
+
+
+# ----- pointwise and softmax family --------------------------------------------------------
+
+def test_gelu_tanh(xp, torch, rng):
+    x = 3 * rng.standard_normal((3, 7))
+    check_grad(xp, F.gelu_tanh, [x])
+    compare_with_torch(torch, xp, F.gelu_tanh, lambda x: torch.nn.functional.gelu(x, approximate="tanh"), [x])
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_softmax_family(xp, torch, rng, name, axis):
+    x = 2 * rng.standard_normal((3, 5, 4))
+    fn = lambda x: getattr(F, name)(x, axis=axis)  # noqa: E731
+    check_grad(xp, fn, [x])
+    compare_with_torch(torch, xp, fn, lambda x: getattr(torch, name)(x, dim=axis), [x])
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_softmax_family_is_shift_stable(xp, torch, rng, name):
+    """Huge inputs (exp would overflow float64) give the same result as shifted ones."""
+    x = rng.standard_normal((2, 6))
+    big = host(getattr(F, name)(Tensor(xp.asarray(x + 1e4))))
+    ref = getattr(torch, name)(torch.tensor(x), dim=-1).numpy()
+    np.testing.assert_allclose(big, ref, rtol=1e-9, atol=1e-9)
+
+
+# ----- cross_entropy -----------------------------------------------------------------------
+
+def torch_cross_entropy(torch, targets, ignore_index=-1):
+    return lambda z: torch.nn.functional.cross_entropy(
+        z.reshape(-1, z.shape[-1]), torch.as_tensor(targets).reshape(-1), ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("targets", [np.array([0, 4, -1, 2, 2, -1]),
+                                     np.array([[1, -1, 3], [4, 0, 0]])], ids=["2d", "3d"])
+def test_cross_entropy(xp, torch, rng, targets):
+    z = 2 * rng.standard_normal(targets.shape + (5,))
+    fn = lambda z: F.cross_entropy(z, targets)  # noqa: E731
+    check_grad(xp, fn, [z])
+    compare_with_torch(torch, xp, fn, torch_cross_entropy(torch, targets), [z])
+
+
+def test_cross_entropy_tensor_targets_and_custom_ignore(xp, torch, rng):
+    targets = np.array([3, -100, 1, 0])
+    z = rng.standard_normal((4, 6))
+    fn = lambda z: F.cross_entropy(z, Tensor(xp.asarray(targets)), ignore_index=-100)  # noqa: E731
+    check_grad(xp, fn, [z])
+    compare_with_torch(torch, xp, fn, torch_cross_entropy(torch, targets, -100), [z])
+
+
+def test_cross_entropy_float32_scalar(xp, rng):
+    loss = F.cross_entropy(Tensor(xp.asarray(rng.standard_normal((3, 4)).astype(np.float32))), np.array([0, 1, 3]))
+    assert loss.shape == () and loss.dtype == np.float32
+
+
+def test_cross_entropy_all_ignored_is_zero(xp, rng):
+    z = Tensor(xp.asarray(rng.standard_normal((3, 4)).astype(np.float32)), requires_grad=True)
+    loss = F.cross_entropy(z, np.array([-1, -1, -1]))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert z.grad.dtype == np.float32
+    np.testing.assert_array_equal(host(z.grad), np.zeros((3, 4)))
+
+
+def test_cross_entropy_errors(xp, rng):
+    z = Tensor(xp.asarray(rng.standard_normal((3, 4))))
+    with pytest.raises(ValueError, match=r"\[0, 4\).*found 4"):
+        F.cross_entropy(z, np.array([0, 4, 1]))
+    with pytest.raises(ValueError, match=r"found -2"):
+        F.cross_entropy(z, np.array([0, -2, -1]))
+    with pytest.raises(ValueError, match="do not match"):
+        F.cross_entropy(z, np.array([0, 1]))
+    with pytest.raises(TypeError, match="integers"):
+        F.cross_entropy(z, np.array([0.0, 1.0, 2.0]))
