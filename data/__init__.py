@@ -1,0 +1,9 @@
+"""Data for tinygrad3: the offline GPT-2 tokenizer, TinyStories preparation into uint16
+memmaps, a synthetic story generator and a batch loader.
+
+Submodules import lazily what they need: `datasets` only inside `data.prepare`, CuPy only
+when a loader runs on 'cuda'.
+"""
+from .errors import DataError
+
+__all__ = ["DataError"]
