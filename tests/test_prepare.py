@@ -1,0 +1,249 @@
+"""data.prepare: round trips from text/jsonl/parquet sources, holdout, crash safety, errors."""
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("datasets")
+import pyarrow as pa  # noqa: E402  (datasets brings pyarrow)
+import pyarrow.parquet as pq  # noqa: E402
+
+from data import prepare as prepare_module  # noqa: E402
+from data import sources  # noqa: E402
+from data.errors import DataError  # noqa: E402
+from data.meta import META_NAME, is_prepared, load_meta  # noqa: E402
+from data.prepare import main, prepare  # noqa: E402
+from data.synthetic import generate_stories, prepare_synthetic, write_text  # noqa: E402
+from data.tokenizer import EOT, EOT_ID, gpt2  # noqa: E402
+
+
+def decoded_stories(out, split):
+    """The stories of a prepared split, read back from its .bin."""
+    ids = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
+    assert ids[-1] == EOT_ID
+    text = gpt2().decode(ids.tolist())
+    return text.split(EOT)[:-1]
+
+
+def token_count(stories):
+    return sum(len(ids) + 1 for ids in gpt2().encode_ordinary_batch(stories))
+
+
+def write_jsonl(path, stories, column="text"):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, story in enumerate(stories):
+            f.write(json.dumps({"id": i, column: story}) + "\n")
+
+
+def assert_only_outputs(out):
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "validation.bin"]
+
+
+def test_text_file_round_trip_with_holdout(tmp_path):
+    stories = generate_stories(400, seed=11)
+    source = write_text(tmp_path / "stories.txt", 400, seed=11)
+    meta = prepare(source, tmp_path / "out", val_fraction=0.1, quiet=True)
+    out = tmp_path / "out"
+    train, val = decoded_stories(out, "train"), decoded_stories(out, "validation")
+    assert sorted(train + val) == sorted(stories)
+    assert train == [s for s in stories if s in set(train)]  # source order kept
+    assert 20 < len(val) < 80  # about 10 %
+    assert meta == load_meta(out)
+    assert meta["splits"]["train"] == {"file": "train.bin", "tokens": token_count(train),
+                                       "stories": len(train)}
+    assert meta["splits"]["validation"]["tokens"] == token_count(val)
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"], meta["dtype"]) == ("gpt2", 50257, 50256, "uint16")
+    assert meta["source"] == str(source) and meta["val_fraction"] == 0.1
+    assert_only_outputs(out)
+
+
+def test_holdout_is_deterministic_and_parallel_safe(tmp_path, monkeypatch):
+    source = write_text(tmp_path / "stories.txt", 600, seed=12)
+    prepare(source, tmp_path / "one", num_proc=1, quiet=True, val_fraction=0.2)
+    monkeypatch.setattr(prepare_module, "STORIES_PER_PROCESS", 100)  # 2 processes even for 600 stories
+    prepare(source, tmp_path / "two", num_proc=2, quiet=True, val_fraction=0.2)
+    for split in ("train", "validation"):
+        assert (tmp_path / "one" / f"{split}.bin").read_bytes() == (tmp_path / "two" / f"{split}.bin").read_bytes()
+
+
+def test_jsonl_directory_uses_file_names_as_splits(tmp_path):
+    train, val = generate_stories(60, seed=1), generate_stories(15, seed=2)
+    source = tmp_path / "src"
+    source.mkdir()
+    write_jsonl(source / "stories-train-0.jsonl", train[:30])
+    write_jsonl(source / "stories-train-1.jsonl", train[30:])
+    write_jsonl(source / "stories-valid.jsonl", val)
+    (source / "notes.md").write_text("not a source file")
+    meta = prepare(source, tmp_path / "out", quiet=True)
+    assert decoded_stories(tmp_path / "out", "train") == train
+    assert decoded_stories(tmp_path / "out", "validation") == val
+    assert meta["val_fraction"] is None
+    assert meta["splits"]["validation"]["stories"] == 15
+
+
+def test_parquet_glob_with_text_column(tmp_path):
+    train, val = generate_stories(40, seed=3), generate_stories(10, seed=4)
+    pq.write_table(pa.table({"story": train}), tmp_path / "train-00000.parquet")
+    pq.write_table(pa.table({"story": val}), tmp_path / "validation-00000.parquet")
+    (tmp_path / "other.txt").write_text("excluded by the glob")
+    prepare(str(tmp_path / "*.parquet"), tmp_path / "out", text_column="story", quiet=True)
+    assert decoded_stories(tmp_path / "out", "train") == train
+    assert decoded_stories(tmp_path / "out", "validation") == val
+    with pytest.raises(DataError, match="no column 'text'.*--text-column"):
+        prepare(str(tmp_path / "*.parquet"), tmp_path / "out2", quiet=True)
+
+
+def test_stories_are_stripped_and_special_text_stays_text(tmp_path):
+    stories = ["  One <|endoftext|> inside.\n", "", "   ", "Two.", "\nThree lines\nof\ntext\n"]
+    write_jsonl(tmp_path / "train.jsonl", stories)
+    write_jsonl(tmp_path / "val.jsonl", ["Four."])
+    meta = prepare(tmp_path, tmp_path / "out", quiet=True)
+    ids = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)
+    assert int((ids == EOT_ID).sum()) == 3 == meta["splits"]["train"]["stories"]
+    assert gpt2().decode(ids.tolist()) == (
+        "One <|endoftext|> inside.<|endoftext|>Two.<|endoftext|>Three lines\nof\ntext<|endoftext|>")
+
+
+def test_interrupted_run_leaves_no_accepted_output(tmp_path, monkeypatch):
+    source = write_text(tmp_path / "stories.txt", 300, seed=6)
+    out = tmp_path / "out"
+    real_write = prepare_module.BinWriter.write
+
+    def write_then_die(self, table):
+        real_write(self, table)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module.BinWriter, "write", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source, out, quiet=True, val_fraction=0.1)
+    assert not is_prepared(out)
+    assert not out.exists() or not any(out.iterdir())  # no .bin, .tmp or work files left
+
+
+def test_interrupted_forced_rerun(tmp_path, monkeypatch):
+    source = write_text(tmp_path / "stories.txt", 300, seed=7)
+    out = tmp_path / "out"
+    prepare(source, out, quiet=True, val_fraction=0.1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Interrupted while writing: the old output stays, untouched and accepted.
+    monkeypatch.setattr(prepare_module.BinWriter, "write", die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source, out, quiet=True, val_fraction=0.1, force=True)
+    assert is_prepared(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # Interrupted while replacing the files: neither old nor new output is accepted.
+    monkeypatch.undo()
+    monkeypatch.setattr(prepare_module.BinWriter, "commit", die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source, out, quiet=True, val_fraction=0.1, force=True)
+    assert not is_prepared(out)
+    assert not (out / META_NAME).exists()
+
+
+def test_a_crash_between_renames_is_not_accepted(tmp_path):
+    prepare(write_text(tmp_path / "s.txt", 200, seed=8), tmp_path / "out", quiet=True, val_fraction=0.1)
+    out = tmp_path / "out"
+    assert is_prepared(out)
+    with open(out / "train.bin", "r+b") as f:  # a shorter train.bin than meta.json records
+        f.truncate(os.path.getsize(out / "train.bin") - 2)
+    assert not is_prepared(out)
+    with pytest.raises(DataError, match="train.bin.*--force"):
+        load_meta(out)
+    (out / "train.bin").unlink()
+    assert not is_prepared(out)
+    (out / META_NAME).unlink()
+    with pytest.raises(DataError, match="meta.json is missing"):
+        load_meta(out)
+
+
+def test_existing_output_is_skipped_unless_forced(tmp_path, capsys):
+    source = write_text(tmp_path / "s.txt", 200, seed=9)
+    first = prepare(source, tmp_path / "out", quiet=True, val_fraction=0.1)
+    mtime = os.path.getmtime(tmp_path / "out" / "train.bin")
+    time.sleep(0.01)
+    assert prepare(source, tmp_path / "out", val_fraction=0.1) == first
+    assert "already prepared" in capsys.readouterr().out
+    assert os.path.getmtime(tmp_path / "out" / "train.bin") == mtime
+    other = write_text(tmp_path / "other.txt", 200, seed=10)
+    with pytest.raises(DataError, match="already holds data prepared from .*--force"):
+        prepare(other, tmp_path / "out", quiet=True)
+    second = prepare(other, tmp_path / "out", quiet=True, force=True, val_fraction=0.1)
+    assert second["source"] == str(other) and second["created"] >= first["created"]
+
+
+def test_empty_and_unreadable_sources(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n<|endoftext|>\n\n")
+    with pytest.raises(DataError, match="holds no stories"):
+        prepare(tmp_path / "empty.txt", tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "one.txt").write_text("Just one story.")
+    with pytest.raises(DataError, match="validation split .* is empty.*--val-fraction"):
+        prepare(tmp_path / "one.txt", tmp_path / "out", quiet=True)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        prepare(tmp_path / "latin1.txt", tmp_path / "out", quiet=True)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(DataError, match="cannot read .*train.jsonl"):
+        prepare(bad, tmp_path / "out", quiet=True)
+    with pytest.raises(DataError, match="neither a file, a directory"):
+        prepare(tmp_path / "missing.txt", tmp_path / "out", quiet=True)
+    with pytest.raises(DataError, match="unsupported type"):
+        (tmp_path / "data.csv").write_text("text\nhello\n")
+        prepare(tmp_path / "data.csv", tmp_path / "out", quiet=True)
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.txt").write_text("A story.")
+    write_jsonl(tmp_path / "mixed" / "b.jsonl", ["B story."])
+    with pytest.raises(DataError, match="mixes json, text"):
+        prepare(tmp_path / "mixed", tmp_path / "out", quiet=True)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_file_without_read_permission(tmp_path):
+    source = write_text(tmp_path / "s.txt", 10, seed=1)
+    source.chmod(0)
+    with pytest.raises(DataError, match="cannot read"):
+        prepare(source, tmp_path / "out", quiet=True)
+
+
+def test_hub_source_without_network_fails_fast_with_the_fix(tmp_path, monkeypatch):
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(sources, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+    start = time.time()
+    with pytest.raises(DataError, match="cannot reach the Hugging Face hub.*--source"):
+        prepare("roneneldan/TinyStories", tmp_path / "out", quiet=True)
+    assert time.time() - start < 20
+    assert datasets.config.HF_HUB_OFFLINE == constants.HF_HUB_OFFLINE  # restored
+
+
+def test_cli_prints_errors_without_traceback(tmp_path, capsys):
+    assert main(["--source", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    source = write_text(tmp_path / "s.txt", 300, seed=2)
+    assert main(["--source", str(source), "--out", str(tmp_path / "out"), "--val-fraction", "0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert "train" in printed and "tokens/story" in printed and "tokens/s" in printed
+    assert main(["--source", str(source), "--out", str(tmp_path / "out"), "--val-fraction", "2"]) == 2
+
+
+def test_prepare_synthetic_makes_and_reuses_a_dataset(tmp_path):
+    start = time.time()
+    meta = prepare_synthetic(tmp_path / "syn", n_stories=500, seed=1)
+    assert time.time() - start < 15
+    assert is_prepared(tmp_path / "syn")
+    assert meta["splits"]["train"]["stories"] + meta["splits"]["validation"]["stories"] == 500
+    assert prepare_synthetic(tmp_path / "syn", n_stories=500, seed=1) == meta
+    other = prepare_synthetic(tmp_path / "syn", n_stories=300, seed=1)
+    assert other["splits"]["train"]["stories"] + other["splits"]["validation"]["stories"] == 300
