@@ -93,7 +93,9 @@ def test_rope(xp, torch, rng, base, offset):
     x = rng.standard_normal((2, 3, 5, 6))
     fn = lambda x: F.rope(x, base, offset=offset)  # noqa: E731
     check_grad(xp, fn, [x])
-    compare_with_torch(torch, xp, fn, torch_rope(torch, base, offset), [x], rtol=1e-6, atol=1e-6)
+    # float32 angles carry an error of about one ulp of p * inv_freq, so the tolerance grows with p
+    tol = 1e-6 + 2e-7 * (offset + x.shape[-2])
+    compare_with_torch(torch, xp, fn, torch_rope(torch, base, offset), [x], rtol=tol, atol=tol)
 
 
 def test_rope_offset_matches_full_sequence(xp, rng):
