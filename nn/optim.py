@@ -239,6 +239,18 @@ class AdamW:
         self._refresh_compute()
         self._bind()
 
+    def set_masters(self, named_arrays):
+        """Take float values (name -> array, e.g. float32 weights from before an fp16 cast) as the
+        masters, then refresh the parameters' compute copy. Unknown names are an error."""
+        for name, array in named_arrays.items():
+            if name not in self._names:
+                raise ValueError(f"set_masters: {name} is not a parameter of this optimizer")
+            view = self.master_of(name)
+            if tuple(array.shape) != view.shape:
+                raise ValueError(f"set_masters: {name} has shape {tuple(array.shape)}, expected {view.shape}")
+            view[...] = backend.to_device(backend.to_numpy(array), backend.device_of(view))
+        self._refresh_compute()
+
     # ----- checkpoints ---------------------------------------------------------------------------
     def state_dict(self):
         """NumPy copies of the flat buffers and plain values; load_state_dict restores them exactly."""

@@ -1,0 +1,332 @@
+"""Train Gemma 3 on TinyStories with tinygrad3.
+
+    python train.py                                              # the real job: 270M preset, CUDA, fp16
+    python train.py --preset tiny --device cpu --data synthetic  # learns on a CPU in minutes
+    python train.py --resume                                     # continue runs/<preset> from `last`
+
+One optimizer update = --grad-accum micro-batches of --batch-size x --block-size tokens. In fp16
+mode the model computes in fp16, the optimizer keeps float32 masters, and a dynamic loss scaler
+guards against overflow (update order: unscale -> inf check/skip -> clip -> AdamW). The run
+directory holds config.json, log.jsonl (every update and eval), loss.png, best.safetensors
+(lowest validation loss; loads with load_state_dict) and last/ (everything needed to resume).
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+import nn
+from data.errors import DataError
+from data.loader import BatchLoader
+from data.meta import is_prepared
+from models import Gemma3, Gemma3Config
+from models.flops import flops_per_token
+from nn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_weights
+from tinygrad3 import backend, no_grad
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SEED_TOKENS_PER_UPDATE = 131_072  # the seed notebook: 32 x 128 tokens x 32 accumulation steps
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--preset", default="gemma3_270m", choices=Gemma3Config.PRESETS, help="model size")
+    a("--data", default="tinystories", help="'tinystories' (prepared into data/tinystories on first use), "
+      "'synthetic' (generated stories), a prepared directory, or a raw source for data.prepare")
+    a("--out", default=None, help="run directory (default runs/<preset>)")
+    a("--device", default=None, help="cpu or cuda (default: cuda when a GPU is present)")
+    a("--dtype", default=None, choices=["float16", "float32"], help="compute dtype (default float16 on "
+      "cuda, float32 on cpu); masters and optimizer state are always float32")
+    a("--block-size", type=int, default=128)
+    a("--batch-size", type=int, default=32, help="micro-batch size")
+    a("--grad-accum", type=int, default=None, help="micro-batches per update (default: about "
+      f"{SEED_TOKENS_PER_UPDATE} tokens per update)")
+    a("--max-updates", type=int, default=5000, help="optimizer updates in the whole run")
+    a("--lr", type=float, default=1e-4, help="peak learning rate")
+    a("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine (<= --lr)")
+    a("--warmup", type=int, default=100, help="linear warmup updates")
+    a("--schedule", default="cosine", choices=["cosine", "constant"])
+    a("--weight-decay", type=float, default=0.1)
+    a("--beta1", type=float, default=0.9)
+    a("--beta2", type=float, default=0.95)
+    a("--eps", type=float, default=1e-8)
+    a("--clip", type=float, default=1.0, help="global gradient-norm clip (0 disables)")
+    a("--loss-scale", type=float, default=2.0 ** 16, help="initial dynamic loss scale (fp16)")
+    a("--scale-growth-interval", type=int, default=2000, help="clean updates before the scale doubles")
+    a("--min-loss-scale", type=float, default=1.0)
+    a("--max-loss-scale", type=float, default=2.0 ** 24)
+    a("--eval-every", type=int, default=100, help="updates between evaluations")
+    a("--eval-batches", type=int, default=20, help="fixed batches per split in each evaluation")
+    a("--seed", type=int, default=0)
+    a("--peak-tflops", type=float, default=750.0, help="GPU fp16 matrix peak used for MFU")
+    a("--resume", action="store_true", help="continue from <out>/last")
+    a("--no-progress", action="store_true", help="no tqdm bar (logs still go to log.jsonl)")
+    args = p.parse_args(argv)
+    args.out = args.out or os.path.join("runs", args.preset)
+    args.device = backend.check_device(args.device or backend.default_device())
+    args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
+    if args.grad_accum is None:
+        args.grad_accum = max(1, round(SEED_TOKENS_PER_UPDATE / (args.batch_size * args.block_size)))
+    for name in ("block_size", "batch_size", "grad_accum", "max_updates", "eval_every", "eval_batches"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def resolve_data(spec):
+    """A prepared data directory for --data, preparing it first when needed."""
+    if spec == "synthetic":
+        from data.synthetic import prepare_synthetic
+        out = os.path.join(ROOT, "data", "synthetic")
+        prepare_synthetic(out)
+        return out
+    if spec == "tinystories":
+        out = os.path.join(ROOT, "data", "tinystories")
+        if not is_prepared(out):
+            from data.prepare import prepare
+            print(f"preparing TinyStories into {out} (first run only) ...")
+            prepare(out_dir=out)
+        return out
+    if is_prepared(spec):
+        return spec
+    if os.path.exists(spec):
+        from data.prepare import prepare
+        name = os.path.basename(os.path.normpath(spec)).split(".")[0] or "source"
+        out = os.path.join(ROOT, "data", "prepared", name)
+        if not is_prepared(out):
+            print(f"preparing {spec} into {out} ...")
+            prepare(source=spec, out_dir=out)
+        return out
+    raise DataError(f"--data {spec!r} is neither 'tinystories', 'synthetic', a prepared directory "
+                    "(with meta.json) nor an existing file or directory to prepare")
+
+
+class RunLog:
+    """log.jsonl (one JSON object per update or eval) and loss.png, refreshed at every eval."""
+
+    def __init__(self, out):
+        self.path = os.path.join(out, "log.jsonl")
+        self.plot_path = os.path.join(out, "loss.png")
+
+    def write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step):
+        """On resume, drop records of updates after the checkpoint (they will be redone)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if json.loads(line).get("step", 0) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
+    def plot(self):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        with open(self.path) as f:
+            records = [json.loads(line) for line in f]
+        train = [(r["tokens"], r["loss"]) for r in records if r["kind"] == "update" and r["loss"] is not None]
+        evals = [r for r in records if r["kind"] == "eval"]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        if train:
+            ax.plot(*zip(*train), lw=0.7, alpha=0.5, label="train (per update)")
+        for split, style in (("train", "o-"), ("validation", "s-")):
+            points = [(r["tokens"], r[split]) for r in evals]
+            if points:
+                ax.plot(*zip(*points), style, ms=3, label=f"{split} (eval)")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("cross-entropy loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.plot_path + ".tmp.png"
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, self.plot_path)
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.config = Gemma3Config.preset(args.preset)
+        os.makedirs(args.out, exist_ok=True)
+        self.last_dir = os.path.join(args.out, "last")
+        if not args.resume and (os.path.isdir(self.last_dir) or os.path.isdir(self.last_dir + ".old")):
+            raise CheckpointError(f"{args.out} already holds a run: pass --resume to continue it, "
+                                  "or --out to start a new one")
+        self.data_dir = resolve_data(args.data)
+        self.loader = BatchLoader(self.data_dir, args.batch_size, args.block_size, device=args.device,
+                                  seed=args.seed, model_vocab_size=self.config.vocab_size)
+        self.eval_loader = BatchLoader(self.data_dir, args.batch_size, args.block_size, device=args.device,
+                                       seed=args.seed + 1, model_vocab_size=self.config.vocab_size)
+        self.eval_start = self.eval_loader.state_dict()  # every eval replays these same batches
+
+        self.model = Gemma3(self.config, seed=args.seed)
+        state = None
+        if args.resume:
+            model_state, optim_arrays, state = load_checkpoint(self.last_dir)
+            self.check_same_run(state)
+            self.model.load_state_dict(model_state)
+        float32_weights = self.model.state_dict()
+        self.model.to(device=args.device, dtype=np.dtype(args.dtype))
+        self.optimizer = nn.AdamW(self.model.named_parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                                  eps=args.eps, weight_decay=args.weight_decay)
+        self.optimizer.set_masters(float32_weights)  # the masters keep what an fp16 cast would round off
+        self.scaler = nn.LossScaler(init_scale=args.loss_scale, growth_interval=args.scale_growth_interval,
+                                    min_scale=args.min_loss_scale, max_scale=args.max_loss_scale,
+                                    enabled=args.dtype == "float16")
+        self.schedule = nn.LRSchedule(args.lr, args.warmup, args.max_updates, min_lr=args.min_lr,
+                                      kind=args.schedule)
+        self.step, self.tokens, self.best_val = 0, 0, math.inf
+        self.log = RunLog(args.out)
+        if state is not None:
+            self.optimizer.load_state_dict(dict(state["optimizer"], **optim_arrays))
+            self.scaler.load_state_dict(state["scaler"])
+            self.loader.load_state_dict(state["loader"])
+            self.step, self.tokens, self.best_val = state["step"], state["tokens"], state["best_val"]
+            self.log.truncate_after(self.step)
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump({"args": vars(args), "model": self.config.to_dict(), "data": self.data_dir}, f, indent=1)
+        self.tokens_per_update = args.batch_size * args.block_size * args.grad_accum
+        self.flops_per_update = flops_per_token(self.config, args.block_size) * self.tokens_per_update
+
+    def check_same_run(self, state):
+        saved = state["config"]
+        if saved != self.config.to_dict():
+            diff = sorted(k for k in saved if saved[k] != self.config.to_dict().get(k))
+            raise CheckpointError(f"{self.last_dir} was saved from a different model config (differs in "
+                                  f"{', '.join(diff)}); resume with the same --preset or start a new --out")
+        for key in ("block_size", "batch_size", "grad_accum", "seed"):
+            if state["args"][key] != getattr(self.args, key):
+                raise CheckpointError(f"{self.last_dir} was trained with --{key.replace('_', '-')} "
+                                      f"{state['args'][key]}; resuming with {getattr(self.args, key)} would "
+                                      "not continue the same run")
+
+    # ----- one update ------------------------------------------------------------------------
+    def update(self):
+        """Forward/backward over grad_accum micro-batches, then one optimizer step."""
+        args, xp = self.args, backend.array_module(self.args.device)
+        # Each micro-loss is divided by grad_accum (so the update sees the mean) and multiplied
+        # by the loss scale (so small fp16 gradients do not flush to zero).
+        loss_weight = self.scaler.scale / args.grad_accum
+        loss_sum = xp.zeros((), np.float32)
+        for _ in range(args.grad_accum):
+            x, y = self.loader.next_batch("train")
+            _, loss = self.model(x, y)
+            (loss * loss_weight).backward()
+            loss_sum += loss.data
+        lr = self.schedule(self.step)
+        result = self.optimizer.step(lr=lr, inv_scale=self.scaler.inv_scale,
+                                     clip_norm=args.clip if args.clip > 0 else None)
+        scale = self.scaler.scale
+        self.scaler.update(result.found_inf)
+        self.optimizer.zero_grad()
+        self.step += 1
+        self.tokens += self.tokens_per_update
+        return dict(loss=float(loss_sum) / args.grad_accum, lr=lr, scale=scale, skipped=result.found_inf,
+                    grad_norm=result.grad_norm if math.isfinite(result.grad_norm) else None)
+
+    def evaluate(self):
+        self.model.eval()
+        losses = {}
+        self.eval_loader.load_state_dict(self.eval_start)
+        with no_grad():
+            for split in ("train", "validation"):
+                total = 0.0
+                for _ in range(self.args.eval_batches):
+                    x, y = self.eval_loader.next_batch(split)
+                    total += self.model(x, y)[1].item()
+                losses[split] = total / self.args.eval_batches
+        self.model.train()
+        return losses
+
+    # ----- checkpoints -------------------------------------------------------------------------
+    def master_weights(self):
+        """The float32 master weights under the model's parameter names."""
+        return {name: backend.to_numpy(self.optimizer.master_of(name)).astype(np.float32)
+                for name in self.optimizer.decayed_names() + self.optimizer.undecayed_names()}
+
+    def save_last(self, loader_state):
+        optim = self.optimizer.state_dict()
+        arrays = {k: optim.pop(k) for k in ("master", "m", "v")}
+        state = dict(step=self.step, tokens=self.tokens, best_val=self.best_val, optimizer=optim,
+                     scaler=self.scaler.state_dict(), loader=loader_state, config=self.config.to_dict(),
+                     args=vars(self.args))
+        save_checkpoint(self.last_dir, self.master_weights(), arrays, state)
+
+    # ----- the loop -----------------------------------------------------------------------------
+    def run(self):
+        args = self.args
+        print(f"model: {self.config.num_hidden_layers} layers, {self.model.num_parameters() / 1e6:.1f}M "
+              f"parameters | {self.tokens_per_update} tokens per update | data {self.data_dir}")
+        bar = None
+        if not args.no_progress:
+            from tqdm import tqdm
+            bar = tqdm(total=args.max_updates, initial=self.step, unit="update", dynamic_ncols=True)
+        loader_state = self.loader.state_dict()
+        try:
+            while self.step < args.max_updates:
+                loader_state = self.loader.state_dict()  # as of the last completed update
+                start = time.perf_counter()
+                record = self.update()
+                seconds = time.perf_counter() - start
+                tok_s = self.tokens_per_update / seconds
+                record.update(kind="update", step=self.step, tokens=self.tokens, seconds=seconds, tok_s=tok_s)
+                if args.device == "cuda":
+                    record["mfu"] = self.flops_per_update / seconds / (args.peak_tflops * 1e12)
+                self.log.write(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    scale=f"{record['scale']:.0f}", tok_s=f"{tok_s:,.0f}",
+                                    **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
+                if self.step % args.eval_every == 0 or self.step == args.max_updates:
+                    self.eval_and_save()
+        except KeyboardInterrupt:
+            if bar is not None:
+                bar.close()
+            self.save_last(loader_state)
+            print(f"\ninterrupted: saved {self.last_dir} at update {self.step}; continue with --resume")
+            return 130
+        if bar is not None:
+            bar.close()
+        print(f"done: {self.step} updates, best validation loss {self.best_val:.4f}; outputs in {args.out}")
+        return 0
+
+    def eval_and_save(self):
+        losses = self.evaluate()
+        self.log.write(dict(kind="eval", step=self.step, tokens=self.tokens, **losses))
+        if losses["validation"] < self.best_val:
+            self.best_val = losses["validation"]
+            save_weights(self.master_weights(), os.path.join(self.args.out, "best.safetensors"))
+        self.save_last(self.loader.state_dict())
+        self.log.plot()
+        message = (f"update {self.step}: train {losses['train']:.4f} | validation {losses['validation']:.4f} "
+                   f"| best {self.best_val:.4f}")
+        print(("\n" if not self.args.no_progress else "") + message, flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print("train.py settings (defaults included):")
+    for key, value in vars(args).items():
+        print(f"  --{key.replace('_', '-')}: {value}")
+    try:
+        trainer = Trainer(args)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill saves `last` like Ctrl-C
+    return trainer.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
