@@ -41,8 +41,8 @@ def parse_args(argv=None):
       "'synthetic' (generated stories), a prepared directory, or a raw source for data.prepare")
     a("--out", default=None, help="run directory (default runs/<preset>)")
     a("--device", default=None, help="cpu or cuda (default: cuda when a GPU is present)")
-    a("--dtype", default=None, choices=["float16", "float32"], help="compute dtype (default float16 on "
-      "cuda, float32 on cpu); masters and optimizer state are always float32")
+    a("--dtype", default=None, choices=["float16", "float32", "float64"], help="compute dtype (default "
+      "float16 on cuda, float32 on cpu); masters and optimizer state are float32 (float64 for float64)")
     a("--block-size", type=int, default=128)
     a("--batch-size", type=int, default=32, help="micro-batch size")
     a("--grad-accum", type=int, default=None, help="micro-batches per update (default: about "
