@@ -1,0 +1,120 @@
+"""train.py and generate.py on the CPU: exact resume, learning, checkpoints, end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import train
+from data.synthetic import prepare_synthetic, unigram_entropy
+from data.loader import BatchLoader
+from models import Gemma3, Gemma3Config
+from nn.checkpoint import load_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    prepare_synthetic(str(out), n_stories=400, seed=0)
+    return str(out)
+
+
+def _argv(data, out, *extra):
+    return ["--preset", "tiny", "--device", "cpu", "--data", data, "--out", str(out), "--batch-size", "4",
+            "--block-size", "32", "--grad-accum", "2", "--warmup", "3", "--lr", "3e-3", "--min-lr", "3e-4",
+            "--eval-every", "4", "--eval-batches", "2", "--no-progress", *extra]
+
+
+def _updates(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resumed_run_is_bit_identical(synthetic_dir, tmp_path, monkeypatch):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert train.main(_argv(synthetic_dir, whole, "--max-updates", "10")) == 0
+
+    calls = {"n": 0}
+    real_update = train.Trainer.update
+
+    def interrupted_update(self):
+        calls["n"] += 1
+        if calls["n"] == 7:  # Ctrl-C in the middle of update 7 (after the eval at update 4)
+            raise KeyboardInterrupt
+        return real_update(self)
+
+    monkeypatch.setattr(train.Trainer, "update", interrupted_update)
+    assert train.main(_argv(synthetic_dir, split, "--max-updates", "10")) == 130
+    monkeypatch.setattr(train.Trainer, "update", real_update)
+    with open(split / "last" / "state.json") as f:
+        assert json.load(f)["step"] == 6
+    assert train.main(_argv(synthetic_dir, split, "--max-updates", "10", "--resume")) == 0
+
+    a, b = _updates(whole), _updates(split)
+    assert [r["kind"] for r in a] == [r["kind"] for r in b]
+    for ra, rb in zip(a, b):  # same losses to the last bit, evals included
+        for key in ("loss", "train", "validation", "grad_norm", "lr"):
+            assert ra.get(key) == rb.get(key), (ra, rb)
+    wa, wb = load_weights(str(whole / "best.safetensors")), load_weights(str(split / "best.safetensors"))
+    for name in wa:
+        np.testing.assert_array_equal(wa[name], wb[name])
+
+
+def test_tiny_model_learns_far_below_unigram_entropy(synthetic_dir, tmp_path):
+    out = tmp_path / "learn"
+    argv = _argv(synthetic_dir, out, "--max-updates", "120", "--eval-every", "60", "--batch-size", "8",
+                 "--grad-accum", "1", "--warmup", "10")
+    assert train.main(argv) == 0
+    tokens = BatchLoader(synthetic_dir, 1, 8).data["train"]
+    entropy = unigram_entropy(np.asarray(tokens))
+    final = [r for r in _updates(out) if r["kind"] == "eval"][-1]
+    assert entropy > 4.0
+    assert final["validation"] < 0.5 * entropy, (final, entropy)
+
+
+def test_run_directory_outputs_and_checkpoint_checks(synthetic_dir, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(_argv(synthetic_dir, out, "--max-updates", "4")) == 0
+    for name in ("config.json", "log.jsonl", "loss.png", "best.safetensors", "last/state.json",
+                 "last/model.safetensors", "last/optimizer.safetensors"):
+        assert (out / name).exists(), name
+    records = _updates(out)
+    assert [r["step"] for r in records if r["kind"] == "update"] == [1, 2, 3, 4]
+    assert all(r["skipped"] is False for r in records if r["kind"] == "update")
+    model = Gemma3(Gemma3Config.tiny())
+    model.load_state_dict(load_weights(str(out / "best.safetensors")))  # the model file loads as is
+
+    # A second run into the same directory must not silently overwrite it.
+    assert train.main(_argv(synthetic_dir, out, "--max-updates", "4")) == 2
+    # Resuming with another model config is refused with a clear error.
+    config = json.loads((out / "last" / "state.json").read_text())
+    config["config"]["hidden_size"] = 32
+    (out / "last" / "state.json").write_text(json.dumps(config))
+    assert train.main(_argv(synthetic_dir, out, "--max-updates", "8", "--resume")) == 2
+
+
+def test_min_lr_above_peak_is_a_clear_error(synthetic_dir, tmp_path, capsys):
+    assert train.main(_argv(synthetic_dir, tmp_path / "bad", "--min-lr", "1e-2", "--max-updates", "4")) == 2
+    assert "min_lr (0.01) is above peak_lr (0.003)" in capsys.readouterr().err
+
+
+def test_train_then_generate_end_to_end(synthetic_dir, tmp_path):
+    out = tmp_path / "e2e"
+    env = dict(os.environ, TINYGRAD3_DEVICE="cpu", PYTHONPATH=ROOT)
+    run = subprocess.run([sys.executable, "train.py", *_argv(synthetic_dir, out, "--max-updates", "24",
+                                                             "--eval-every", "12")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "--block-size: 32" in run.stdout  # every setting is printed at the start
+    gen = subprocess.run([sys.executable, "generate.py", "--run", str(out), "--prompt", "Once upon a time",
+                          "--max-new-tokens", "20", "--seed", "1"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.startswith("Once upon a time") and len(gen.stdout) > len("Once upon a time") + 5
+    missing = subprocess.run([sys.executable, "generate.py", "--run", str(tmp_path / "nothing")],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2 and "no config.json" in missing.stderr
