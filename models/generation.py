@@ -13,8 +13,9 @@ def filter_probabilities(logits, temperature=1.0, top_k=None, top_p=None):
     """
     if temperature <= 0:
         raise ValueError("temperature must be > 0 for sampling (use greedy=True for argmax decoding)")
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max()
+    z = np.asarray(logits, dtype=np.float64)
+    with np.errstate(over="ignore"):  # masked padding logits (the dtype's minimum) may become -inf: p = 0
+        z = (z - z.max()) / temperature
     p = np.exp(z)
     p /= p.sum()
     if top_k is not None and 0 < top_k < p.size:
