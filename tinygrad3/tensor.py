@@ -13,27 +13,29 @@ one the gradient summed over all uses of its output, and then releases what the
 Function saved, so activation memory shrinks as the backward pass proceeds.
 """
 import contextlib
+import threading
 
 import numpy as np
 
 from . import backend
 
-_grad_enabled = True
+# Grad mode is per thread (as in PyTorch): one thread's no_grad() must not switch off graph
+# recording in another, e.g. when the in-process stand-in for data parallelism runs ranks as threads.
+_mode = threading.local()
 
 
 def is_grad_enabled():
-    return _grad_enabled
+    return getattr(_mode, "grad_enabled", True)
 
 
 @contextlib.contextmanager
 def no_grad():
-    """Inside this block, calls build no graph (inference, optimizer updates)."""
-    global _grad_enabled
-    previous, _grad_enabled = _grad_enabled, False
+    """Inside this block, calls build no graph (inference, optimizer updates); per thread."""
+    previous, _mode.grad_enabled = is_grad_enabled(), False
     try:
         yield
     finally:
-        _grad_enabled = previous
+        _mode.grad_enabled = previous
 
 
 class Function:
@@ -49,7 +51,7 @@ class Function:
         tensors = [x if isinstance(x, Tensor) else None for x in inputs]
         arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
         self.needs_grad = tuple(t is not None and t.requires_grad for t in tensors)
-        record = _grad_enabled and any(self.needs_grad)
+        record = is_grad_enabled() and any(self.needs_grad)
         if not record:
             self.needs_grad = (False,) * len(inputs)
         out = Tensor(self.forward(*arrays), requires_grad=record)
@@ -145,11 +147,16 @@ class Tensor:
         return Tensor(backend.to_device(self.data, device), requires_grad=self.requires_grad)
 
     # ----- backward -----------------------------------------------------------------
-    def backward(self, grad=None):
+    def backward(self, grad=None, leaf_hook=None):
         """Accumulate d(self)/d(leaf) into every leaf's `.grad`.
 
         `grad` is the upstream gradient; for a one-element tensor it defaults to 1.
         The graph is freed as it is walked, so a second backward over it raises.
+
+        `leaf_hook(leaf)`, if given, is called once for every leaf tensor this graph reaches, as
+        soon as this pass can add nothing more to `leaf.grad` (its `.grad` may still be None when
+        every path to it carried no gradient). Data-parallel training uses it to start reducing a
+        gradient across processes while the rest of the backward pass still runs.
         """
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad "
@@ -164,26 +171,23 @@ class Tensor:
             raise ValueError(f"gradient shape {grad.shape} does not match tensor shape {self.shape}")
         if self._creator is None:
             self.grad = _accumulate(self.grad, grad)
+            if leaf_hook is not None:
+                leaf_hook(self)
             return
         root = self._creator
         if not hasattr(root, "_parents"):
             raise RuntimeError("this graph was already freed by an earlier backward()")
         root._out_grad = grad
-        for fn in reversed(_topological_order(root)):
+        order = _topological_order(root)
+        # A leaf's gradient is final once every Function that consumes it has run; counting those
+        # uses up front lets the walk tell the moment without a second pass over the graph.
+        uses = _leaf_uses(order) if leaf_hook is not None else None
+        for fn in reversed(order):
             gy, fn._out_grad = fn._out_grad, None
-            if gy is None:  # no path from the root passes through this output
-                _drop(fn)
-                continue
-            grads = fn.backward(gy)
-            if not isinstance(grads, tuple):
-                grads = (grads,)
-            for parent, g in zip(fn._parents, grads):
-                if parent is None or g is None:
-                    continue
-                if isinstance(parent, Tensor):
-                    parent.grad = _accumulate(parent.grad, _match(g, parent.data))
-                else:
-                    parent._out_grad = _accumulate(parent._out_grad, g)
+            if gy is not None:  # None: no path from the root passes through this output
+                _backward_one(fn, gy)
+            if uses is not None:
+                _count_down(fn, uses, leaf_hook)
             _drop(fn)
 
     # ----- operators (implemented in ops.py) -----------------------------------
@@ -215,6 +219,39 @@ class Tensor:
 def _match(g, like):
     """Cast a gradient to the leaf's dtype (a leaf's grad always has the leaf's dtype)."""
     return g if g.dtype == like.dtype else g.astype(like.dtype)
+
+
+def _backward_one(fn, gy):
+    """Run one Function's backward and hand each gradient to its parent."""
+    grads = fn.backward(gy)
+    if not isinstance(grads, tuple):
+        grads = (grads,)
+    for parent, g in zip(fn._parents, grads):
+        if parent is None or g is None:
+            continue
+        if isinstance(parent, Tensor):
+            parent.grad = _accumulate(parent.grad, _match(g, parent.data))
+        else:
+            parent._out_grad = _accumulate(parent._out_grad, g)
+
+
+def _leaf_uses(order):
+    """id(leaf) -> how many input slots of the graph's Functions take that leaf."""
+    uses = {}
+    for fn in order:
+        for parent in fn._parents:
+            if isinstance(parent, Tensor):
+                uses[id(parent)] = uses.get(id(parent), 0) + 1
+    return uses
+
+
+def _count_down(fn, uses, leaf_hook):
+    """fn has run: one use fewer for each of its leaf parents; call the hook on those now final."""
+    for parent in fn._parents:
+        if isinstance(parent, Tensor):
+            uses[id(parent)] -= 1
+            if uses[id(parent)] == 0:
+                leaf_hook(parent)
 
 
 def _drop(fn):
