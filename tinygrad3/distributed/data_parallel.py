@@ -1,0 +1,143 @@
+"""DataParallel: sum the gradients over ranks in buckets, each started as soon as it is complete.
+
+Every rank runs the same model on its own micro-batches, then the ranks add up their gradients
+so that each takes the identical optimizer step. Done naively, that is one all-reduce per
+parameter (hundreds of small, latency-bound calls) after the backward pass (nothing to hide the
+communication behind). Instead:
+
+  * Buckets. Parameters are grouped into flat buffers of about `bucket_bytes` (25 MB by default,
+    as in PyTorch's DDP): one call per bucket, large enough to run at bandwidth.
+  * Overlap. Backward produces gradients roughly in the reverse order of the forward, so the
+    buckets are filled in reversed parameter order; `Tensor.backward(leaf_hook=...)` reports each
+    parameter whose gradient is final, and a bucket's all-reduce starts the moment its last
+    gradient arrives, while backward computes the earlier layers.
+  * Order. NCCL requires every rank to issue its collectives in the same order, so buckets are
+    launched strictly by index: a bucket that completes early waits for the ones before it.
+
+Each gradient is copied into its bucket and `param.grad` becomes a view of that slot (PyTorch's
+"gradient as bucket view"), so after the all-reduce the optimizer reads the summed gradients
+where it always does, and no second copy of the gradients is kept.
+
+It sums; it does not average. The trainer folds the 1/world_size of the mean into the loss
+weight, next to 1/grad_accum: rank r then back-propagates scale * loss / (world_size * grad_accum)
+for each micro-batch, and the summed buffers hold exactly what one process would accumulate over
+world_size * grad_accum micro-batches, which is what the tests compare against.
+
+    dp = DataParallel(model.parameters(), comm)
+    for i in range(grad_accum):
+        loss = ...
+        (loss * weight).backward(leaf_hook=dp.leaf_hook if i == grad_accum - 1 else None)
+    dp.finish()          # every param.grad now holds the sum over ranks
+    optimizer.step(...)
+
+The hook is passed on the last micro-batch only: earlier ones only accumulate locally.
+"""
+from .. import backend
+
+DEFAULT_BUCKET_BYTES = 25 * 2 ** 20
+
+
+class Bucket:
+    """A flat buffer holding the gradients of a few parameters, each at its own slice."""
+
+    def __init__(self, params, xp, dtype):
+        self.params = params
+        self.slices, start = [], 0
+        for param in params:
+            self.slices.append(slice(start, start + param.size))
+            start += param.size
+        self.buffer = xp.empty(start, dtype=dtype)
+        self.waiting = set(range(len(params)))  # indices whose gradient has not arrived this pass
+
+    def take(self, index):
+        """Copy params[index]'s gradient (zeros if it has none) into its slot and make `.grad` that view."""
+        param, view = self.params[index], self.buffer[self.slices[index]]
+        if param.grad is None:
+            view[...] = 0
+        else:
+            view[...] = param.grad.reshape(-1)
+        param.grad = view.reshape(param.shape)
+        self.waiting.discard(index)
+
+
+class DataParallel:
+    """Bucketed gradient all-reduce over `comm`, driven by backward's leaf hook (module docstring).
+
+    params: the trainable parameters in forward order (e.g. `model.parameters()`); duplicates (tied
+        weights) and parameters with requires_grad=False are skipped. All share one dtype and device.
+    bucket_bytes: target size of a bucket; a parameter larger than that gets a bucket of its own.
+    """
+
+    def __init__(self, params, comm, bucket_bytes=DEFAULT_BUCKET_BYTES):
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+        unique, seen = [], set()
+        for param in params:
+            if param.requires_grad and id(param) not in seen:
+                seen.add(id(param))
+                unique.append(param)
+        if not unique:
+            raise ValueError("DataParallel was given no trainable parameters")
+        first = unique[0]
+        if any(p.dtype != first.dtype or p.device != first.device for p in unique):
+            raise ValueError("DataParallel needs parameters of one dtype on one device")
+        self.comm = comm
+        xp = backend.get_array_module(first.data)
+        self.buckets, self._where, group, size = [], {}, [], 0
+        for param in reversed(unique):  # the order backward finishes them, roughly
+            group.append(param)
+            size += param.size * first.dtype.itemsize
+            if size >= bucket_bytes:
+                self._add_bucket(group, xp, first.dtype)
+                group, size = [], 0
+        if group:
+            self._add_bucket(group, xp, first.dtype)
+        self._launched = 0  # buckets [0, _launched) have their all-reduce under way this pass
+        self._works = []
+
+    def _add_bucket(self, params, xp, dtype):
+        for index, param in enumerate(params):
+            self._where[id(param)] = (len(self.buckets), index)
+        self.buckets.append(Bucket(params, xp, dtype))
+
+    def leaf_hook(self, tensor):
+        """For `Tensor.backward(leaf_hook=...)`: `tensor`'s gradient is final for this pass."""
+        where = self._where.get(id(tensor))
+        if where is None:  # a leaf that is not one of our parameters (an input, say)
+            return
+        number, index = where
+        bucket = self.buckets[number]
+        if index not in bucket.waiting:
+            raise RuntimeError("a parameter's gradient became final twice before finish(): pass "
+                               "leaf_hook only to the last backward of an update, then call finish()")
+        bucket.take(index)
+        self._launch_complete()
+
+    def _launch_complete(self):
+        while self._launched < len(self.buckets) and not self.buckets[self._launched].waiting:
+            self._works.append(self.comm.allreduce(self.buckets[self._launched].buffer))
+            self._launched += 1
+
+    def finish(self):
+        """Reduce what is still missing, wait for every bucket; then each `.grad` is the sum over ranks.
+
+        Parameters that this pass never reached (unused in the forward, or no hook was passed)
+        enter with the gradient they have, or zeros: another rank may have one for them.
+        """
+        for bucket in self.buckets[self._launched:]:
+            for index in sorted(bucket.waiting):
+                bucket.take(index)
+        self._launch_complete()
+        for work in self._works:
+            work.wait()
+        self._works, self._launched = [], 0
+        for bucket in self.buckets:
+            bucket.waiting = set(range(len(bucket.params)))
+
+
+def broadcast_optimizer(comm, optimizer, root=0):
+    """Give every rank `root`'s master weights and moments (AdamW's flat buffers), so all ranks
+    start from the same bits whatever each one loaded or initialised."""
+    for buffer in (optimizer.master, optimizer.m, optimizer.v):
+        comm.broadcast(buffer, root)
+    optimizer.sync_params()  # refreshes the fp16 compute copy from the new masters
