@@ -3,12 +3,17 @@
     python train.py                                              # the real job: 270M preset, CUDA, fp16
     python train.py --preset tiny --device cpu --data synthetic  # learns on a CPU in minutes
     python train.py --resume                                     # continue runs/<preset> from `last`
+    mpirun -n 8 python train.py --distributed                    # data-parallel over 8 GPUs (NCCL)
 
 One optimizer update = --grad-accum micro-batches of --batch-size x --block-size tokens. In fp16
 mode the model computes in fp16, the optimizer keeps float32 masters, and a dynamic loss scaler
 guards against overflow (update order: unscale -> inf check/skip -> clip -> AdamW). The run
 directory holds config.json, log.jsonl (every update and eval), loss.png, best.safetensors
 (lowest validation loss; loads with load_state_dict) and last/ (everything needed to resume).
+
+With --distributed (automatic when mpirun starts several ranks) every rank trains a replica on its
+own batches and the gradients are summed over ranks by NCCL, bucket by bucket during backward; one
+update then covers world_size x grad_accum micro-batches. Only rank 0 writes the run directory.
 """
 import argparse
 import json
@@ -27,7 +32,7 @@ from data.meta import is_prepared
 from models import Gemma3, Gemma3Config
 from models.flops import flops_per_token
 from nn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_weights
-from tinygrad3 import backend, no_grad
+from tinygrad3 import backend, distributed, no_grad
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SEED_TOKENS_PER_UPDATE = 131_072  # the seed notebook: 32 x 128 tokens x 32 accumulation steps
@@ -67,7 +72,11 @@ def parse_args(argv=None):
     a("--peak-tflops", type=float, default=750.0, help="GPU fp16 matrix peak used for MFU")
     a("--resume", action="store_true", help="continue from <out>/last")
     a("--no-progress", action="store_true", help="no tqdm bar (logs still go to log.jsonl)")
+    a("--distributed", action="store_true", help="data-parallel over the ranks mpirun starts, one GPU "
+      "each, gradients summed by NCCL (automatic when mpirun starts more than one rank)")
+    a("--bucket-mb", type=float, default=25.0, help="gradient all-reduce bucket size (--distributed)")
     args = p.parse_args(argv)
+    args.distributed = args.distributed or distributed.launched_world_size() > 1
     args.out = args.out or os.path.join("runs", args.preset)
     args.device = backend.check_device(args.device or backend.default_device())
     args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
@@ -76,7 +85,33 @@ def parse_args(argv=None):
     for name in ("block_size", "batch_size", "grad_accum", "max_updates", "eval_every", "eval_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.bucket_mb > 0:
+        p.error("--bucket-mb must be > 0")
     return args
+
+
+def stream_seed(seed, rank=0, step=0):
+    """The seed of rank `rank`'s training batches in a run (re)started at update `step`.
+
+    Rank 0 of a fresh run uses --seed itself, so a single rank draws exactly the batches of a run
+    without --distributed; every other (rank, step) gets its own stream, hashed from all three.
+    """
+    if rank == 0 and step == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
+
+
+def saved_loader_state(state, rank, world_size):
+    """This rank's position in its batch stream from a checkpoint, or None to start a fresh one.
+
+    A run resumed with the world size it was saved with continues every rank's stream exactly.
+    After a change of world size (or from a save that could not gather every rank's position)
+    there is no such position: each rank then starts stream_seed(seed, rank, step).
+    """
+    if state.get("world_size", 1) != world_size:
+        return None
+    loaders = state["loaders"] if "loaders" in state else [state["loader"]]  # older checkpoints
+    return None if loaders is None else loaders[rank]
 
 
 def resolve_data(spec):
@@ -153,18 +188,35 @@ class RunLog:
         os.replace(tmp, self.plot_path)
 
 
+class SilentLog(RunLog):
+    """The log of ranks other than 0: the same calls, nothing written."""
+
+    def write(self, record):
+        pass
+
+    def truncate_after(self, step):
+        pass
+
+    def plot(self):
+        pass
+
+
 class Trainer:
-    def __init__(self, args):
-        self.args = args
+    """One training run; with `comm` (a tinygrad3.distributed communicator), one rank of it."""
+
+    def __init__(self, args, comm=None):
+        self.args, self.comm = args, comm
+        self.rank, self.world_size = (comm.rank, comm.world_size) if comm is not None else (0, 1)
+        self.is_main = self.rank == 0
         self.config = Gemma3Config.preset(args.preset)
         os.makedirs(args.out, exist_ok=True)
         self.last_dir = os.path.join(args.out, "last")
         if not args.resume and (os.path.isdir(self.last_dir) or os.path.isdir(self.last_dir + ".old")):
             raise CheckpointError(f"{args.out} already holds a run: pass --resume to continue it, "
                                   "or --out to start a new one")
-        self.data_dir = resolve_data(args.data)
-        self.loader = BatchLoader(self.data_dir, args.batch_size, args.block_size, device=args.device,
-                                  seed=args.seed, model_vocab_size=self.config.vocab_size)
+        self.data_dir = self.main_first(lambda: resolve_data(args.data))  # rank 0 prepares, once
+        self.loader = self.train_loader(stream_seed(args.seed, self.rank))
+        # Every rank draws the same fixed eval batches and evaluates its share of them.
         self.eval_loader = BatchLoader(self.data_dir, args.batch_size, args.block_size, device=args.device,
                                        seed=args.seed + 1, model_vocab_size=self.config.vocab_size)
         self.eval_start = self.eval_loader.state_dict()  # every eval replays these same batches
@@ -186,17 +238,44 @@ class Trainer:
         self.schedule = nn.LRSchedule(args.lr, args.warmup, args.max_updates, min_lr=args.min_lr,
                                       kind=args.schedule)
         self.step, self.tokens, self.best_val = 0, 0, math.inf
-        self.log = RunLog(args.out)
+        self.log = RunLog(args.out) if self.is_main else SilentLog(args.out)
         if state is not None:
             self.optimizer.load_state_dict(dict(state["optimizer"], **optim_arrays))
             self.scaler.load_state_dict(state["scaler"])
-            self.loader.load_state_dict(state["loader"])
             self.step, self.tokens, self.best_val = state["step"], state["tokens"], state["best_val"]
+            position = saved_loader_state(state, self.rank, self.world_size)
+            if position is not None:
+                self.loader.load_state_dict(position)
+            else:
+                self.loader = self.train_loader(stream_seed(args.seed, self.rank, self.step))
             self.log.truncate_after(self.step)
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump({"args": vars(args), "model": self.config.to_dict(), "data": self.data_dir}, f, indent=1)
-        self.tokens_per_update = args.batch_size * args.block_size * args.grad_accum
+        self.dp = None
+        if comm is not None:
+            self.dp = distributed.DataParallel(self.model.parameters(), comm,
+                                               bucket_bytes=int(args.bucket_mb * 2 ** 20))
+            distributed.broadcast_optimizer(comm, self.optimizer)  # every rank starts from rank 0's bits
+        if self.is_main:
+            with open(os.path.join(args.out, "config.json"), "w") as f:
+                json.dump({"args": vars(args), "world_size": self.world_size, "model": self.config.to_dict(),
+                           "data": self.data_dir}, f, indent=1)
+        # One update: world_size ranks x grad_accum micro-batches x batch_size x block_size tokens.
+        self.tokens_per_update = self.world_size * args.batch_size * args.block_size * args.grad_accum
         self.flops_per_update = flops_per_token(self.config, args.block_size) * self.tokens_per_update
+
+    def main_first(self, fn):
+        """fn() on rank 0, then on the other ranks (rank 0 may create files the others then find)."""
+        result = fn() if self.is_main else None
+        if self.comm is not None:
+            self.comm.barrier()
+        return result if self.is_main else fn()
+
+    def train_loader(self, seed):
+        return BatchLoader(self.data_dir, self.args.batch_size, self.args.block_size, device=self.args.device,
+                           seed=seed, model_vocab_size=self.config.vocab_size)
+
+    def say(self, message, **kwargs):
+        if self.is_main:
+            print(message, **kwargs)
 
     def check_same_run(self, state):
         saved = state["config"]
@@ -214,39 +293,69 @@ class Trainer:
     def update(self):
         """Forward/backward over grad_accum micro-batches, then one optimizer step."""
         args, xp = self.args, backend.array_module(self.args.device)
-        # Each micro-loss is divided by grad_accum (so the update sees the mean) and multiplied
-        # by the loss scale (so small fp16 gradients do not flush to zero).
-        loss_weight = self.scaler.scale / args.grad_accum
+        # Each micro-loss is divided by grad_accum * world_size (so the update sees the mean over
+        # all ranks' micro-batches once the ranks' gradients are summed) and multiplied by the loss
+        # scale (so small fp16 gradients do not flush to zero).
+        loss_weight = self.scaler.scale / (args.grad_accum * self.world_size)
         loss_sum = xp.zeros((), np.float32)
-        for _ in range(args.grad_accum):
+        for i in range(args.grad_accum):
             x, y = self.loader.next_batch("train")
             _, loss = self.model(x, y)
-            (loss * loss_weight).backward()
+            # On the last micro-batch, each bucket's all-reduce starts once backward completes it.
+            last = self.dp is not None and i == args.grad_accum - 1
+            (loss * loss_weight).backward(leaf_hook=self.dp.leaf_hook if last else None)
             loss_sum += loss.data
+        if self.dp is not None:
+            self.dp.finish()  # every rank now holds the same summed gradients
         lr = self.schedule(self.step)
         result = self.optimizer.step(lr=lr, inv_scale=self.scaler.inv_scale,
                                      clip_norm=args.clip if args.clip > 0 else None)
+        mean_loss = float(loss_sum) / args.grad_accum
+        if self.comm is not None:
+            mean_loss = self.agree_on_step(mean_loss, result.found_inf)
         scale = self.scaler.scale
         self.scaler.update(result.found_inf)
         self.optimizer.zero_grad()
         self.step += 1
         self.tokens += self.tokens_per_update
-        return dict(loss=float(loss_sum) / args.grad_accum, lr=lr, scale=scale, skipped=result.found_inf,
+        return dict(loss=mean_loss, lr=lr, scale=scale, skipped=result.found_inf,
                     grad_norm=result.grad_norm if math.isfinite(result.grad_norm) else None)
 
+    def agree_on_step(self, loss, found_inf):
+        """The loss averaged over ranks, and a check that every rank made the same skip decision.
+
+        They cannot differ: after the all-reduce every rank holds the same summed gradients, and an
+        inf/NaN from any one rank survives the sum, so every rank's AdamW sees it, skips, and every
+        scaler halves its scale (the clip factor, from the same norm, agrees too). One small
+        all-reduce, which the loss average needs anyway, verifies that instead of trusting it.
+        """
+        loss_sum, skipped = self.comm.allreduce_scalars([loss, float(found_inf)])
+        if skipped not in (0, self.world_size):
+            raise RuntimeError(f"ranks disagree on skipping update {self.step + 1}: {skipped:g} of "
+                               f"{self.world_size} found inf/NaN gradients (their gradients differ)")
+        return loss_sum / self.world_size
+
     def evaluate(self):
+        """Mean loss over the same fixed eval_batches batches per split, whatever the world size.
+
+        Every rank draws all of them (the stream stays the one a single process sees) and
+        evaluates batches rank, rank + world_size, ...; the ranks' sums are then added up.
+        """
         self.model.eval()
-        losses = {}
+        totals = []
         self.eval_loader.load_state_dict(self.eval_start)
         with no_grad():
             for split in ("train", "validation"):
                 total = 0.0
-                for _ in range(self.args.eval_batches):
+                for i in range(self.args.eval_batches):
                     x, y = self.eval_loader.next_batch(split)
-                    total += self.model(x, y)[1].item()
-                losses[split] = total / self.args.eval_batches
+                    if i % self.world_size == self.rank:
+                        total += self.model(x, y)[1].item()
+                totals.append(total)
         self.model.train()
-        return losses
+        if self.comm is not None:
+            totals = self.comm.allreduce_scalars(totals)
+        return {split: total / self.args.eval_batches for split, total in zip(("train", "validation"), totals)}
 
     # ----- checkpoints -------------------------------------------------------------------------
     def master_weights(self):
@@ -254,21 +363,31 @@ class Trainer:
         return {name: backend.to_numpy(self.optimizer.master_of(name)).astype(np.float32)
                 for name in self.optimizer.decayed_names() + self.optimizer.undecayed_names()}
 
-    def save_last(self, loader_state):
+    def save_last(self, loader_state, gather=True):
+        """Rank 0 writes `last`. Model, optimizer and scaler are the same on every rank; the batch
+        streams are not, so their positions are gathered from all ranks (gather=False: no
+        collective, for an interrupt, where other ranks may be anywhere; a resume then starts fresh
+        streams, see saved_loader_state)."""
+        loaders = [loader_state]
+        if self.world_size > 1:
+            loaders = self.comm.allgather_object(loader_state) if gather else None
+        if not self.is_main:
+            return
         optim = self.optimizer.state_dict()
         arrays = {k: optim.pop(k) for k in ("master", "m", "v")}
         state = dict(step=self.step, tokens=self.tokens, best_val=self.best_val, optimizer=optim,
-                     scaler=self.scaler.state_dict(), loader=loader_state, config=self.config.to_dict(),
-                     args=vars(self.args))
+                     scaler=self.scaler.state_dict(), world_size=self.world_size, loaders=loaders,
+                     config=self.config.to_dict(), args=vars(self.args))
         save_checkpoint(self.last_dir, self.master_weights(), arrays, state)
 
     # ----- the loop -----------------------------------------------------------------------------
     def run(self):
         args = self.args
-        print(f"model: {self.config.num_hidden_layers} layers, {self.model.num_parameters() / 1e6:.1f}M "
-              f"parameters | {self.tokens_per_update} tokens per update | data {self.data_dir}")
+        self.say(f"model: {self.config.num_hidden_layers} layers, {self.model.num_parameters() / 1e6:.1f}M "
+                 f"parameters | {self.tokens_per_update} tokens per update = {self.world_size} ranks x "
+                 f"{args.grad_accum} micro-batches x {args.batch_size} x {args.block_size} | data {self.data_dir}")
         bar = None
-        if not args.no_progress:
+        if not args.no_progress and self.is_main:
             from tqdm import tqdm
             bar = tqdm(total=args.max_updates, initial=self.step, unit="update", dynamic_ncols=True)
         loader_state = self.loader.state_dict()
@@ -281,7 +400,7 @@ class Trainer:
                 tok_s = self.tokens_per_update / seconds
                 record.update(kind="update", step=self.step, tokens=self.tokens, seconds=seconds, tok_s=tok_s)
                 if args.device == "cuda":
-                    record["mfu"] = self.flops_per_update / seconds / (args.peak_tflops * 1e12)
+                    record["mfu"] = self.flops_per_update / seconds / (args.peak_tflops * 1e12 * self.world_size)
                 self.log.write(record)
                 if bar is not None:
                     bar.update(1)
@@ -293,36 +412,51 @@ class Trainer:
         except KeyboardInterrupt:
             if bar is not None:
                 bar.close()
-            self.save_last(loader_state)
-            print(f"\ninterrupted: saved {self.last_dir} at update {self.step}; continue with --resume")
+            self.save_last(loader_state, gather=False)
+            self.say(f"\ninterrupted: saved {self.last_dir} at update {self.step}; continue with --resume")
             return 130
         if bar is not None:
             bar.close()
-        print(f"done: {self.step} updates, best validation loss {self.best_val:.4f}; outputs in {args.out}")
+        self.say(f"done: {self.step} updates, best validation loss {self.best_val:.4f}; outputs in {args.out}")
         return 0
 
     def eval_and_save(self):
         losses = self.evaluate()
         self.log.write(dict(kind="eval", step=self.step, tokens=self.tokens, **losses))
         if losses["validation"] < self.best_val:
-            self.best_val = losses["validation"]
-            save_weights(self.master_weights(), os.path.join(self.args.out, "best.safetensors"))
+            self.best_val = losses["validation"]  # the same on every rank: the losses are reduced
+            if self.is_main:
+                save_weights(self.master_weights(), os.path.join(self.args.out, "best.safetensors"))
         self.save_last(self.loader.state_dict())
         self.log.plot()
         message = (f"update {self.step}: train {losses['train']:.4f} | validation {losses['validation']:.4f} "
                    f"| best {self.best_val:.4f}")
-        print(("\n" if not self.args.no_progress else "") + message, flush=True)
+        self.say(("\n" if not self.args.no_progress else "") + message, flush=True)
+
+
+def make_communicator(args):
+    """This process's rank of the data-parallel group: NCCL over mpirun's ranks, one GPU each."""
+    if args.device != "cuda":
+        raise ValueError("--distributed reduces gradients with NCCL: it needs --device cuda")
+    return distributed.NcclCommunicator(distributed.mpi_world())
 
 
 def main(argv=None):
     args = parse_args(argv)
-    print("train.py settings (defaults included):")
-    for key, value in vars(args).items():
-        print(f"  --{key.replace('_', '-')}: {value}")
+    comm = None
     try:
-        trainer = Trainer(args)
+        if args.distributed:
+            comm = make_communicator(args)  # before anything else touches the GPU: it picks this rank's
+        if comm is None or comm.is_main:
+            print("train.py settings (defaults included):")
+            for key, value in vars(args).items():
+                print(f"  --{key.replace('_', '-')}: {value}")
+        trainer = Trainer(args, comm)
     except (DataError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        several = comm is not None and comm.world_size > 1
+        print(f"{f'rank {comm.rank}: ' if several else ''}error: {e}", file=sys.stderr)
+        if several:
+            comm.abort(2)  # the other ranks may be waiting for this one in a collective
         return 2
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill saves `last` like Ctrl-C
     return trainer.run()
