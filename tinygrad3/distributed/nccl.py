@@ -48,6 +48,7 @@ class NcclCommunicator(Communicator):
     """A rank of an NCCL communicator over MPI's ranks (see the module docstring).
 
     mpi: an mpi4py communicator (normally `mpi_world()`); None makes a world of one without MPI.
+        Kept as `.mpi` (None or the communicator).
     gpu: the device to use; default: the local rank (or 0 when each rank sees a single GPU,
         e.g. with CUDA_VISIBLE_DEVICES set per rank). Create it before anything touches the GPU.
     """
@@ -61,7 +62,7 @@ class NcclCommunicator(Communicator):
         if not nccl.available:
             raise RuntimeError("CuPy cannot load NCCL: install the NCCL wheel for its CUDA "
                                "(nvidia-nccl-cu12 or nvidia-nccl-cu13)")
-        self._cupy, self._nccl, self._mpi = cupy, nccl, mpi
+        self._cupy, self._nccl, self.mpi = cupy, nccl, mpi
         if mpi is None:
             self.rank, self.world_size, self.local_rank, local_size = 0, 1, 0, 1
         else:
@@ -105,15 +106,15 @@ class NcclCommunicator(Communicator):
         _StreamWork(self._cupy, stream.record(), array).wait()
 
     def allgather_object(self, obj):
-        return [obj] if self._mpi is None else self._mpi.allgather(obj)
+        return [obj] if self.mpi is None else self.mpi.allgather(obj)
 
     def barrier(self):
-        if self._mpi is not None:
-            self._mpi.Barrier()
+        if self.mpi is not None:
+            self.mpi.Barrier()
 
     def abort(self, code=1):
-        if self._mpi is not None:
-            self._mpi.Abort(code)
+        if self.mpi is not None:
+            self.mpi.Abort(code)
 
     # ----- helpers -------------------------------------------------------------------------------
     def _after_callers_work(self, array):
