@@ -391,3 +391,45 @@ def test_stream_seeds():
     assert train.saved_loader_state({"world_size": 2, "loaders": [1, 2]}, 1, 2) == 2
     assert train.saved_loader_state({"world_size": 2, "loaders": [1, 2]}, 0, 4) is None
     assert train.saved_loader_state({"world_size": 2, "loaders": None}, 0, 2) is None
+
+
+# ----- real MPI processes (only where mpi4py and mpirun are installed; CI has neither) -------------
+MPI_SCRIPT = """
+import hashlib, json, numpy as np
+from tinygrad3.distributed import MpiCommunicator, launched_world_size, mpi_world
+comm = MpiCommunicator(mpi_world())
+rng = np.random.default_rng(comm.rank)
+values = rng.standard_normal(1000).astype(np.float32) * 10.0 ** rng.integers(-8, 8, 1000)
+comm.allreduce(values).wait()
+biggest = np.array([comm.rank, -comm.rank], np.int64)
+comm.allreduce(biggest, "max").wait()
+weights = np.full(3, float(comm.rank))
+comm.broadcast(weights, root=1)
+print(json.dumps(dict(rank=comm.rank, world=comm.world_size, launched=launched_world_size(),
+                      sum_bits=hashlib.sha256(values.tobytes()).hexdigest(), biggest=biggest.tolist(), weights=weights.tolist(),
+                      scalars=comm.allreduce_scalars([1.5, comm.rank]), objects=comm.allgather_object(comm.rank))),
+      flush=True)
+"""
+
+
+def test_mpi_communicator_under_mpirun():
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (optional: CPU runs under mpirun)")
+    mpirun = shutil.which("mpirun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    if mpirun is None:
+        pytest.skip("no mpirun")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([mpirun, "-n", "3", sys.executable, "-c", MPI_SCRIPT], cwd=root, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=root))
+    assert done.returncode == 0, done.stderr
+    ranks = sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
+                   key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1, 2]
+    for r in ranks:
+        assert r["world"] == r["launched"] == 3
+        assert r["sum_bits"] == ranks[0]["sum_bits"]  # the same bits on every rank
+        assert r["biggest"] == [2, 0] and r["weights"] == [1.0, 1.0, 1.0]
+        assert r["scalars"] == [4.5, 3.0] and r["objects"] == [0, 1, 2]

@@ -9,39 +9,10 @@ between hosts). MPI afterwards carries only small Python objects and barriers.
 Overlap: collectives run on a CUDA stream of their own. Each first waits for the work already
 queued on the caller's stream (which wrote the gradients it reduces), and `Work.wait()` makes the
 caller's stream wait for it in turn: the backward kernels go on while NCCL moves a bucket, and
-the host never blocks. cupy and mpi4py are imported here only, so the CPU path never needs them.
+the host never blocks. cupy is imported only when a communicator is made (mpi4py: see mpi.py).
 """
-import os
-
 from .comm import Communicator, Work, check_op
-
-# Set by Open MPI's and MPICH's (Hydra) mpirun in every process they start.
-LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
-
-
-def launched_world_size():
-    """How many ranks a launcher started (1 for a plain `python ...`)."""
-    for var in LAUNCHER_SIZE_VARS:
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return 1
-
-
-def mpi_world():
-    """mpi4py's COMM_WORLD; None when mpi4py is unusable and no launcher started several ranks.
-
-    A plain `python ...` is a world of one: MPI then initialises as a singleton (no mpirun
-    needed), and without mpi4py at all a single rank can still run NCCL.
-    """
-    try:
-        from mpi4py import MPI
-    except Exception as e:  # ImportError, or an mpi4py whose MPI library cannot be loaded
-        if launched_world_size() > 1:
-            raise RuntimeError(f"mpirun started {launched_world_size()} ranks but mpi4py is unusable ({e}); "
-                               "pip install mpi4py (built against the MPI whose mpirun you use)") from e
-        return None
-    return MPI.COMM_WORLD
+from .mpi import host_rank
 
 
 class NcclCommunicator(Communicator):
@@ -66,11 +37,8 @@ class NcclCommunicator(Communicator):
         if mpi is None:
             self.rank, self.world_size, self.local_rank, local_size = 0, 1, 0, 1
         else:
-            from mpi4py import MPI
-            host = mpi.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks that share this host's memory
             self.rank, self.world_size = mpi.Get_rank(), mpi.Get_size()
-            self.local_rank, local_size = host.Get_rank(), host.Get_size()
-            host.Free()
+            self.local_rank, local_size = host_rank(mpi)
         self.gpu = self._pick_gpu(gpu, local_size)
         cupy.cuda.Device(self.gpu).use()
         uid = nccl.get_unique_id() if self.rank == 0 else None
