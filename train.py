@@ -73,7 +73,7 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue from <out>/last")
     a("--no-progress", action="store_true", help="no tqdm bar (logs still go to log.jsonl)")
     a("--distributed", action="store_true", help="data-parallel over the ranks mpirun starts, one GPU "
-      "each, gradients summed by NCCL (automatic when mpirun starts more than one rank)")
+      "each, gradients summed by NCCL (by MPI on --device cpu); automatic when mpirun starts several ranks")
     a("--bucket-mb", type=float, default=25.0, help="gradient all-reduce bucket size (--distributed)")
     args = p.parse_args(argv)
     args.distributed = args.distributed or distributed.launched_world_size() > 1
@@ -435,10 +435,14 @@ class Trainer:
 
 
 def make_communicator(args):
-    """This process's rank of the data-parallel group: NCCL over mpirun's ranks, one GPU each."""
-    if args.device != "cuda":
-        raise ValueError("--distributed reduces gradients with NCCL: it needs --device cuda")
-    return distributed.NcclCommunicator(distributed.mpi_world())
+    """This process's rank of the data-parallel group: NCCL over mpirun's ranks, one GPU each
+    (on --device cpu, MPI reduces the arrays itself)."""
+    if args.device == "cuda":
+        return distributed.NcclCommunicator(distributed.mpi_world())
+    mpi = distributed.mpi_world()
+    if mpi is None:
+        raise ValueError("--distributed on --device cpu needs mpi4py")
+    return distributed.MpiCommunicator(mpi)
 
 
 def main(argv=None):
