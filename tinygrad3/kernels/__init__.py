@@ -1,0 +1,59 @@
+"""Fused CUDA kernels: the fast path.
+
+The reference path (plain NumPy/CuPy array code in tinygrad3/nn_ops/) is the default and
+the definition of every op. With the fast path on (`TINYGRAD3_FAST=1` in the environment,
+or `set_fast(True)`), an op whose inputs are float16 CuPy arrays calls the fused kernel of
+its family instead; any other input (NumPy, float32, float64) still takes the reference path.
+
+One module per kernel family, each holding its CUDA source, the derivation of what it
+computes, and a NumPy function computing the same thing step for step (the kernel's
+reference in tests):
+
+    rmsnorm.py        RMSNorm forward/backward, one block per row
+    geglu.py          gelu_tanh(gate) * up forward/backward
+    cross_entropy.py  loss and gradient straight from float16 logits
+    gemm.py           cuBLAS strided-batched GEMM, float16 in, float32 accumulation
+    attention.py      attention from those GEMMs and a fused masked softmax
+"""
+import contextlib
+import os
+
+import numpy as np
+
+from .. import backend
+
+FAMILIES = ("rmsnorm", "geglu", "cross_entropy", "attention")
+
+_on = frozenset(FAMILIES) if os.environ.get("TINYGRAD3_FAST", "").strip() not in ("", "0") else frozenset()
+
+
+def set_fast(enabled, families=FAMILIES):
+    """Turn the fast path on (for the given kernel families; all by default) or off."""
+    global _on
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown kernel families {sorted(unknown)}: choose from {FAMILIES}")
+    _on = frozenset(families) if enabled else frozenset()
+
+
+def fast_enabled():
+    """The kernel families the fast path currently uses (empty when it is off)."""
+    return _on
+
+
+@contextlib.contextmanager
+def fast(enabled=True, families=FAMILIES):
+    """Run a block with the fast path on (or off), restoring the previous setting after."""
+    previous = _on
+    set_fast(enabled, families)
+    try:
+        yield
+    finally:
+        set_fast(True, previous)
+
+
+def use_fast(family, *arrays):
+    """True when `family` is on and every array is a float16 CuPy array."""
+    if family not in _on or backend.cupy is None:
+        return False
+    return all(isinstance(a, backend.cupy.ndarray) and a.dtype == np.float16 for a in arrays)

@@ -1,0 +1,149 @@
+"""Mean cross-entropy straight from float16 logits: no float32 copy of the (N, V) logits.
+
+Per row z (V logits) with target t, lse = m + log(sum_k exp(z_k - m)) for m = max z, and
+
+    loss_row = lse - z_t          (0 for an ignored row)
+    L = sum of loss_row / N,      N = number of rows not ignored (at least 1)
+    dL/dz_k = (exp(z_k - lse) - [k == t]) * gy / N       (0 for ignored rows)
+
+Forward: one block per row reads the row once, keeping per thread a running max and sum of
+exp(z - max) (rescaled whenever the max grows), merges them across the block, and writes
+lse and loss_row (float32). Backward: one block per row reads z again and writes the
+float16 gradient; the product with gy / N is done in float32 and rounded once at the end,
+so a loss scale carried in gy lifts small gradients above float16's underflow first.
+Rows of V % 8 == 0 halves are read and written 16 bytes at a time.
+"""
+import numpy as np
+
+from .cuda import kernel
+
+THREADS = 256
+
+SOURCE = r"""
+#define THREADS 256
+
+__device__ __forceinline__ void unpack8(const uint4 q, float* z) {
+    const unsigned int w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        z[2 * k] = h2f((half_t)(w[k] & 0xffffu));
+        z[2 * k + 1] = h2f((half_t)(w[k] >> 16));
+    }
+}
+
+extern "C" __global__ void ce_fwd(const half_t* __restrict__ logits, const long long* __restrict__ targets,
+                                  float* __restrict__ lse_out, float* __restrict__ loss_out,
+                                  int V, long long ignore, int vec) {
+    __shared__ float shm[32], shs[32];
+    const half_t* z = logits + (size_t)blockIdx.x * V;
+    float m = neg_inf(), s = 0.f;
+    if (vec) {
+        const uint4* z8 = reinterpret_cast<const uint4*>(z);
+        for (int i = threadIdx.x; i < V / 8; i += THREADS) {
+            float v[8];
+            unpack8(z8[i], v);
+            float mx = v[0];
+#pragma unroll
+            for (int k = 1; k < 8; ++k) mx = fmaxf(mx, v[k]);
+            if (mx > m) { s *= __expf(m - mx); m = mx; }
+#pragma unroll
+            for (int k = 0; k < 8; ++k) s += __expf(v[k] - m);
+        }
+    } else {
+        for (int i = threadIdx.x; i < V; i += THREADS) online_add(h2f(z[i]), m, s);
+    }
+    block_max_sum(m, s, shm, shs);
+    if (threadIdx.x == 0) {
+        const float lse = m + logf(s);
+        const long long t = targets[blockIdx.x];
+        lse_out[blockIdx.x] = lse;
+        loss_out[blockIdx.x] = t == ignore ? 0.f : lse - h2f(z[t]);
+    }
+}
+
+extern "C" __global__ void ce_bwd(const half_t* __restrict__ logits, const long long* __restrict__ targets,
+                                  const float* __restrict__ lse, const float* __restrict__ coef,
+                                  half_t* __restrict__ gx, int V, long long ignore, int vec) {
+    const size_t base = (size_t)blockIdx.x * V;
+    const long long t = targets[blockIdx.x];
+    const float c = t == ignore ? 0.f : coef[0];
+    const float l = lse[blockIdx.x];
+    if (vec) {
+        const uint4* z8 = reinterpret_cast<const uint4*>(logits + base);
+        uint4* g8 = reinterpret_cast<uint4*>(gx + base);
+        for (int i = threadIdx.x; i < V / 8; i += THREADS) {
+            float v[8];
+            unpack8(z8[i], v);
+            unsigned int w[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const long long j = 8LL * i + 2 * k;
+                const float lo = (__expf(v[2 * k] - l) - (j == t ? 1.f : 0.f)) * c;
+                const float hi = (__expf(v[2 * k + 1] - l) - (j + 1 == t ? 1.f : 0.f)) * c;
+                w[k] = (unsigned int)f2h(lo) | ((unsigned int)f2h(hi) << 16);
+            }
+            g8[i] = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+    } else {
+        for (int i = threadIdx.x; i < V; i += THREADS)
+            gx[base + i] = f2h((__expf(h2f(logits[base + i]) - l) - (i == t ? 1.f : 0.f)) * c);
+    }
+}
+"""
+
+
+def _vec(logits):
+    return int(logits.shape[-1] % 8 == 0 and logits.data.ptr % 16 == 0)
+
+
+def forward(logits, targets, ignore_index):
+    """(loss, lse, denom): the mean loss (float32 0-d), per-row lse, and the count N (float32 0-d)
+    for float16 CuPy logits (..., V) and integer targets of the leading shape."""
+    import cupy
+    v = logits.shape[-1]
+    z = cupy.ascontiguousarray(logits).reshape(-1, v)
+    t = cupy.ascontiguousarray(targets.reshape(-1), dtype=np.int64)
+    rows = z.shape[0]
+    lse, per_row = cupy.empty(rows, np.float32), cupy.empty(rows, np.float32)
+    if rows:
+        kernel(SOURCE, "ce_fwd")((rows,), (THREADS,),
+                                 (z, t, lse, per_row, np.int32(v), np.int64(ignore_index), np.int32(_vec(z))))
+    denom = cupy.maximum((t != ignore_index).sum(), 1).astype(np.float32)
+    return per_row.sum() / denom, lse, denom
+
+
+def backward(gy, logits, targets, lse, denom, ignore_index):
+    """dL/dlogits, float16, logits' shape."""
+    import cupy
+    v = logits.shape[-1]
+    z = cupy.ascontiguousarray(logits).reshape(-1, v)
+    t = cupy.ascontiguousarray(targets.reshape(-1), dtype=np.int64)
+    coef = (gy.astype(np.float32) / denom).reshape(1)
+    gx = cupy.empty_like(z)
+    if z.shape[0]:
+        kernel(SOURCE, "ce_bwd")((z.shape[0],), (THREADS,),
+                                 (z, t, lse, coef, gx, np.int32(v), np.int64(ignore_index), np.int32(_vec(z))))
+    return gx.reshape(logits.shape)
+
+
+# ----- NumPy reference ------------------------------------------------------------------------
+
+def reference_forward(logits, targets, ignore_index):
+    z = logits.reshape(-1, logits.shape[-1]).astype(np.float32)
+    t = targets.reshape(-1)
+    m = z.max(axis=-1)
+    lse = m + np.log(np.exp(z - m[:, None]).sum(axis=-1))
+    valid = t != ignore_index
+    per_row = np.where(valid, lse - z[np.arange(len(t)), np.where(valid, t, 0)], 0).astype(np.float32)
+    denom = np.float32(max(int(valid.sum()), 1))
+    return per_row.sum() / denom, lse, denom
+
+
+def reference_backward(gy, logits, targets, lse, denom, ignore_index):
+    z = logits.reshape(-1, logits.shape[-1]).astype(np.float32)
+    t = targets.reshape(-1)
+    valid = t != ignore_index
+    g = np.exp(z - lse[:, None])
+    g[np.arange(len(t))[valid], t[valid]] -= 1
+    g *= (np.float32(gy) / denom) * valid[:, None]
+    return g.astype(np.float16).reshape(logits.shape)

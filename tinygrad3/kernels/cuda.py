@@ -1,0 +1,92 @@
+"""What every kernel family shares: a CUDA prelude, lazy compilation, launch sizes.
+
+float16 values travel as their 16 bits (`half_t`, an unsigned short) and are converted with
+the PTX `cvt` instruction, so the kernels need no header and compile the same under NVRTC
+(CuPy's RawModule) and nvcc. All arithmetic is float32.
+"""
+import functools
+
+PRELUDE = r"""
+typedef unsigned short half_t;
+
+__device__ __forceinline__ float h2f(half_t h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ half_t f2h(float f) {  // round to nearest even, as NumPy's astype
+    half_t h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// Sum of v over the block, returned to every thread. blockDim.x must be a multiple of 32;
+// sh holds 32 floats. The first barrier keeps a previous call's readers of sh safe.
+__device__ __forceinline__ float block_sum(float v, float* sh) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    v = lane < (int)(blockDim.x >> 5) ? sh[lane] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Running (max m, sum s of exp(x - m)) over a stream of x: the one-pass softmax
+// normaliser. Adding x > m rescales the sum by exp(m - x); m starts at -inf, s at 0.
+__device__ __forceinline__ void online_add(float x, float& m, float& s) {
+    if (x > m) { s = s * __expf(m - x) + 1.f; m = x; }
+    else s += __expf(x - m);
+}
+
+// Merge two (m, s) pairs; a side whose m equals the new max keeps its sum unscaled,
+// which also keeps two empty sides (-inf, 0) from making inf - inf = NaN.
+__device__ __forceinline__ void online_merge(float& m, float& s, float m2, float s2) {
+    const float mm = fmaxf(m, m2);
+    const float a = (m == mm) ? s : s * __expf(m - mm);
+    const float b = (m2 == mm) ? s2 : s2 * __expf(m2 - mm);
+    m = mm;
+    s = a + b;
+}
+
+// Block-wide merge of every thread's (m, s); each thread gets the result.
+__device__ __forceinline__ void block_max_sum(float& m, float& s, float* shm, float* shs) {
+    for (int o = 16; o > 0; o >>= 1)
+        online_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) { shm[warp] = m; shs[warp] = s; }
+    __syncthreads();
+    const bool have = lane < (int)(blockDim.x >> 5);
+    m = have ? shm[lane] : neg_inf();
+    s = have ? shs[lane] : 0.f;
+    for (int o = 16; o > 0; o >>= 1)
+        online_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _module(source):
+    import cupy
+    return cupy.RawModule(code=PRELUDE + source, options=("--std=c++17",))
+
+
+def kernel(source, name):
+    """The compiled kernel `name` of a family's source (compiled once per process)."""
+    return _module(source).get_function(name)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count():
+    import cupy
+    return cupy.cuda.Device().attributes["MultiProcessorCount"]
+
+
+def grid_stride_blocks(n, threads, per_sm=8):
+    """Blocks for a grid-stride loop over n items: enough to fill the GPU, no more."""
+    return max(1, min(-(-n // threads), sm_count() * per_sm))

@@ -1,0 +1,147 @@
+"""Gemma RMSNorm, forward and backward, for float16 rows of up to MAX_DIM features.
+
+Per row x of D features, with r = (mean(x^2) + eps)^(-1/2) and n = x r:
+
+    y = n (1 + w)
+
+Backward (derived in nn_ops/norm.py): with h = g (1 + w),
+
+    dx = r (h - n mean(h n)),    dw = sum over rows of g n.
+
+Forward: one block per row; each thread keeps its columns (c = thread + j * THREADS) in
+registers, so x is read once: a block sum of x^2 gives r, then y is written. r is saved
+(float32, one per row) for the backward.
+
+Backward: a grid-stride loop over rows. Each block handles rows b, b + blocks, ... ; per row
+a block sum gives mean(h n), then dx is written; the dw terms g n of the block's rows are
+added up in registers, column by column, and written once per block. The (blocks, D)
+partial sums are then summed over blocks (a small reduction), so no atomics are needed.
+"""
+import numpy as np
+
+from .cuda import grid_stride_blocks, kernel
+
+THREADS = 128
+COLS = 8                   # columns per thread
+MAX_DIM = THREADS * COLS   # wider rows take the reference path
+
+SOURCE = r"""
+#define THREADS 128
+#define COLS 8
+
+extern "C" __global__ void rms_norm_fwd(const half_t* __restrict__ x, const half_t* __restrict__ w,
+                                        half_t* __restrict__ y, float* __restrict__ rstd,
+                                        int D, float eps) {
+    __shared__ float sh[32];
+    const size_t base = (size_t)blockIdx.x * D;
+    float xs[COLS];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < COLS; ++j) {
+        const int c = threadIdx.x + j * THREADS;
+        xs[j] = c < D ? h2f(x[base + c]) : 0.f;
+        ss += xs[j] * xs[j];
+    }
+    const float r = 1.f / sqrtf(block_sum(ss, sh) / (float)D + eps);
+#pragma unroll
+    for (int j = 0; j < COLS; ++j) {
+        const int c = threadIdx.x + j * THREADS;
+        if (c < D) y[base + c] = f2h(xs[j] * r * (1.f + h2f(w[c])));
+    }
+    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+}
+
+extern "C" __global__ void rms_norm_bwd(const half_t* __restrict__ gy, const half_t* __restrict__ x,
+                                        const half_t* __restrict__ w, const float* __restrict__ rstd,
+                                        half_t* __restrict__ gx, float* __restrict__ gw_part,
+                                        long long rows, int D) {
+    __shared__ float sh[32];
+    float wp[COLS], acc[COLS];
+#pragma unroll
+    for (int j = 0; j < COLS; ++j) {
+        const int c = threadIdx.x + j * THREADS;
+        wp[j] = c < D ? 1.f + h2f(w[c]) : 0.f;
+        acc[j] = 0.f;
+    }
+    for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+        const size_t base = (size_t)row * D;
+        const float r = rstd[row];
+        float n[COLS], h[COLS];
+        float dot = 0.f;
+#pragma unroll
+        for (int j = 0; j < COLS; ++j) {
+            const int c = threadIdx.x + j * THREADS;
+            const float g = c < D ? h2f(gy[base + c]) : 0.f;
+            n[j] = c < D ? h2f(x[base + c]) * r : 0.f;
+            h[j] = g * wp[j];
+            dot += h[j] * n[j];
+            acc[j] += g * n[j];
+        }
+        const float mean = block_sum(dot, sh) / (float)D;
+#pragma unroll
+        for (int j = 0; j < COLS; ++j) {
+            const int c = threadIdx.x + j * THREADS;
+            if (c < D) gx[base + c] = f2h(r * (h[j] - n[j] * mean));
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < COLS; ++j) {
+        const int c = threadIdx.x + j * THREADS;
+        if (c < D) gw_part[(size_t)blockIdx.x * D + c] = acc[j];
+    }
+}
+"""
+
+
+def supports(x):
+    return 0 < x.shape[-1] <= MAX_DIM
+
+
+def forward(x, w, eps):
+    """y (x's shape, float16) and r (float32, one per row) for float16 CuPy x (..., D), w (D,)."""
+    import cupy
+    x = cupy.ascontiguousarray(x)
+    d = x.shape[-1]
+    rows = x.size // d
+    y = cupy.empty_like(x)
+    rstd = cupy.empty(rows, np.float32)
+    if rows:
+        kernel(SOURCE, "rms_norm_fwd")((rows,), (THREADS,),
+                                      (x, cupy.ascontiguousarray(w), y, rstd, np.int32(d), np.float32(eps)))
+    return y, rstd
+
+
+def backward(gy, x, w, rstd):
+    """dx (float16, x's shape) and dw (float32, (D,)) from the forward's x, w and r."""
+    import cupy
+    gy, x = cupy.ascontiguousarray(gy), cupy.ascontiguousarray(x)
+    d = x.shape[-1]
+    rows = x.size // d
+    blocks = grid_stride_blocks(rows, 1, per_sm=8)
+    gx = cupy.empty_like(x)
+    part = cupy.empty((blocks, d), np.float32)
+    if rows:
+        kernel(SOURCE, "rms_norm_bwd")((blocks,), (THREADS,),
+                                      (gy, x, cupy.ascontiguousarray(w), rstd, gx, part,
+                                       np.int64(rows), np.int32(d)))
+    else:
+        part[...] = 0
+    return gx, part.sum(axis=0)
+
+
+# ----- NumPy reference: the same steps, float32 math, float16 at the same points -------------
+
+def reference_forward(x, w, eps):
+    xf = x.astype(np.float32).reshape(-1, x.shape[-1])
+    r = (1 / np.sqrt((xf * xf).mean(axis=-1) + np.float32(eps))).astype(np.float32)
+    y = xf * r[:, None] * (1 + w.astype(np.float32))
+    return y.astype(np.float16).reshape(x.shape), r
+
+
+def reference_backward(gy, x, w, rstd):
+    d = x.shape[-1]
+    g = gy.astype(np.float32).reshape(-1, d)
+    n = x.astype(np.float32).reshape(-1, d) * rstd[:, None]
+    h = g * (1 + w.astype(np.float32))
+    gx = rstd[:, None] * (h - n * (h * n).mean(axis=-1, keepdims=True))
+    return gx.astype(np.float16).reshape(x.shape), (g * n).sum(axis=0)
