@@ -8,7 +8,7 @@
 Attention: q/k/v projections; RMSNorm over head_dim on q and k; RoPE with the layer's base;
 scores scaled by query_pre_attn_scalar**-0.5; causal, or sliding-window causal on
 "sliding_attention" layers; multi-query when there is one KV head.
-MLP (GeGLU): down(gelu_tanh(gate(x)) * up(x)).
+MLP (GeGLU): down(gelu_tanh(gate(x)) * up(x)), through F.geglu.
 Parameter names are Hugging Face's, so their checkpoints load with load_state_dict.
 """
 import math
@@ -65,7 +65,7 @@ class Gemma3MLP(Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, rng=rng)
 
     def forward(self, x):
-        return self.down_proj(F.gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.geglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Gemma3DecoderLayer(Module):

@@ -5,7 +5,7 @@ from tinygrad3/nn_ops/, where the forward and the derivation of the backward liv
 Half-precision inputs are computed in float32 and returned in their own dtype;
 float64 inputs stay float64 (that is what gradcheck uses).
 """
-from .nn_ops.activation import GeluTanh, LogSoftmax, Softmax
+from .nn_ops.activation import GeGLU, GeluTanh, LogSoftmax, Softmax
 from .nn_ops.attention import Attention
 from .nn_ops.common import as_index_array, check_range
 from .nn_ops.dense import Embedding, Linear
@@ -14,7 +14,7 @@ from .nn_ops.norm import RMSNorm
 from .nn_ops.rope import RoPE
 from .tensor import Tensor
 
-__all__ = ["linear", "embedding", "rms_norm", "rope", "attention", "gelu_tanh", "softmax",
+__all__ = ["linear", "embedding", "rms_norm", "rope", "attention", "gelu_tanh", "geglu", "softmax",
            "log_softmax", "cross_entropy"]
 
 
@@ -90,6 +90,16 @@ def attention(q, k, v, scale, window=None, q_offset=None):
 def gelu_tanh(x):
     """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     return GeluTanh()(x)
+
+
+def geglu(gate, up):
+    """gelu_tanh(gate) * up (Gemma's MLP gate), equal to `gelu_tanh(gate) * up` rounding for rounding
+    but saving only gate and up for the backward."""
+    if gate.shape != up.shape:
+        raise ValueError(f"geglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
+    if gate.dtype != up.dtype:
+        raise TypeError(f"geglu: gate is {gate.dtype} but up is {up.dtype}")
+    return GeGLU()(gate, up)
 
 
 def softmax(x, axis=-1):

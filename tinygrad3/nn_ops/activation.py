@@ -2,6 +2,7 @@
 import math
 
 from ..backend import get_array_module
+from ..kernels import geglu, use_fast
 from ..tensor import Function
 from .common import compute_dtype
 
@@ -25,6 +26,28 @@ class GeluTanh(Function):
         t = get_array_module(xf).tanh(_C * (xf + _A * xf ** 3))
         dy = 0.5 * (1 + t) + 0.5 * xf * (1 - t * t) * _C * (1 + 3 * _A * xf * xf)
         return (gy * dy).astype(self.x.dtype, copy=False)
+
+
+class GeGLU(Function):
+    """y = gelu_tanh(gate) * up, the Gemma MLP's gate, rounded exactly as the unfused pair
+    `gelu_tanh(gate) * up`: a = gelu(gate) in float32 rounded to gate's dtype, then a * up in
+    that dtype. Saves gate and up only; a is recomputed in the backward."""
+
+    def forward(self, gate, up):
+        self.gate, self.up = gate, up
+        self.fast = use_fast("geglu", gate, up)
+        if self.fast:  # one fused pass (tinygrad3/kernels/geglu.py)
+            return geglu.forward(gate, up)
+        return GeluTanh().forward(gate) * up
+
+    def backward(self, gy):
+        """The unfused pair's backward, step for step: the product gives d_up = gy a and
+        d_a = gy up (in the inputs' dtype); GeluTanh's backward turns d_a into d_gate."""
+        if self.fast:
+            return geglu.backward(gy, self.gate, self.up)
+        gelu = GeluTanh()
+        a = gelu.forward(self.gate)
+        return gelu.backward(gy * self.up), gy * a
 
 
 class Softmax(Function):

@@ -3,6 +3,7 @@
 This is the reference path: float32 math with xp.matmul, materialising the scores.
 """
 from ..backend import get_array_module
+from ..kernels import attention as fused, use_fast
 from ..tensor import Function
 from .common import compute_dtype
 
@@ -30,6 +31,11 @@ class Attention(Function):
         self.scale, self.window, self.q_offset = scale, window, q_offset
 
     def forward(self, q, k, v):
+        self.fast = use_fast("attention", q, k, v)
+        if self.fast:  # float16 tensor-core GEMMs + fused masked softmax (tinygrad3/kernels/attention.py)
+            out, self.p = fused.forward(q, k, v, self.scale, self.window, self.q_offset)
+            self.q, self.k, self.v = q, k, v
+            return out
         xp, c = get_array_module(q), compute_dtype(q.dtype)
         b, hq, tq, d = q.shape
         hkv, tk = k.shape[1], k.shape[2]
@@ -59,6 +65,9 @@ class Attention(Function):
         In the grouped view, P^T dO and dS^T Q contract over the G*Tq rows of a kv head,
         which sums the contributions of its G query heads with no extra step.
         """
+        if self.fast:
+            return fused.backward(gy, self.q, self.k, self.v, self.p, self.scale, self.window,
+                                  self.q_offset, self.needs_grad)
         xp, p = get_array_module(gy), self.p
         c, (b, hkv) = p.dtype, p.shape[:2]
         g = gy.reshape(b, hkv, -1, gy.shape[-1]).astype(c, copy=False)
@@ -70,7 +79,7 @@ class Attention(Function):
             ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
             ds *= c.type(self.scale)
             if self.needs_grad[0]:
-                gq = xp.matmul(ds, self.k.astype(c, copy=False)).reshape(gy.shape)
+                gq = xp.matmul(ds, self.k.astype(c, copy=False)).reshape(*gy.shape[:-1], self.k.shape[-1])
                 gq = gq.astype(self.dtypes[0], copy=False)
             if self.needs_grad[1]:
                 qg = self.q.reshape(b, hkv, -1, self.q.shape[-1]).astype(c, copy=False)

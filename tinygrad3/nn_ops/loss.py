@@ -1,5 +1,6 @@
 """Mean cross-entropy over integer targets, stable for float16 logits."""
 from ..backend import get_array_module
+from ..kernels import cross_entropy, use_fast
 from ..tensor import Function
 from .common import check_range, compute_dtype
 
@@ -20,6 +21,11 @@ class CrossEntropy(Function):
         v = logits.shape[-1]
         t = targets.reshape(-1)
         check_range(t, v, "targets", ignore=self.ignore_index)
+        self.fast = use_fast("cross_entropy", logits)
+        if self.fast:  # fused kernels, no float32 copy of the logits (tinygrad3/kernels/cross_entropy.py)
+            loss, self.lse, self.denom = cross_entropy.forward(logits, targets, self.ignore_index)
+            self.logits, self.targets = logits, targets
+            return loss
         z = logits.reshape(-1, v).astype(c, copy=False)
         rows = xp.arange(z.shape[0])
         valid = t != self.ignore_index
@@ -40,6 +46,9 @@ class CrossEntropy(Function):
         in float16 training gy carries the loss scale, and (p - y) / N alone would
         underflow float16 before that scale could lift it.
         """
+        if self.fast:
+            return cross_entropy.backward(gy, self.logits, self.targets, self.lse, self.denom,
+                                          self.ignore_index), None
         xp, c = get_array_module(gy), self.lse.dtype
         z = self.logits.reshape(-1, self.logits.shape[-1]).astype(c, copy=False)
         g = xp.exp(z - self.lse)

@@ -1,5 +1,6 @@
 """Gemma's RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + w), math in float32."""
 from ..backend import get_array_module
+from ..kernels import rmsnorm, use_fast
 from ..tensor import Function
 from .common import compute_dtype
 
@@ -15,6 +16,11 @@ class RMSNorm(Function):
         self.eps = eps
 
     def forward(self, x, w):
+        self.fast = use_fast("rmsnorm", x, w) and rmsnorm.supports(x)
+        if self.fast:  # fused kernel: same math, one pass (tinygrad3/kernels/rmsnorm.py)
+            self.x, self.w, self.w_dtype = x, w, w.dtype
+            y, self.rstd = rmsnorm.forward(x, w, self.eps)
+            return y
         xp, c = get_array_module(x), compute_dtype(x.dtype)
         xf = x.astype(c, copy=False)
         self.rstd = 1 / xp.sqrt((xf * xf).mean(axis=-1, keepdims=True) + c.type(self.eps))
@@ -31,6 +37,10 @@ class RMSNorm(Function):
         dL/dx_k = h_k r + sum_j h_j x_j (-r^3 x_k / D) = r (h_k - n_k mean_j(h_j n_j)):
         the gradient of n with its component along n removed, scaled by r.
         """
+        if self.fast:
+            gx, gw = rmsnorm.backward(gy, self.x, self.w, self.rstd)
+            return (gx if self.needs_grad[0] else None,
+                    gw.astype(self.w_dtype) if self.needs_grad[1] else None)
         c = self.rstd.dtype
         g = gy.astype(c, copy=False)
         n = self.x.astype(c, copy=False) * self.rstd
