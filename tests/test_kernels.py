@@ -1,0 +1,288 @@
+"""The fast path's kernels (tinygrad3/kernels/).
+
+On the CPU (CI): each kernel family's NumPy reference against the engine's reference op, and
+the cuBLAS argument arithmetic against a NumPy model of column-major GEMM.
+On a GPU (`gpu` marker): each kernel against its NumPy reference on fresh random inputs, the
+dispatch through F with the fast path on, and 20 fp16 training updates of the tiny preset
+whose losses must match the reference path's.
+"""
+import numpy as np
+import pytest
+
+import tinygrad3.functional as F
+from tinygrad3 import Tensor, backend, gradcheck
+from tinygrad3.kernels import attention, cross_entropy, fast, geglu, gemm, rmsnorm
+
+TOL = 2e-3  # float16 results: about two ulps, relative to the largest value
+
+
+def close16(actual, expected, tol=TOL, what=""):
+    actual = backend.to_numpy(actual).astype(np.float64)
+    expected = backend.to_numpy(expected).astype(np.float64)
+    assert actual.shape == expected.shape, what
+    assert np.isfinite(actual).all(), f"{what}: inf/NaN (unwritten output?)"
+    np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * max(np.abs(expected).max(), 1e-30),
+                               err_msg=what)
+
+
+def half(rng, shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(np.float16)
+
+
+def run_op(fn, arrays, upstream):
+    """Forward and backward of an F op on Tensors: (output, gradients of every input)."""
+    tensors = [Tensor(a, requires_grad=True) for a in arrays]
+    out = fn(*tensors)
+    out.backward(upstream)
+    return out.data, [t.grad for t in tensors]
+
+
+# ----- CPU: the NumPy references against the engine's reference ops --------------------------
+
+def test_rmsnorm_reference_matches_engine(rng):
+    x, w, gy = half(rng, (5, 7, 64), 3), half(rng, 64, 0.2), half(rng, (5, 7, 64))
+    y, (gx, gw) = run_op(lambda x, w: F.rms_norm(x, w, 1e-6), [x, w], gy)
+    ry, rstd = rmsnorm.reference_forward(x, w, 1e-6)
+    rgx, rgw = rmsnorm.reference_backward(gy, x, w, rstd)
+    close16(ry, y, what="y")
+    close16(rgx, gx, what="dx")
+    close16(rgw.astype(np.float16), gw, what="dw")
+
+
+def test_geglu_reference_path_equals_unfused_pair(rng):
+    gate, up, gy = half(rng, (6, 40), 2), half(rng, (6, 40)), half(rng, (6, 40))
+    fused = run_op(F.geglu, [gate, up], gy)
+    unfused = run_op(lambda g, u: F.gelu_tanh(g) * u, [gate, up], gy)
+    for a, b in zip([fused[0]] + fused[1], [unfused[0]] + unfused[1]):
+        np.testing.assert_array_equal(a, b)  # rounding for rounding
+    close16(geglu.reference_forward(gate, up), fused[0], what="y")
+    for ours, engine in zip(geglu.reference_backward(gy, gate, up), fused[1]):
+        close16(ours, engine, what="grad")
+
+
+def test_geglu_gradcheck(rng):
+    gradcheck(F.geglu, [rng.standard_normal((3, 5)), rng.standard_normal((3, 5))])
+
+
+def test_cross_entropy_reference_matches_engine(rng):
+    z = half(rng, (3, 5, 300), 4)
+    t = rng.integers(0, 300, (3, 5))
+    t[1, 2] = t[2, 0] = -1
+    gy = np.float32(1024.0)  # a loss scale rides in gy
+    loss, (gz,) = run_op(lambda z: F.cross_entropy(z, t) * gy, [z], None)
+    rloss, lse, denom = cross_entropy.reference_forward(z, t, -1)
+    close16(rloss * gy, loss, tol=1e-5, what="loss")
+    close16(cross_entropy.reference_backward(gy, z, t, lse, denom, -1), gz, what="dz")
+
+
+@pytest.mark.parametrize("hkv,window,tq", [(1, 5, 11), (2, None, 11), (1, 4, 3)])
+def test_attention_reference_matches_engine(rng, hkv, window, tq):
+    tk = 11
+    q, k, v = half(rng, (2, 4, tq, 16)), half(rng, (2, hkv, tk, 16)), half(rng, (2, hkv, tk, 8))
+    go = half(rng, (2, 4, tq, 8))
+    o, grads = run_op(lambda q, k, v: F.attention(q, k, v, 0.25, window=window), [q, k, v], go)
+    ro, p = attention.reference_forward(q, k, v, 0.25, window, tk - tq)
+    close16(ro, o, tol=3e-3, what="out")  # P is rounded to float16 before P V
+    for name, ours, engine in zip("qkv", attention.reference_backward(go, q, k, v, p, 0.25, window, tk - tq),
+                                  grads):
+        close16(ours, engine, tol=5e-3, what=f"d{name}")
+
+
+def colmajor_gemm(transa, transb, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b, ldc, stride_c, batch):
+    """What cuBLAS's strided-batched GEMM computes on flat buffers, in column-major terms."""
+    def matrix(buf, start, rows, cols, ld):  # column-major rows x cols with leading dimension ld
+        return buf[start:start + ld * cols].reshape(cols, ld)[:, :rows].T
+
+    c = np.zeros(batch * stride_c, np.float64)
+    for i in range(batch):
+        op_a = matrix(a, i * stride_a, k, m, lda).T if transa else matrix(a, i * stride_a, m, k, lda)
+        op_b = matrix(b, i * stride_b, n, k, ldb).T if transb else matrix(b, i * stride_b, k, n, ldb)
+        c[i * stride_c:i * stride_c + ldc * n].reshape(n, ldc)[:, :m] = (alpha * op_a @ op_b).T
+    return c
+
+
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_cublas_args_give_the_row_major_product(rng, trans_a, trans_b):
+    m, k, n = 5, 3, 4
+    a = rng.standard_normal((2, k, m) if trans_a else (2, m, k))
+    b = rng.standard_normal((2, n, k) if trans_b else (2, k, n))
+    (rows, cols), p = gemm.cublas_args(a.shape, b.shape, trans_a, trans_b)
+    c = colmajor_gemm(p["transa"], p["transb"], p["m"], p["n"], p["k"], 0.5, b.ravel(), p["lda"], p["stride_a"],
+                      a.ravel(), p["ldb"], p["stride_b"], p["ldc"], p["stride_c"], p["batch"])
+    expected = 0.5 * (np.swapaxes(a, 1, 2) if trans_a else a) @ (np.swapaxes(b, 1, 2) if trans_b else b)
+    assert (rows, cols) == (m, n)
+    np.testing.assert_allclose(c.reshape(2, m, n), expected, rtol=1e-12)
+
+
+def test_cublas_args_reject_mismatched_shapes():
+    with pytest.raises(ValueError, match="inner sizes"):
+        gemm.cublas_args((1, 2, 3), (1, 4, 5))
+    with pytest.raises(ValueError, match="batch"):
+        gemm.cublas_args((1, 2, 3), (2, 3, 5))
+
+
+def test_fast_path_needs_cupy_float16():
+    with fast():
+        x = np.ones((2, 8), np.float16)
+        y = F.rms_norm(Tensor(x), Tensor(np.zeros(8, np.float16)))  # NumPy: the reference path
+        assert y.dtype == np.float16
+
+
+# ----- GPU: kernels against their references --------------------------------------------------
+
+def poison(cp, *arrays_like):
+    """Fill pool blocks of the outputs' sizes with NaN bits, so an unwritten output shows."""
+    for shape, dtype in arrays_like:
+        block = cp.full(int(np.prod(shape)) * np.dtype(dtype).itemsize, 255, np.uint8)
+        del block
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,d", [(37, 640), (300, 256), (5, 64), (9, 16), (3, 1000)])
+def test_rmsnorm_kernel(gpu_xp, rng, rows, d):
+    cp = gpu_xp
+    x, w, gy = half(rng, (rows, d), 3), half(rng, d, 0.2), half(rng, (rows, d), 100)
+    poison(cp, (x.shape, np.float16), ((rows,), np.float32))
+    y, rstd = rmsnorm.forward(cp.asarray(x), cp.asarray(w), 1e-6)
+    ry, rrstd = rmsnorm.reference_forward(x, w, 1e-6)
+    close16(y, ry, what="y")
+    close16(rstd, rrstd, tol=1e-5, what="rstd")
+    poison(cp, (x.shape, np.float16))
+    gx, gw = rmsnorm.backward(cp.asarray(gy), cp.asarray(x), cp.asarray(w), rstd)
+    rgx, rgw = rmsnorm.reference_backward(gy, x, w, rrstd)
+    close16(gx, rgx, what="dx")
+    close16(gw, rgw, tol=1e-4, what="dw")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(3, 7, 2048), (1001,)])
+def test_geglu_kernel(gpu_xp, rng, shape):
+    cp = gpu_xp
+    gate, up, gy = half(rng, shape, 3), half(rng, shape), half(rng, shape, 50)
+    poison(cp, (shape, np.float16))
+    close16(geglu.forward(cp.asarray(gate), cp.asarray(up)), geglu.reference_forward(gate, up), what="y")
+    poison(cp, (shape, np.float16), (shape, np.float16))
+    for ours, ref, name in zip(geglu.backward(*(cp.asarray(a) for a in (gy, gate, up))),
+                               geglu.reference_backward(gy, gate, up), ("dgate", "dup")):
+        close16(ours, ref, what=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,v", [(33, 50304), (17, 1001)])  # 16-byte path, scalar path
+def test_cross_entropy_kernel(gpu_xp, rng, rows, v):
+    cp = gpu_xp
+    z = half(rng, (rows, v), 3)
+    z[0, :5] = 60000  # extreme but finite float16 logits
+    z[1, -3:] = np.finfo(np.float16).min  # the vocabulary padding mask
+    t = rng.integers(0, v, rows)
+    t[2] = -1
+    poison(cp, ((rows,), np.float32), ((rows,), np.float32))
+    loss, lse, denom = cross_entropy.forward(cp.asarray(z), cp.asarray(t), -1)
+    rloss, rlse, rdenom = cross_entropy.reference_forward(z, t, -1)
+    close16(loss, rloss, tol=1e-5, what="loss")
+    close16(lse, rlse, tol=1e-6, what="lse")
+    gy = cp.asarray(np.float32(65536 / 8))
+    poison(cp, (z.shape, np.float16))
+    gz = cross_entropy.backward(gy, cp.asarray(z), cp.asarray(t), lse, denom, -1)
+    close16(gz, cross_entropy.reference_backward(np.float32(65536 / 8), z, t, rlse, rdenom, -1), what="dz")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("out_dtype", [np.float16, np.float32])
+def test_bmm_kernel(gpu_xp, rng, trans_a, trans_b, out_dtype):
+    cp = gpu_xp
+    m, k, n = 70, 256, 33
+    a = half(rng, (3, k, m) if trans_a else (3, m, k))
+    b = half(rng, (3, n, k) if trans_b else (3, k, n))
+    c = gemm.bmm(cp.asarray(a), cp.asarray(b), trans_a, trans_b, alpha=0.25, out_dtype=out_dtype)
+    assert c.dtype == out_dtype
+    close16(c, gemm.reference_bmm(a, b, trans_a, trans_b, 0.25, out_dtype), what="C")
+
+
+ATTENTION_CASES = [  # (B, Hq, Hkv, Tq, Tk, D, window)
+    (2, 4, 1, 37, 37, 16, 8), (1, 4, 2, 64, 64, 256, None), (2, 4, 1, 5, 40, 32, 16), (1, 2, 1, 300, 300, 64, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,hq,hkv,tq,tk,d,window", ATTENTION_CASES)
+def test_attention_kernels(gpu_xp, rng, b, hq, hkv, tq, tk, d, window):
+    cp = gpu_xp
+    q, k, v = half(rng, (b, hq, tq, d)), half(rng, (b, hkv, tk, d)), half(rng, (b, hkv, tk, d))
+    go = half(rng, (b, hq, tq, d), 100)
+    scale, offset = d ** -0.5, tk - tq
+    poison(cp, ((b * hkv, hq // hkv * tq, tk), np.float16), ((b, hq, tq, d), np.float16))
+    o, p = attention.forward(*(cp.asarray(a) for a in (q, k, v)), scale, window, offset)
+    ro, rp = attention.reference_forward(q, k, v, scale, window, offset)
+    close16(p, rp, what="P")
+    close16(o, ro, what="O")
+    grads = attention.backward(*(cp.asarray(a) for a in (go, q, k, v)), p, scale, window, offset)
+    for name, ours, ref in zip("qkv", grads, attention.reference_backward(go, q, k, v, rp, scale, window, offset)):
+        close16(ours, ref, tol=4e-3, what=f"d{name}")
+
+
+@pytest.mark.gpu
+def test_fast_dispatch_through_functional(gpu_xp, rng):
+    """F ops on float16 CuPy Tensors give the reference path's results with the fast path on."""
+    cp = gpu_xp
+    targets = cp.asarray(rng.integers(0, 512, (3, 8)))
+    cases = [  # (op, inputs, upstream gradient or None for a scalar, tolerance)
+        (lambda x, w: F.rms_norm(x, w), [half(rng, (4, 9, 640), 2), half(rng, 640, 0.1)],
+         half(rng, (4, 9, 640)), TOL),
+        (F.geglu, [half(rng, (4, 2048), 2), half(rng, (4, 2048))], half(rng, (4, 2048)), TOL),
+        (lambda q, k, v: F.attention(q, k, v, 0.0625, window=16),
+         [half(rng, (2, 4, 40, 256)), half(rng, (2, 1, 40, 256)), half(rng, (2, 1, 40, 256))],
+         half(rng, (2, 4, 40, 256)), 5e-3),
+        (lambda z: F.cross_entropy(z, targets) * 1024.0, [half(rng, (3, 8, 512), 3)], None, TOL),
+    ]
+    for fn, arrays, upstream, tol in cases:
+        arrays = [cp.asarray(a) for a in arrays]
+        upstream = None if upstream is None else cp.asarray(upstream)
+        with fast(False):
+            ref_out, ref_grads = run_op(fn, arrays, upstream)
+        with fast(True):
+            out, grads = run_op(fn, arrays, upstream)
+        close16(out, ref_out, tol=tol, what="out")
+        for g, rg in zip(grads, ref_grads):
+            close16(g, rg, tol=tol, what="grad")
+
+
+@pytest.mark.gpu
+def test_fast_training_matches_reference(gpu_xp):
+    """20 fp16 updates (AdamW with fp32 masters, loss scaling, clipping) of the tiny preset:
+    the fast path's losses equal the reference path's within float16 tolerance."""
+    from models import Gemma3, Gemma3Config
+    from nn import AdamW, LossScaler
+
+    cp = gpu_xp
+    rng = np.random.default_rng(0)
+    # A learnable stream (each sequence counts up from a random start), so the loss moves.
+    starts = rng.integers(0, 50000, (20, 2, 4, 1))
+    ids = (starts + np.arange(33)) % 50257
+
+    def train(enabled):
+        model = Gemma3(Gemma3Config.tiny(), seed=0)
+        masters = model.state_dict()
+        model.to(device="cuda", dtype=np.float16)
+        opt = AdamW(model.named_parameters(), lr=3e-3)
+        opt.set_masters(masters)
+        scaler, losses = LossScaler(), []
+        with fast(enabled):
+            for step in range(20):
+                total = 0.0
+                for micro in range(2):
+                    batch = cp.asarray(ids[step, micro])
+                    _, loss = model(batch[:, :-1], batch[:, 1:])
+                    (loss * (scaler.scale / 2)).backward()
+                    total += loss.item() / 2
+                result = opt.step(inv_scale=scaler.inv_scale, clip_norm=1.0)
+                scaler.update(result.found_inf)
+                opt.zero_grad()
+                losses.append(total)
+        return np.array(losses)
+
+    reference, fused = train(False), train(True)
+    assert reference[-1] < reference[0] - 1  # it learns
+    np.testing.assert_allclose(fused, reference, rtol=5e-3, atol=5e-3)
