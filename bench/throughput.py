@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-compile", action="store_true", help="leave out torch-compile")
     p.add_argument("--ablation", default=None, metavar="ROW",
                    help="also run ours-fast with one kernel family at a time on this row")
+    p.add_argument("--profile", default="", metavar="ROWS",
+                   help="also time every op of ours-fast on these rows (device events and host clock)")
     p.add_argument("--steps", type=int, default=3, help="timed updates per row and side (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed updates first (torch-compile: at least 3)")
     p.add_argument("--preset", default="gemma3_270m", choices=Gemma3Config.PRESETS)
@@ -57,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=750.0, help="fp16 GEMM peak for MFU (H100: 750 measured)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--commit", default=None, help="commit to report (default: git rev-parse --short HEAD)")
     args = p.parse_args(argv)
     args.rows = [parse_row(r) for r in args.rows.split(",") if r]
     args.sides = [s for s in args.sides.split(",") if s and not (args.skip_compile and s == "torch-compile")]
@@ -64,6 +67,9 @@ def parse_args(argv=None):
         if side not in SIDES and not (side.startswith("ours-fast:") and side[10:] in kernels.FAMILIES):
             p.error(f"unknown side {side!r}")
     args.ablation = parse_row(args.ablation) if args.ablation else None
+    args.profile = [parse_row(r) for r in args.profile.split(",") if r]
+    if args.profile and args.device != "cuda":
+        p.error("--profile times with CUDA events: it needs --device cuda")
     args.device = backend.check_device(args.device or backend.default_device())
     return args
 
@@ -160,6 +166,65 @@ class _CupyEvent:
 
     def elapsed(self, end):
         return backend.cupy.cuda.get_elapsed_time(self.event, end.event)
+
+
+def profile_ops(ours, batches, steps):
+    """Per op over `steps` fast-path updates: calls, device ms (events around each call: GPU time
+    plus any GPU idle while the host launched it) and host ms. Returns rows, biggest first."""
+    from tinygrad3.tensor import Function
+    cupy = backend.cupy
+    stats = {}
+
+    def timed(name, fn, *args, **kwargs):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        t0 = time.perf_counter()
+        start.record()
+        out = fn(*args, **kwargs)
+        end.record()
+        entry = stats.setdefault(name, [0, 0.0, []])
+        entry[0] += 1
+        entry[1] += time.perf_counter() - t0
+        entry[2].append((start, end))
+        return out
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    patched = [(Function, "__call__", Function.__call__)]
+    Function.__call__ = lambda self, *a, _f=Function.__call__: timed(type(self).__name__ + " fwd", _f, self, *a)
+    for cls in set(subclasses(Function)):
+        if "backward" in vars(cls):
+            original = vars(cls)["backward"]
+            patched.append((cls, "backward", original))
+            cls.backward = lambda self, gy, _f=original: timed(type(self).__name__ + " bwd", _f, self, gy)
+    step = ours.opt.step
+    ours.opt.step = lambda *a, **k: timed("AdamW.step", step, *a, **k)
+    try:
+        with kernels.fast(True):
+            ours.update(batches)  # warm-up
+            stats.clear()
+            total_ms = [ours.timer.time_ms(lambda: ours.update(batches)) for _ in range(steps)]
+    finally:
+        for owner, name, original in patched:
+            setattr(owner, name, original)
+        del ours.opt.step
+    rows = [dict(op=name, calls=calls // steps,
+                 device_ms=sum(cupy.cuda.get_elapsed_time(a, b) for a, b in events) / steps,
+                 host_ms=1e3 * host / steps)
+            for name, (calls, host, events) in stats.items()]
+    rows.sort(key=lambda r: -r["device_ms"])
+    rows.append(dict(op="(whole update)", calls=1, device_ms=statistics.median(total_ms), host_ms=None))
+    return rows
+
+
+def profile_table(rows):
+    lines = ["| op | calls/update | device ms/update | host ms/update |", "|---|---:|---:|---:|"]
+    for r in rows:
+        host = "-" if r["host_ms"] is None else f"{r['host_ms']:.1f}"
+        lines.append(f"| {r['op']} | {r['calls']} | {r['device_ms']:.1f} | {host} |")
+    return "\n".join(lines)
 
 
 # ----- PyTorch ------------------------------------------------------------------------------------
@@ -264,7 +329,8 @@ def run_all(args, config, save):
     jobs = [(row, side) for row in args.rows for side in args.sides]
     if args.ablation:
         jobs += [(args.ablation, f"ours-fast:{f}") for f in kernels.FAMILIES]
-    batches = {row: random_batches(rng, config, row) for row in {row for row, _ in jobs}}
+    jobs += [(row, "ours-fast-profile") for row in args.profile]
+    batches = {row: random_batches(rng, config, row) for row in sorted({row for row, _ in jobs})}
     results = []
 
     def record(row, side, fn):
@@ -291,6 +357,12 @@ def run_all(args, config, save):
         for row, side in ours_jobs:
             xp = ours.xp
             dev_batches = [(xp.asarray(x), xp.asarray(y)) for x, y in batches[row]]
+            if side == "ours-fast-profile":
+                ops = profile_ops(ours, dev_batches, args.steps)
+                results.append(dict(row=row_name(row), side=side, ops=ops))
+                save(results)
+                print(f"\nours-fast, {row_name(row)}, per op:\n{profile_table(ops)}\n", flush=True)
+                continue
             record(row, side, lambda: ours.run(dev_batches, families_of(side), args.warmup, args.steps))
         del ours
         gc.collect()
@@ -311,11 +383,13 @@ def environment(args, config):
                command="python " + " ".join(sys.argv), peak_tflops=args.peak_tflops,
                warmup=args.warmup, steps=args.steps,
                flops_per_token={b: flops_per_token(config, b) for b in sorted({r[1] for r in args.rows})})
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip()
-    except OSError:
-        pass
+    env["commit"] = args.commit
+    if not env["commit"]:
+        try:
+            env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True).stdout.strip()
+        except OSError:
+            pass
     if args.device == "cuda":
         cupy = backend.cupy
         props = cupy.cuda.runtime.getDeviceProperties(0)
@@ -335,6 +409,8 @@ def table(results):
     lines = ["| row (batch x block x accum) | side | tok/s | ms/update | MFU | peak GiB | / compile |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
+        if "ops" in r:
+            continue
         if "error" in r:
             lines.append(f"| {r['row']} | {r['side']} | error: {r['error'][:80]} | | | | |")
             continue

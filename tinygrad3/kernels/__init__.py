@@ -14,6 +14,10 @@ reference in tests):
     cross_entropy.py  loss and gradient straight from float16 logits
     gemm.py           cuBLAS strided-batched GEMM, float16 in, float32 accumulation
     attention.py      attention from those GEMMs and a fused masked softmax
+    rope.py           rotary embedding, forward and backward in one strided kernel
+
+Each family can be switched on alone (`set_fast(True, families=("attention",))`), which is
+how bench/throughput.py --ablation measures what each one buys.
 """
 import contextlib
 import os
@@ -22,7 +26,7 @@ import numpy as np
 
 from .. import backend
 
-FAMILIES = ("rmsnorm", "geglu", "cross_entropy", "attention")
+FAMILIES = ("rmsnorm", "geglu", "cross_entropy", "attention", "rope")
 
 _on = frozenset(FAMILIES) if os.environ.get("TINYGRAD3_FAST", "").strip() not in ("", "0") else frozenset()
 

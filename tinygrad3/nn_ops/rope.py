@@ -2,6 +2,7 @@
 import numpy as np
 
 from ..backend import get_array_module
+from ..kernels import rope, use_fast
 from ..tensor import Function
 from .common import compute_dtype
 
@@ -47,6 +48,10 @@ class RoPE(Function):
         cos, sin = rope_tables(d, self.base, self.offset + t, get_array_module(x))
         self.cos, self.sin = cos[self.offset:self.offset + t], sin[self.offset:self.offset + t]
         self.x_dtype = x.dtype
+        self.fast = use_fast("rope", x)
+        if self.fast:  # one kernel, reading x through its strides (tinygrad3/kernels/rope.py)
+            self.x_layout = rope.layout(x)
+            return rope.forward(x, self.cos, self.sin)
         xf = x.astype(compute_dtype(x.dtype), copy=False)
         return (xf * self.cos + rotate_half(xf) * self.sin).astype(x.dtype, copy=False)
 
@@ -56,5 +61,7 @@ class RoPE(Function):
         <R x, g> = -x2.g1 + x1.g2 = <x, (g2, -g1)>). Hence
         dL/dx = cos g + R^T(sin g) = g cos - R(g sin)   (elementwise products).
         """
+        if self.fast:
+            return rope.backward(gy, self.cos, self.sin, self.x_layout)
         g = gy.astype(compute_dtype(self.x_dtype), copy=False)
         return (g * self.cos - rotate_half(g * self.sin)).astype(self.x_dtype, copy=False)
