@@ -16,7 +16,8 @@ communication behind). Instead:
 
 Each gradient is copied into its bucket and `param.grad` becomes a view of that slot (PyTorch's
 "gradient as bucket view"), so after the all-reduce the optimizer reads the summed gradients
-where it always does, and no second copy of the gradients is kept.
+where it always does, and the gradient array the backward made is dropped at once. The buckets
+themselves are one gradient-sized allocation, made once and reused every update.
 
 It sums; it does not average. The trainer folds the 1/world_size of the mean into the loss
 weight, next to 1/grad_accum: rank r then back-propagates scale * loss / (world_size * grad_accum)
