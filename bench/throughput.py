@@ -68,9 +68,9 @@ def parse_args(argv=None):
             p.error(f"unknown side {side!r}")
     args.ablation = parse_row(args.ablation) if args.ablation else None
     args.profile = [parse_row(r) for r in args.profile.split(",") if r]
+    args.device = backend.check_device(args.device or backend.default_device())
     if args.profile and args.device != "cuda":
         p.error("--profile times with CUDA events: it needs --device cuda")
-    args.device = backend.check_device(args.device or backend.default_device())
     return args
 
 
