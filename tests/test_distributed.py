@@ -395,24 +395,26 @@ def test_stream_seeds():
 
 # ----- real MPI processes (only where mpi4py and mpirun are installed; CI has neither) -------------
 MPI_SCRIPT = """
-import hashlib, json, numpy as np
+import hashlib, json, os, sys, numpy as np
 from tinygrad3.distributed import MpiCommunicator, launched_world_size, mpi_world
 comm = MpiCommunicator(mpi_world())
 rng = np.random.default_rng(comm.rank)
-values = rng.standard_normal(1000).astype(np.float32) * 10.0 ** rng.integers(-8, 8, 1000)
+values = (rng.standard_normal(1000) * 10.0 ** rng.integers(-8, 8, 1000)).astype(np.float32)
 comm.allreduce(values).wait()
 biggest = np.array([comm.rank, -comm.rank], np.int64)
 comm.allreduce(biggest, "max").wait()
 weights = np.full(3, float(comm.rank))
 comm.broadcast(weights, root=1)
-print(json.dumps(dict(rank=comm.rank, world=comm.world_size, launched=launched_world_size(),
-                      sum_bits=hashlib.sha256(values.tobytes()).hexdigest(), biggest=biggest.tolist(), weights=weights.tolist(),
-                      scalars=comm.allreduce_scalars([1.5, comm.rank]), objects=comm.allgather_object(comm.rank))),
-      flush=True)
+result = dict(rank=comm.rank, world=comm.world_size, launched=launched_world_size(),
+              sum_bits=hashlib.sha256(values.tobytes()).hexdigest(), biggest=biggest.tolist(),
+              weights=weights.tolist(), scalars=comm.allreduce_scalars([1.5, comm.rank]),
+              objects=comm.allgather_object(comm.rank))
+with open(os.path.join(sys.argv[1], f"rank{comm.rank}.json"), "w") as f:  # ranks' stdout interleaves
+    json.dump(result, f)
 """
 
 
-def test_mpi_communicator_under_mpirun():
+def test_mpi_communicator_under_mpirun(tmp_path):
     import shutil
     import subprocess
     import sys
@@ -422,11 +424,10 @@ def test_mpi_communicator_under_mpirun():
     if mpirun is None:
         pytest.skip("no mpirun")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([mpirun, "-n", "3", sys.executable, "-c", MPI_SCRIPT], cwd=root, capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=root))
+    done = subprocess.run([mpirun, "-n", "3", sys.executable, "-c", MPI_SCRIPT, str(tmp_path)], cwd=root,
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=root))
     assert done.returncode == 0, done.stderr
-    ranks = sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
-                   key=lambda r: r["rank"])
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(3)]
     assert [r["rank"] for r in ranks] == [0, 1, 2]
     for r in ranks:
         assert r["world"] == r["launched"] == 3
