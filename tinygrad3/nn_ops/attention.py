@@ -1,6 +1,7 @@
 """Causal (optionally sliding-window) softmax attention with grouped K/V heads.
 
-This is the reference path: float32 math with xp.matmul, materialising the scores.
+This is the reference path: float32 math with xp.matmul, materialising the scores. With the
+fast path on, float16 CuPy inputs go to tinygrad3/kernels/attention.py instead.
 """
 from ..backend import get_array_module
 from ..kernels import attention as fused, use_fast
