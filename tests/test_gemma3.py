@@ -130,7 +130,7 @@ def test_module_registration_train_eval_and_dtype():
 
 def test_bad_token_ids_are_a_clear_error():
     model = Gemma3(Gemma3Config.tiny(vocab_size=128, unpadded_vocab_size=None))
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 128\)"):
+    with pytest.raises(ValueError, match=r"embedding ids must lie in \[0, 128\); found 500"):
         model(np.array([[1, 500]]))
     with pytest.raises(ValueError, match="shape"):
         model(np.array([1, 2]))

@@ -31,8 +31,9 @@ class Add(Function):
         return a + b
 
     def backward(self, gy):
-        """d(a+b)/da = d(a+b)/db = 1."""
-        return unbroadcast(gy, self.shapes[0]), unbroadcast(gy, self.shapes[1])
+        """d(a+b)/da = d(a+b)/db = 1 (a constant operand gets nothing: no reduction is wasted on it)."""
+        return (unbroadcast(gy, self.shapes[0]) if self.needs_grad[0] else None,
+                unbroadcast(gy, self.shapes[1]) if self.needs_grad[1] else None)
 
 
 class Sub(Function):
@@ -42,7 +43,8 @@ class Sub(Function):
 
     def backward(self, gy):
         """d(a-b)/da = 1, d(a-b)/db = -1."""
-        return unbroadcast(gy, self.shapes[0]), unbroadcast(-gy, self.shapes[1])
+        return (unbroadcast(gy, self.shapes[0]) if self.needs_grad[0] else None,
+                unbroadcast(-gy, self.shapes[1]) if self.needs_grad[1] else None)
 
 
 class Mul(Function):
@@ -217,9 +219,12 @@ class Transpose(Function):
         return a.transpose(self.axes)
 
     def backward(self, gy):
-        """A permutation of axes is undone by the inverse permutation."""
-        xp = backend.get_array_module(gy)
-        return gy.transpose(tuple(int(i) for i in xp.argsort(xp.asarray(self.axes)).tolist()))
+        """A permutation of axes is undone by the inverse permutation (computed on the host:
+        an argsort on the GPU would cost a device sync)."""
+        inverse = [0] * len(self.axes)
+        for position, axis in enumerate(self.axes):
+            inverse[axis] = position
+        return gy.transpose(inverse)
 
 
 class Exp(Function):
