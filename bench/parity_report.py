@@ -1,0 +1,74 @@
+"""The parity run's outputs: the printed table, parity.csv, parity.json and parity.png."""
+import csv
+import json
+import os
+import platform
+
+COLUMNS = ("step", "tokens", "ours_train", "torch_train", "rel_train", "ours_val", "torch_val", "rel_val",
+           "max_rel_updates")
+
+
+def print_header(args):
+    print(f"parity: {args.preset} on {args.data}, {args.device} {args.dtype}, {args.updates} updates of "
+          f"{args.grad_accum} x {args.batch_size} x {args.block_size} tokens, tolerance {args.tolerance:g}")
+    print(f"{'step':>6} {'tokens':>10} | {'train ours':>11} {'torch':>11} {'rel':>9} | {'val ours':>11} "
+          f"{'torch':>11} {'rel':>9} | {'max rel updates':>15}")
+
+
+def print_row(row):
+    print(f"{row['step']:>6} {row['tokens']:>10,} | {row['ours_train']:>11.7f} {row['torch_train']:>11.7f} "
+          f"{row['rel_train']:>9.2e} | {row['ours_val']:>11.7f} {row['torch_val']:>11.7f} {row['rel_val']:>9.2e} "
+          f"| {row['max_rel_updates']:>15.2e}", flush=True)
+
+
+def write_outputs(args, updates, evals, summary):
+    """Write parity.csv, parity.json and parity.png into args.out; returns their paths."""
+    import torch
+    import transformers
+
+    os.makedirs(args.out, exist_ok=True)
+    csv_path, json_path, png_path = (os.path.join(args.out, f"parity.{ext}") for ext in ("csv", "json", "png"))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: row[k] for k in COLUMNS} for row in evals)
+    versions = dict(python=platform.python_version(), torch=torch.__version__,
+                    transformers=transformers.__version__)
+    with open(json_path, "w") as f:
+        json.dump(dict(args=vars(args), versions=versions, summary=summary, evals=evals, updates=updates),
+                  f, indent=1)
+    plot(updates, evals, args, png_path)
+    return [csv_path, json_path, png_path]
+
+
+def plot(updates, evals, args, path):
+    """Top: both frameworks' loss curves; bottom: their relative difference, log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(2, 1))
+    tokens = [u["tokens"] for u in updates]
+    eval_tokens = [e["tokens"] for e in evals]
+    for side, color, style in (("ours", "C0", "-"), ("torch", "C3", "--")):
+        name = "tinygrad3" if side == "ours" else "PyTorch (HF Gemma3ForCausalLM)"
+        top.plot(tokens, [u[f"{side}_loss"] for u in updates], style, color=color, lw=0.8, alpha=0.6,
+                 label=f"{name}: train (per update)")
+        top.plot(eval_tokens, [e[f"{side}_val"] for e in evals], "o" if side == "ours" else "x", ls=style,
+                 color=color, ms=5, label=f"{name}: validation (eval)")
+    top.set_ylabel("cross-entropy loss")
+    top.set_title(f"{args.preset}, {args.device} {args.dtype}")
+    top.legend(fontsize=8)
+    tiny = 1e-17  # zero differences on a log scale
+    bottom.semilogy(tokens, [max(u["rel"], tiny) for u in updates], color="C2", lw=0.8, label="train (per update)")
+    bottom.semilogy(eval_tokens, [max(e["rel_val"], tiny) for e in evals], "s", color="C1", ms=4,
+                    label="validation (eval)")
+    bottom.axhline(args.tolerance, color="k", ls=":", lw=1, label=f"tolerance {args.tolerance:g}")
+    bottom.set_xlabel("tokens")
+    bottom.set_ylabel("|ours - torch| / |torch|")
+    bottom.legend(fontsize=8)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
