@@ -21,6 +21,15 @@ from nn import Embedding, Linear, Module, ModuleList, RMSNorm
 from .config import Gemma3Config
 
 
+def residual_dtype(compute_dtype):
+    """float32 for fp16 computation (as autocast keeps it), else the compute dtype itself."""
+    return np.dtype(np.float32) if np.dtype(compute_dtype) == np.float16 else np.dtype(compute_dtype)
+
+
+def cast(x, dtype):
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
 class Gemma3Attention(Module):
     def __init__(self, config, layer_index, rng):
         super().__init__()
@@ -80,8 +89,11 @@ class Gemma3DecoderLayer(Module):
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
     def forward(self, h, cache=None):
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cache))
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        compute = self.input_layernorm.weight.dtype
+        x = cast(self.input_layernorm(h), compute)
+        h = h + self.post_attention_layernorm(self.self_attn(x, cache))
+        x = cast(self.pre_feedforward_layernorm(h), compute)
+        return h + self.post_feedforward_layernorm(self.mlp(x))
 
 
 class Gemma3TextModel(Module):
@@ -93,13 +105,19 @@ class Gemma3TextModel(Module):
         self.embed_scale = math.sqrt(config.hidden_size)
 
     def forward(self, idx, cache=None):
-        # The scale is rounded to the embedding's dtype before multiplying, as the reference does.
-        h = F.embedding(idx, self.embed_tokens.weight) * self.embed_scale
+        weight = self.embed_tokens.weight
+        # The residual stream is float32 when the weights are fp16: that is how the reference runs
+        # under autocast (fp32 weights, so the embedding, the sums h + branch and their gradients are
+        # fp32; only the GEMMs see fp16). An fp16 stream rounds each of the 2 x layers additions and
+        # their gradients to 11 bits, enough to make training measurably worse (bench/RESULTS.md).
+        h = cast(F.embedding(idx, weight), residual_dtype(weight.dtype))
+        # The scale is rounded to the stream's dtype before multiplying, as the reference does.
+        h = h * self.embed_scale
         for i, layer in enumerate(self.layers):
             h = layer(h, None if cache is None else cache.layer(i))
         if cache is not None:
             cache.advance(idx.shape[1])
-        return self.norm(h)
+        return cast(self.norm(h), weight.dtype)
 
 
 class Gemma3(Module):

@@ -134,3 +134,19 @@ def test_bad_token_ids_are_a_clear_error():
         model(np.array([[1, 500]]))
     with pytest.raises(ValueError, match="shape"):
         model(np.array([1, 2]))
+
+
+def test_fp16_model_keeps_a_float32_residual_stream():
+    """fp16 weights compute like autocast: the loss stays close to the float32 model's."""
+    config = Gemma3Config.tiny(vocab_size=128, unpadded_vocab_size=None)
+    full = Gemma3(config, seed=4)
+    half = Gemma3(config, seed=4).to(dtype=np.float16)
+    ids = np.random.default_rng(2).integers(0, 128, size=(2, 24))
+    hidden = half.model(ids)
+    assert hidden.dtype == np.float16  # the output of the final norm, cast for the head's GEMM
+    logits, loss16 = half(ids, ids)
+    _, loss32 = full(ids, ids)
+    assert logits.dtype == np.float16
+    assert abs(loss16.item() - loss32.item()) < 2e-3 * loss32.item()
+    loss16.backward()
+    assert all(p.grad.dtype == np.float16 and np.isfinite(p.grad).all() for p in half.parameters())

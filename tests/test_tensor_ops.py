@@ -247,3 +247,27 @@ def test_clear_errors(xp, rng):
         Tensor(xp.asarray([1, 2, 3]), requires_grad=True)
     with pytest.raises(RuntimeError, match="does not require grad"):
         Tensor(xp.asarray([1.0, 2.0])).sum().backward()
+
+
+def test_gradient_keeps_each_tensors_dtype_across_a_mixed_add():
+    """fp16 branch + fp32 sum: the sum's fp32 gradient reaches the branch as fp16."""
+    import tinygrad3 as tg
+    rng = np.random.default_rng(5)
+    w = tg.Tensor(rng.standard_normal(4).astype(np.float16), requires_grad=True)
+    base = tg.Tensor(rng.standard_normal(4).astype(np.float32), requires_grad=True)
+    branch = w * 2.0                      # fp16, not a leaf
+    seen = {}
+
+    class Spy(tg.Function):
+        def forward(self, x):
+            return x
+
+        def backward(self, gy):
+            seen["dtype"] = gy.dtype
+            return gy
+
+    total = (base + Spy()(branch)).sum()  # promoted to fp32
+    total.backward()
+    assert total.dtype == np.float32 and seen["dtype"] == np.float16
+    assert w.grad.dtype == np.float16 and base.grad.dtype == np.float32
+    np.testing.assert_array_equal(w.grad, np.full(4, 2.0, np.float16))

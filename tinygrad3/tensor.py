@@ -61,6 +61,7 @@ class Function:
                 None if not need else (t if t._creator is None else t._creator)
                 for t, need in zip(tensors, self.needs_grad))
             self._out_grad = None
+            self._out_dtype = out.dtype
             out._creator = self
         else:
             self._release()
@@ -231,7 +232,9 @@ def _backward_one(fn, gy):
             continue
         if isinstance(parent, Tensor):
             parent.grad = _accumulate(parent.grad, _match(g, parent.data))
-        else:
+        else:  # a gradient has its tensor's dtype (e.g. fp16 for an fp16 branch added to an fp32 sum)
+            if g.dtype != parent._out_dtype:
+                g = g.astype(parent._out_dtype)
             parent._out_grad = _accumulate(parent._out_grad, g)
 
 
