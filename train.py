@@ -38,6 +38,18 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 SEED_TOKENS_PER_UPDATE = 131_072  # the seed notebook: 32 x 128 tokens x 32 accumulation steps
 
 
+def add_update_arguments(a):
+    """The flags of the update rule (schedule, AdamW, clipping, loss scale); bench/parity.py shares them."""
+    a("--schedule", default="cosine", choices=["cosine", "constant"])
+    a("--weight-decay", type=float, default=0.1)
+    a("--beta1", type=float, default=0.9)
+    a("--beta2", type=float, default=0.95)
+    a("--eps", type=float, default=1e-8)
+    a("--clip", type=float, default=1.0, help="global gradient-norm clip (0 disables)")
+    a("--loss-scale", type=float, default=2.0 ** 16, help="initial dynamic loss scale (fp16)")
+    a("--scale-growth-interval", type=int, default=2000, help="clean updates before the scale doubles")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -57,14 +69,7 @@ def parse_args(argv=None):
       "side-by-side run on the GPU: bench/RESULTS.md)")
     a("--min-lr", type=float, default=1e-4, help="learning rate at the end of the cosine (<= --lr)")
     a("--warmup", type=int, default=100, help="linear warmup updates")
-    a("--schedule", default="cosine", choices=["cosine", "constant"])
-    a("--weight-decay", type=float, default=0.1)
-    a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, default=0.95)
-    a("--eps", type=float, default=1e-8)
-    a("--clip", type=float, default=1.0, help="global gradient-norm clip (0 disables)")
-    a("--loss-scale", type=float, default=2.0 ** 16, help="initial dynamic loss scale (fp16)")
-    a("--scale-growth-interval", type=int, default=2000, help="clean updates before the scale doubles")
+    add_update_arguments(a)
     a("--min-loss-scale", type=float, default=1.0)
     a("--max-loss-scale", type=float, default=2.0 ** 24)
     a("--eval-every", type=int, default=100, help="updates between evaluations")
