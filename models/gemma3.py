@@ -89,7 +89,7 @@ class Gemma3DecoderLayer(Module):
         self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
 
     def forward(self, h, cache=None):
-        compute = self.input_layernorm.weight.dtype
+        compute = self.mlp.gate_proj.weight.dtype  # the GEMMs' dtype (norm weights may be float32)
         x = cast(self.input_layernorm(h), compute)
         h = h + self.post_attention_layernorm(self.self_attn(x, cache))
         x = cast(self.pre_feedforward_layernorm(h), compute)
@@ -104,20 +104,25 @@ class Gemma3TextModel(Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.embed_scale = math.sqrt(config.hidden_size)
 
+    def compute_dtype(self):
+        """The dtype the GEMMs run in: that of the linear weights (float16 in mixed precision)."""
+        return self.layers[0].mlp.gate_proj.weight.dtype
+
     def forward(self, idx, cache=None):
-        weight = self.embed_tokens.weight
-        # The residual stream is float32 when the weights are fp16: that is how the reference runs
+        compute = self.compute_dtype()
+        # The residual stream is float32 when the GEMMs are fp16: that is how the reference runs
         # under autocast (fp32 weights, so the embedding, the sums h + branch and their gradients are
         # fp32; only the GEMMs see fp16). An fp16 stream rounds each of the 2 x layers additions and
         # their gradients to 11 bits, enough to make training measurably worse (bench/RESULTS.md).
-        h = cast(F.embedding(idx, weight), residual_dtype(weight.dtype))
+        # In mixed precision the table itself is float32 (keep_float32), so this cast is a no-op.
+        h = cast(F.embedding(idx, self.embed_tokens.weight), residual_dtype(compute))
         # The scale is rounded to the stream's dtype before multiplying, as the reference does.
         h = h * self.embed_scale
         for i, layer in enumerate(self.layers):
             h = layer(h, None if cache is None else cache.layer(i))
         if cache is not None:
             cache.advance(idx.shape[1])
-        return cast(self.norm(h), weight.dtype)
+        return cast(self.norm(h), compute)
 
 
 class Gemma3(Module):
@@ -155,7 +160,10 @@ class Gemma3(Module):
         idx = idx.data if isinstance(idx, Tensor) else idx
         if idx.ndim != 2:
             raise ValueError(f"idx must have shape (batch, time), got {idx.shape}")
-        logits = F.linear(self.model(idx, cache), self.output_weight())
+        h = self.model(idx, cache)
+        # A tied head reuses the (float32) embedding table: cast it to the GEMM's dtype, as autocast
+        # would; the cast's backward hands the gradient back to the table in float32.
+        logits = F.linear(h, cast(self.output_weight(), h.dtype))
         mask = self.vocab_mask(logits)
         if mask is not None:
             logits = logits + mask

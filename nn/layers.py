@@ -30,7 +30,7 @@ class Embedding(Module):
     def __init__(self, num_embeddings, embedding_dim, rng=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.weight = Parameter(normal((num_embeddings, embedding_dim), _rng(rng)))
+        self.weight = Parameter(normal((num_embeddings, embedding_dim), _rng(rng)), keep_float32=True)
 
     def forward(self, ids):
         return F.embedding(ids, self.weight)
@@ -42,7 +42,7 @@ class RMSNorm(Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
         self.eps = eps
-        self.weight = Parameter(np.zeros(dim, dtype=np.float32))
+        self.weight = Parameter(np.zeros(dim, dtype=np.float32), keep_float32=True)
 
     def forward(self, x):
         return F.rms_norm(x, self.weight, self.eps)

@@ -11,13 +11,27 @@ from tinygrad3 import Tensor, backend
 
 
 class Parameter(Tensor):
-    """A leaf tensor that a Module owns and an optimizer updates."""
+    """A leaf tensor that a Module owns and an optimizer updates.
 
-    def __init__(self, data, requires_grad=True):
+    keep_float32: the parameter stays float32 when its module is cast to float16 for
+    mixed-precision training (`Module.to(dtype=np.float16)`). Layers set it where autocast
+    would never round: norm weights (used as 1 + w, and their gradient is a sum over every
+    token of the batch) and embedding tables (the gradient of a row sums every occurrence of
+    its token). Both are small next to the GEMM weights, which do go to float16.
+    """
+
+    def __init__(self, data, requires_grad=True, keep_float32=False):
         super().__init__(data, requires_grad=requires_grad)
+        self.keep_float32 = bool(keep_float32)
 
     def __repr__(self):
         return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+
+def parameter_dtype(param, dtype):
+    """The dtype `param` takes when its module is cast to `dtype`."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.float16 and param.keep_float32 else dtype
 
 
 class StateDictError(KeyError):
@@ -111,10 +125,13 @@ class Module:
         return self.train(False)
 
     def to(self, device=None, dtype=None):
-        """Move (and/or cast) every parameter in place; gradients are dropped."""
+        """Move (and/or cast) every parameter in place; gradients are dropped.
+
+        Casting to float16 means mixed precision: parameters marked keep_float32 become
+        float32 instead (see Parameter)."""
         for p in self.parameters():
             data = p.data if device is None else backend.to_device(p.data, device)
-            p.data = data if dtype is None else data.astype(dtype)
+            p.data = data if dtype is None else data.astype(parameter_dtype(p, dtype))
             p.grad = None
         return self
 

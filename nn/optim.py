@@ -11,6 +11,9 @@ into a flat "compute" buffer of the parameters' own dtype:
   * fp16 parameters: the compute buffer is a separate fp16 array, refreshed from the masters
     after every update with one cast-copy. Forward and backward run in fp16; the update runs
     in float32, where a small step `lr * update` is not rounded away against a large weight.
+  * mixed fp16 and float32 parameters (mixed precision keeps norm weights and embeddings in
+    float32, see nn.Parameter): the float32 ones are views of the master buffer, the fp16 ones
+    views of the fp16 compute buffer (whose slots under float32 parameters go unused).
 
 Every step is a handful of whole-buffer operations, whatever the number of parameters (a
 later fused kernel can do them in one or a few launches).
@@ -84,8 +87,7 @@ class AdamW:
         self._num_decayed_params = len(decayed)
         self._check_uniform()
 
-        dtype = self._params[0].dtype
-        self.master_dtype = MASTER_DTYPE[np.dtype(dtype)]
+        self.master_dtype = MASTER_DTYPE[np.dtype(self._params[0].dtype)]
         self._xp = xp = backend.get_array_module(self._params[0].data)
         self._slices, start = [], 0
         for param in self._params:
@@ -99,21 +101,23 @@ class AdamW:
         self.m = xp.zeros_like(self.master)      # first moment: running mean of gradients
         self.v = xp.zeros_like(self.master)      # second moment: running mean of squared gradients
         self._grad = xp.zeros_like(self.master)  # gathered, unscaled gradients of the current step
-        self._compute = self.master if dtype == self.master_dtype else xp.empty(start, dtype=dtype)
-        self._views = [self._compute[where].reshape(param.shape)
-                       for param, where in zip(self._params, self._slices)]
+        narrow = [p.dtype for p in self._params if p.dtype != self.master_dtype]
+        self._compute = xp.empty(start, dtype=narrow[0]) if narrow else self.master
+        self._views = [(self.master if param.dtype == self.master_dtype else self._compute)[where]
+                       .reshape(param.shape) for param, where in zip(self._params, self._slices)]
         self._refresh_compute()
         self._bind()
 
     def _check_uniform(self):
+        """One device, one master dtype: float16 and float32 mix (float32 masters), float64 stands alone."""
         first = self._params[0]
         for name, param in zip(self._names, self._params):
             if np.dtype(param.dtype) not in MASTER_DTYPE:
                 raise TypeError(f"{name}: AdamW supports float16/float32/float64 parameters, got {param.dtype}")
-            if param.dtype != first.dtype or param.device != first.device:
-                raise ValueError(f"all parameters must share one dtype and device: {self._names[0]} is "
-                                 f"{first.dtype} on {first.device} but {name} is {param.dtype} on "
-                                 f"{param.device} (cast/move the model before building the optimizer)")
+            if MASTER_DTYPE[param.dtype] != MASTER_DTYPE[first.dtype] or param.device != first.device:
+                raise ValueError(f"parameters must share one device and be all float64 or all float16/float32: "
+                                 f"{self._names[0]} is {first.dtype} on {first.device} but {name} is "
+                                 f"{param.dtype} on {param.device} (cast/move the model before building the optimizer)")
 
     # ----- introspection ---------------------------------------------------------------------
     @property

@@ -244,6 +244,16 @@ def test_buckets_cover_every_parameter_exactly_once_in_reverse_order():
         assert (covered == 1).all()
 
 
+def test_a_bucket_holds_one_dtype_when_precisions_mix():
+    """Mixed precision keeps norm weights float32 among fp16 weights: a dtype change starts a bucket."""
+    dtypes = [np.float16, np.float32, np.float16, np.float16, np.float32]
+    params = [nn.Parameter(np.ones(10, dtype)) for dtype in dtypes]
+    dp = DataParallel(params, InProcessGroup(1).comms[0], bucket_bytes=10 ** 6)
+    assert [[p.dtype for p in bucket.params] for bucket in dp.buckets] == [
+        [np.float32], [np.float16, np.float16], [np.float32], [np.float16]]
+    assert [bucket.buffer.dtype for bucket in dp.buckets] == [np.float32, np.float16, np.float32, np.float16]
+
+
 def test_each_bucket_starts_during_backward_as_soon_as_it_is_complete():
     def rank_main(comm):
         model = Synthetic(np.float64)

@@ -1,4 +1,6 @@
 """Gemma 3 model on its own: parameter count, padding, gradients, state dicts, modules."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -122,10 +124,12 @@ def test_module_registration_train_eval_and_dtype():
     assert m.first.weight.shape == (4, 3) and not m.norm.weight.data.any()
     assert m.eval().training is False and m.first.training is False
     assert m.train().first.training is True
-    m.to(dtype=np.float16)
-    assert all(p.dtype == np.float16 for p in m.parameters())
+    m.to(dtype=np.float16)  # mixed precision: the norm weight (keep_float32) stays float32
+    assert m.first.weight.dtype == np.float16 and m.norm.weight.dtype == np.float32
     y = m.norm(m.first(Tensor(np.ones((2, 3), np.float16))))
     assert y.shape == (2, 4) and y.dtype == np.float16
+    m.to(dtype=np.float64)
+    assert all(p.dtype == np.float64 for p in m.parameters())
 
 
 def test_bad_token_ids_are_a_clear_error():
@@ -149,4 +153,21 @@ def test_fp16_model_keeps_a_float32_residual_stream():
     assert logits.dtype == np.float16
     assert abs(loss16.item() - loss32.item()) < 2e-3 * loss32.item()
     loss16.backward()
-    assert all(p.grad.dtype == np.float16 and np.isfinite(p.grad).all() for p in half.parameters())
+    for name, p in half.named_parameters():  # GEMM weights fp16; norm weights and embedding float32
+        assert p.dtype == (np.float32 if "norm" in name or "embed" in name else np.float16), name
+        assert p.grad.dtype == p.dtype and np.isfinite(p.grad).all(), name
+
+
+def test_fp16_tied_head_casts_the_float32_table_and_returns_its_gradient_in_float32():
+    config = dataclasses.replace(Gemma3Config.tiny(vocab_size=128, unpadded_vocab_size=None), tie_word_embeddings=True)
+    full, half = Gemma3(config, seed=5), Gemma3(config, seed=5).to(dtype=np.float16)
+    ids = np.random.default_rng(3).integers(0, 128, size=(2, 16))
+    logits, loss16 = half(ids, ids)
+    _, loss32 = full(ids, ids)
+    assert half.output_weight().dtype == np.float32 and logits.dtype == np.float16
+    assert abs(loss16.item() - loss32.item()) < 2e-3 * loss32.item()
+    loss16.backward()
+    loss32.backward()
+    table16, table32 = half.model.embed_tokens.weight.grad, full.model.embed_tokens.weight.grad
+    assert table16.dtype == np.float32  # both uses (lookup and head) summed in float32
+    np.testing.assert_allclose(table16, table32, rtol=0, atol=2e-2 * np.abs(table32).max())

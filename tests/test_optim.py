@@ -128,6 +128,28 @@ def test_fp16_params_follow_their_float32_masters():
         assert not np.array_equal(p.data, values[name].astype(np.float16))  # the copy was refreshed
 
 
+def test_mixed_fp16_and_float32_params_share_one_float32_master():
+    """Mixed precision: 1-D weights and the embedding stay float32 (their .data IS the master),
+    the rest are fp16 copies; the update is the same as an all-float32 run's either way."""
+    values = {n: v.astype(np.float16).astype(np.float64) for n, v in initial_values().items()}
+    grads = [{n: g.astype(np.float16).astype(np.float64) for n, g in step.items()} for step in gradient_sequence()]
+    keep32 = {n for n in SHAPES if len(SHAPES[n]) == 1 or "embed" in n}
+    params = [(n, Parameter(values[n].astype(np.float32 if n in keep32 else np.float16))) for n in SHAPES]
+    opt = AdamW(params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    for step, g in enumerate(grads):
+        for name, p in params:
+            p.grad = g[name].astype(p.dtype)
+        opt.step(lr_at(step), clip_norm=1.0)
+    _, reference, _ = run_ours(values, grads, np.float32, clip_norm=1.0)
+    np.testing.assert_array_equal(opt.master, reference.master)
+    for name, p in params:
+        if name in keep32:
+            assert p.dtype == np.float32 and np.shares_memory(p.data, opt.master)
+        else:
+            assert p.dtype == np.float16
+            np.testing.assert_array_equal(p.data, opt.master_of(name).astype(np.float16))
+
+
 def test_small_fp16_gradients_are_unscaled_in_float32():
     params = make_params(initial_values(), np.float16)
     opt = AdamW(params)
@@ -231,7 +253,7 @@ def test_sync_params_adopts_weights_loaded_after_the_optimizer():
 def test_bad_arguments_are_rejected():
     params = make_params(initial_values(), np.float32)
     mixed = params[:-1] + [("lm_head.weight", Parameter(np.zeros((2, 2), np.float64)))]
-    with pytest.raises(ValueError, match="share one dtype and device"):
+    with pytest.raises(ValueError, match="share one device and be all float64"):
         AdamW(mixed)
     with pytest.raises(ValueError, match="no trainable parameters"):
         AdamW([])

@@ -65,7 +65,8 @@ class DataParallel:
     """Bucketed gradient all-reduce over `comm`, driven by backward's leaf hook (module docstring).
 
     params: the trainable parameters in forward order (e.g. `model.parameters()`); duplicates (tied
-        weights) and parameters with requires_grad=False are skipped. All share one dtype and device.
+        weights) and parameters with requires_grad=False are skipped. All on one device; each bucket
+        holds parameters of one dtype.
     bucket_bytes: target size of a bucket; a parameter larger than that gets a bucket of its own.
     """
 
@@ -80,26 +81,29 @@ class DataParallel:
         if not unique:
             raise ValueError("DataParallel was given no trainable parameters")
         first = unique[0]
-        if any(p.dtype != first.dtype or p.device != first.device for p in unique):
-            raise ValueError("DataParallel needs parameters of one dtype on one device")
+        if any(p.device != first.device for p in unique):
+            raise ValueError("DataParallel needs parameters on one device")
         self.comm = comm
         xp = backend.get_array_module(first.data)
         self.buckets, self._where, group, size = [], {}, [], 0
         for param in reversed(unique):  # the order backward finishes them, roughly
+            if group and param.dtype != group[0].dtype:  # a bucket holds one dtype (mixed precision
+                self._add_bucket(group, xp)              # keeps norm weights float32 among fp16 ones)
+                group, size = [], 0
             group.append(param)
-            size += param.size * first.dtype.itemsize
+            size += param.size * param.dtype.itemsize
             if size >= bucket_bytes:
-                self._add_bucket(group, xp, first.dtype)
+                self._add_bucket(group, xp)
                 group, size = [], 0
         if group:
-            self._add_bucket(group, xp, first.dtype)
+            self._add_bucket(group, xp)
         self._launched = 0  # buckets [0, _launched) have their all-reduce under way this pass
         self._works = []
 
-    def _add_bucket(self, params, xp, dtype):
+    def _add_bucket(self, params, xp):
         for index, param in enumerate(params):
             self._where[id(param)] = (len(self.buckets), index)
-        self.buckets.append(Bucket(params, xp, dtype))
+        self.buckets.append(Bucket(params, xp, params[0].dtype))
 
     def leaf_hook(self, tensor):
         """For `Tensor.backward(leaf_hook=...)`: `tensor`'s gradient is final for this pass."""
