@@ -3,6 +3,7 @@ extreme logits, gradients in the inputs' dtypes, and loss scaling that survives 
 import numpy as np
 import pytest
 
+import nn
 import tinygrad3.functional as F
 from tinygrad3 import Tensor
 from tinygrad3.backend import to_numpy
@@ -37,6 +38,43 @@ def test_rms_norm_fp16(xp, torch, rng):
     x, w = 3 * rng.standard_normal((4, 64)), 0.2 * rng.standard_normal(64)
     theirs = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + w)  # noqa: E731
     compare_fp16(torch, xp, F.rms_norm, theirs, [x, w], rng)
+
+
+@pytest.mark.parametrize("w_dtype", [np.float32, np.float16])
+def test_rms_norm_float32_in_fp16_out(xp, torch, rng, w_dtype):
+    """The model's input norms: a float32 residual stream normalised straight to float16."""
+    x, w = (3 * rng.standard_normal((4, 64))).astype(np.float32), (0.2 * rng.standard_normal(64)).astype(w_dtype)
+    xt, wt = Tensor(xp.asarray(x), requires_grad=True), Tensor(xp.asarray(w), requires_grad=True)
+    leaves = [torch.tensor(a.astype(np.float64), requires_grad=True) for a in (x, w)]
+    out = F.rms_norm(xt, wt, out_dtype=np.float16)
+    ref = leaves[0] * torch.rsqrt(leaves[0].pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + leaves[1])
+    assert out.dtype == np.float16
+    assert_close16(out.data, ref.detach().numpy(), what="forward")
+    upstream = rng.standard_normal(out.shape).astype(np.float16)
+    out.backward(xp.asarray(upstream))
+    ref.backward(torch.tensor(upstream.astype(np.float64)))
+    assert xt.grad.dtype == np.float32 and wt.grad.dtype == w_dtype
+    assert_close16(xt.grad, leaves[0].grad.numpy(), tol=1e-5 if w_dtype == np.float32 else TOL, what="dx")
+    assert_close16(wt.grad, leaves[1].grad.numpy(), tol=1e-5 if w_dtype == np.float32 else TOL, what="dw")
+
+
+def test_rms_norm_out_dtype_is_the_cast_of_its_output(xp, rng):
+    """nn.RMSNorm(x, out_dtype=float16) equals the float32 norm followed by astype, bit for bit,
+    forward and backward (the cast's backward only widens the float16 gradient back)."""
+    norm = nn.RMSNorm(64)
+    norm.weight.data = xp.asarray((0.2 * rng.standard_normal(64)).astype(np.float32))
+    x = xp.asarray((3 * rng.standard_normal((2, 5, 64))).astype(np.float32))
+    upstream = xp.asarray(rng.standard_normal((2, 5, 64)).astype(np.float16))
+    results = []
+    for direct in (True, False):
+        xt = Tensor(x, requires_grad=True)
+        out = norm(xt, out_dtype=np.float16) if direct else norm(xt).astype(np.float16)
+        out.backward(upstream)
+        results.append([to_numpy(a) for a in (out.data, xt.grad, norm.weight.grad)])
+        norm.zero_grad()
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
 
 
 def test_attention_fp16(xp, torch, rng):
@@ -122,13 +160,17 @@ def test_fp16_in_fp16_out(xp, rng, op):
             assert t.grad.dtype == np.float16 and np.isfinite(to_numpy(t.grad)).all()
 
 
-def test_backward_returns_each_inputs_dtype(xp, rng):
-    """The backward itself (before the engine casts leaf gradients) returns x's dtype for x
-    and the weight's dtype for the weight, even when they differ."""
-    x = Tensor(xp.asarray(rng.standard_normal((3, 8)).astype(np.float16)), requires_grad=True)
-    w = Tensor(xp.asarray(rng.standard_normal(8).astype(np.float32)), requires_grad=True)
-    fn = RMSNorm(1e-6)
+@pytest.mark.parametrize("x_dtype,w_dtype,out_dtype", [(np.float16, np.float32, None),
+                                                       (np.float32, np.float32, np.float16),
+                                                       (np.float32, np.float16, np.float16),
+                                                       (np.float16, np.float16, np.float32)])
+def test_backward_returns_each_inputs_dtype(xp, rng, x_dtype, w_dtype, out_dtype):
+    """The backward itself (before the engine casts leaf gradients) takes the output's dtype and
+    returns x's dtype for x and the weight's dtype for the weight, whichever the three are."""
+    x = Tensor(xp.asarray(rng.standard_normal((3, 8)).astype(x_dtype)), requires_grad=True)
+    w = Tensor(xp.asarray(rng.standard_normal(8).astype(w_dtype)), requires_grad=True)
+    fn = RMSNorm(1e-6, out_dtype)
     out = fn(x, w)
-    assert out.dtype == np.float16
-    gx, gw = fn.backward(xp.ones(out.shape, dtype=np.float16))
-    assert gx.dtype == np.float16 and gw.dtype == np.float32
+    assert out.dtype == (x_dtype if out_dtype is None else out_dtype)
+    gx, gw = fn.backward(xp.ones(out.shape, dtype=out.dtype))
+    assert gx.dtype == x_dtype and gw.dtype == w_dtype

@@ -66,11 +66,22 @@ def torch_rms_norm(torch, eps):
 
 @pytest.mark.parametrize("shape", [(2, 3, 5), (7,)])
 @pytest.mark.parametrize("eps", [1e-6, 0.5])
-def test_rms_norm(xp, torch, rng, shape, eps):
+@pytest.mark.parametrize("out_dtype", [None, np.float64])
+def test_rms_norm(xp, torch, rng, shape, eps, out_dtype):
     x, w = rng.standard_normal(shape), 0.3 * rng.standard_normal(shape[-1])
-    fn = lambda x, w: F.rms_norm(x, w, eps=eps)  # noqa: E731
+    fn = lambda x, w: F.rms_norm(x, w, eps=eps, out_dtype=out_dtype)  # noqa: E731
     check_grad(xp, fn, [x, w])
     compare_with_torch(torch, xp, fn, torch_rms_norm(torch, eps), [x, w])
+
+
+def test_rms_norm_float32_output(xp, torch, rng):
+    """float64 math rounded once to a float32 output: gy arrives in float32, dx and dw leave in
+    float64. Finite differences see the rounding of y, hence the wider step and tolerance; the
+    torch comparison rounds the same float64 y and the same upstream gradient."""
+    x, w = rng.standard_normal((2, 3, 5)), 0.3 * rng.standard_normal(5)
+    fn = lambda x, w: F.rms_norm(x, w, out_dtype=np.float32)  # noqa: E731
+    check_grad(xp, lambda x, w: fn(x, w).astype(np.float64), [x, w], eps=3e-3, atol=1e-4, rtol=1e-4)
+    compare_with_torch(torch, xp, fn, lambda x, w: torch_rms_norm(torch, 1e-6)(x, w).float(), [x, w], rtol=2e-7)
 
 
 # ----- rope --------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from tinygrad3/nn_ops/, where the forward and the derivation of the backward liv
 Half-precision inputs are computed in float32 and returned in their own dtype;
 float64 inputs stay float64 (that is what gradcheck uses).
 """
+import numpy as np
+
 from .nn_ops.activation import GeGLU, GeluTanh, LogSoftmax, Softmax
 from .nn_ops.attention import Attention
 from .nn_ops.common import as_index_array, check_range
@@ -41,12 +43,16 @@ def embedding(ids, weight):
     return Embedding()(ids, weight)
 
 
-def rms_norm(x, weight, eps=1e-6):
+def rms_norm(x, weight, eps=1e-6, out_dtype=None):
     """Gemma RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * (1 + weight).
 
-    Math in float32 whatever x's dtype; the output has x's dtype, weight's gradient weight's.
+    Math in float32 (float64 for float64 x); the output has x's dtype, or out_dtype when given
+    (rounded once: float32 x straight to a float16 output). x's gradient has x's dtype, weight's
+    weight's.
     """
-    return RMSNorm(eps)(x, weight)
+    if out_dtype is not None and np.dtype(out_dtype).kind != "f":
+        raise TypeError(f"rms_norm: out_dtype must be a floating dtype, got {np.dtype(out_dtype)}")
+    return RMSNorm(eps, out_dtype)(x, weight)
 
 
 def rope(x, base, offset=0):

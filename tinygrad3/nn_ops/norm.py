@@ -1,4 +1,6 @@
 """Gemma's RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + w), math in float32."""
+import numpy as np
+
 from ..backend import get_array_module
 from ..kernels import rmsnorm, use_fast
 from ..tensor import Function
@@ -9,14 +11,18 @@ class RMSNorm(Function):
     """Normalise the last axis by its root mean square, then scale by (1 + w).
 
     As Hugging Face's Gemma3RMSNorm: x is upcast to float32 (at least), normalised,
-    multiplied by (1 + w) in float32 and cast back to x's dtype.
+    multiplied by (1 + w) in float32 and cast back to x's dtype, or to `out_dtype` when
+    given: a float32 x normalised straight to float16 is rounded once, exactly as the
+    float32 result followed by a cast.
     """
 
-    def __init__(self, eps):
+    def __init__(self, eps, out_dtype=None):
         self.eps = eps
+        self.out_dtype = None if out_dtype is None else np.dtype(out_dtype)
 
     def forward(self, x, w):
-        self.fast = use_fast("rmsnorm", x, w) and rmsnorm.supports(x)
+        out = x.dtype if self.out_dtype is None else self.out_dtype
+        self.fast = use_fast("rmsnorm", x, w) and out == x.dtype and rmsnorm.supports(x)
         if self.fast:  # fused kernel: same math, one pass (tinygrad3/kernels/rmsnorm.py)
             self.x, self.w, self.w_dtype = x, w, w.dtype
             y, self.rstd = rmsnorm.forward(x, w, self.eps)
@@ -27,7 +33,7 @@ class RMSNorm(Function):
         self.x = x
         self.w = w if self.needs_grad[0] else None
         self.w_dtype = w.dtype
-        return (xf * self.rstd * (1 + w.astype(c, copy=False))).astype(x.dtype, copy=False)
+        return (xf * self.rstd * (1 + w.astype(c, copy=False))).astype(out, copy=False)
 
     def backward(self, gy):
         """Write n = x r with r = (mean(x^2) + eps)^(-1/2) and y = n (1 + w), over D features.
@@ -36,6 +42,9 @@ class RMSNorm(Function):
         dL/dn_k = h_k = g_k (1 + w_k). Since dr/dx_k = -r^3 x_k / D,
         dL/dx_k = h_k r + sum_j h_j x_j (-r^3 x_k / D) = r (h_k - n_k mean_j(h_j n_j)):
         the gradient of n with its component along n removed, scaled by r.
+
+        The final cast to the output dtype is the identity on values, so g (in that dtype)
+        enters the same float32 math; dx is cast to x's dtype and dw to w's.
         """
         if self.fast:
             gx, gw = rmsnorm.backward(gy, self.x, self.w, self.rstd)
