@@ -26,8 +26,20 @@ def close16(actual, expected, tol=TOL, what=""):
                                err_msg=what)
 
 
-def half(rng, shape, scale=1.0):
-    return (scale * rng.standard_normal(shape)).astype(np.float16)
+def half(rng, shape, scale=1.0, dtype=np.float16):
+    return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+def tol_of(dtype):
+    """float16 results: TOL; float32 ones differ from their reference only in summation order."""
+    return TOL if dtype == np.float16 else 1e-5
+
+
+# (x, w, y) dtypes of RMSNorm: all float16; the model's float32 stream to float16 with float32 or
+# float16 weights; float16 activations with float32 weights (q/k and post norms); all float32
+RMSNORM_DTYPES = [(np.float16, np.float16, np.float16), (np.float32, np.float32, np.float16),
+                  (np.float32, np.float16, np.float16), (np.float16, np.float32, np.float16),
+                  (np.float32, np.float32, np.float32)]
 
 
 def run_op(fn, arrays, upstream):
@@ -40,14 +52,16 @@ def run_op(fn, arrays, upstream):
 
 # ----- CPU: the NumPy references against the engine's reference ops --------------------------
 
-def test_rmsnorm_reference_matches_engine(rng):
-    x, w, gy = half(rng, (5, 7, 64), 3), half(rng, 64, 0.2), half(rng, (5, 7, 64))
-    y, (gx, gw) = run_op(lambda x, w: F.rms_norm(x, w, 1e-6), [x, w], gy)
-    ry, rstd = rmsnorm.reference_forward(x, w, 1e-6)
+@pytest.mark.parametrize("x_dtype,w_dtype,y_dtype", RMSNORM_DTYPES)
+def test_rmsnorm_reference_matches_engine(rng, x_dtype, w_dtype, y_dtype):
+    x, w = half(rng, (5, 7, 64), 3, x_dtype), half(rng, 64, 0.2, w_dtype)
+    gy = half(rng, (5, 7, 64), dtype=y_dtype)
+    y, (gx, gw) = run_op(lambda x, w: F.rms_norm(x, w, 1e-6, out_dtype=y_dtype), [x, w], gy)
+    ry, rstd = rmsnorm.reference_forward(x, w, 1e-6, y_dtype)
     rgx, rgw = rmsnorm.reference_backward(gy, x, w, rstd)
-    close16(ry, y, what="y")
-    close16(rgx, gx, what="dx")
-    close16(rgw.astype(np.float16), gw, what="dw")
+    for ours, engine, name in ((ry, y, "y"), (rgx, gx, "dx"), (rgw, gw, "dw")):
+        assert ours.dtype == engine.dtype, name
+        close16(ours, engine, tol=tol_of(ours.dtype), what=name)
 
 
 def test_geglu_reference_path_equals_unfused_pair(rng):
@@ -148,20 +162,34 @@ def poison(cp, *arrays_like):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype,w_dtype,y_dtype", RMSNORM_DTYPES)
 @pytest.mark.parametrize("rows,d", [(37, 640), (300, 256), (5, 64), (9, 16), (3, 1000)])
-def test_rmsnorm_kernel(gpu_xp, rng, rows, d):
+def test_rmsnorm_kernel(gpu_xp, rng, rows, d, x_dtype, w_dtype, y_dtype):
     cp = gpu_xp
-    x, w, gy = half(rng, (rows, d), 3), half(rng, d, 0.2), half(rng, (rows, d), 100)
-    poison(cp, (x.shape, np.float16), ((rows,), np.float32))
-    y, rstd = rmsnorm.forward(cp.asarray(x), cp.asarray(w), 1e-6)
-    ry, rrstd = rmsnorm.reference_forward(x, w, 1e-6)
-    close16(y, ry, what="y")
+    x, w = half(rng, (rows, d), 3, x_dtype), half(rng, d, 0.2, w_dtype)
+    gy = half(rng, (rows, d), 100, y_dtype)
+    poison(cp, (x.shape, y_dtype), ((rows,), np.float32))
+    y, rstd = rmsnorm.forward(cp.asarray(x), cp.asarray(w), 1e-6, y_dtype)
+    ry, rrstd = rmsnorm.reference_forward(x, w, 1e-6, y_dtype)
+    assert y.dtype == y_dtype
+    close16(y, ry, tol=tol_of(y_dtype), what="y")
     close16(rstd, rrstd, tol=1e-5, what="rstd")
-    poison(cp, (x.shape, np.float16))
+    poison(cp, (x.shape, x_dtype), ((d,), w_dtype))
     gx, gw = rmsnorm.backward(cp.asarray(gy), cp.asarray(x), cp.asarray(w), rstd)
     rgx, rgw = rmsnorm.reference_backward(gy, x, w, rrstd)
-    close16(gx, rgx, what="dx")
-    close16(gw, rgw, tol=1e-4, what="dw")
+    assert gx.dtype == x_dtype and gw.dtype == w_dtype
+    close16(gx, rgx, tol=tol_of(x_dtype), what="dx")
+    close16(gw, rgw, tol=tol_of(w_dtype) if w_dtype == np.float16 else 1e-4, what="dw")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype,w_dtype,y_dtype", RMSNORM_DTYPES)
+def test_rmsnorm_fast_path_takes_the_models_dtypes(gpu_xp, rng, x_dtype, w_dtype, y_dtype):
+    cp = gpu_xp
+    x, w = cp.asarray(half(rng, (3, 640), 1, x_dtype)), cp.asarray(half(rng, 640, 0.1, w_dtype))
+    with fast():
+        assert F.rms_norm(Tensor(x), Tensor(w, requires_grad=True), out_dtype=y_dtype)._creator.fast
+        assert not F.rms_norm(Tensor(x.astype(np.float64)), Tensor(w, requires_grad=True))._creator.fast
 
 
 @pytest.mark.gpu
@@ -255,6 +283,10 @@ def test_fast_dispatch_through_functional(gpu_xp, rng):
     cases = [  # (op, inputs, upstream gradient or None for a scalar, tolerance)
         (lambda x, w: F.rms_norm(x, w), [half(rng, (4, 9, 640), 2), half(rng, 640, 0.1)],
          half(rng, (4, 9, 640)), TOL),
+        (lambda x, w: F.rms_norm(x, w, out_dtype=np.float16),  # the float32 stream's input norms
+         [half(rng, (4, 9, 640), 2, np.float32), half(rng, 640, 0.1, np.float32)], half(rng, (4, 9, 640)), TOL),
+        (lambda x, w: F.rms_norm(x, w), [half(rng, (4, 9, 256), 2), half(rng, 256, 0.1, np.float32)],
+         half(rng, (4, 9, 256)), TOL),  # q/k norms: float16 activations, float32 weights
         (F.geglu, [half(rng, (4, 2048), 2), half(rng, (4, 2048))], half(rng, (4, 2048)), TOL),
         (lambda q, k, v: F.attention(q, k, v, 0.0625, window=16),
          [half(rng, (2, 4, 40, 256)), half(rng, (2, 1, 40, 256)), half(rng, (2, 1, 40, 256))],

@@ -4,6 +4,8 @@ The reference path (plain NumPy/CuPy array code in tinygrad3/nn_ops/) is the def
 the definition of every op. With the fast path on (`TINYGRAD3_FAST=1` in the environment,
 or `set_fast(True)`), an op whose inputs are float16 CuPy arrays calls the fused kernel of
 its family instead; any other input (NumPy, float32, float64) still takes the reference path.
+RMSNorm's kernels also take float32 x and w and write float32 or float16 y, as the model's
+float32 residual stream and float32 norm weights need.
 
 One module per kernel family, each holding its CUDA source, the derivation of what it
 computes, and a NumPy function computing the same thing step for step (the kernel's
@@ -56,8 +58,9 @@ def fast(enabled=True, families=FAMILIES):
         set_fast(True, previous)
 
 
-def use_fast(family, *arrays):
-    """True when `family` is on and every array is a float16 CuPy array."""
+def use_fast(family, *arrays, dtypes=(np.float16,)):
+    """True when `family` is on and every array is a CuPy array of one of `dtypes` (float16
+    unless the family's kernels take more)."""
     if family not in _on or backend.cupy is None:
         return False
-    return all(isinstance(a, backend.cupy.ndarray) and a.dtype == np.float16 for a in arrays)
+    return all(isinstance(a, backend.cupy.ndarray) and a.dtype in dtypes for a in arrays)

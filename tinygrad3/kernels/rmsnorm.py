@@ -1,4 +1,9 @@
-"""Gemma RMSNorm, forward and backward, for float16 rows of up to MAX_DIM features.
+"""Gemma RMSNorm, forward and backward, for rows of up to MAX_DIM features.
+
+x, w and y are each float16 or float32: the model normalises its float32 residual stream
+straight to float16, and float16 activations, with float32 (or float16) weights. The source is
+compiled once per combination, with the element types x_t, w_t and y_t defined in front of it;
+gy has y's type, dx x's and dw w's. All arithmetic is float32.
 
 Per row x of D features, with r = (mean(x^2) + eps)^(-1/2) and n = x r:
 
@@ -17,6 +22,8 @@ a block sum gives mean(h n), then dx is written; the dw terms g n of the block's
 added up in registers, column by column, and written once per block. The (blocks, D)
 partial sums are then summed over blocks (a small reduction), so no atomics are needed.
 """
+import functools
+
 import numpy as np
 
 from .cuda import grid_stride_blocks, kernel
@@ -24,13 +31,20 @@ from .cuda import grid_stride_blocks, kernel
 THREADS = 128
 COLS = 8                   # columns per thread
 MAX_DIM = THREADS * COLS   # wider rows take the reference path
+DTYPES = (np.dtype(np.float16), np.dtype(np.float32))  # of x, w and y
+C_TYPES = {np.dtype(np.float16): "half_t", np.dtype(np.float32): "float"}
 
 SOURCE = r"""
 #define THREADS 128
 #define COLS 8
 
-extern "C" __global__ void rms_norm_fwd(const half_t* __restrict__ x, const half_t* __restrict__ w,
-                                        half_t* __restrict__ y, float* __restrict__ rstd,
+__device__ __forceinline__ float to_float(half_t v) { return h2f(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ void store(half_t* p, float v) { *p = f2h(v); }
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+
+extern "C" __global__ void rms_norm_fwd(const x_t* __restrict__ x, const w_t* __restrict__ w,
+                                        y_t* __restrict__ y, float* __restrict__ rstd,
                                         int D, float eps) {
     __shared__ float sh[32];
     const size_t base = (size_t)blockIdx.x * D;
@@ -39,28 +53,28 @@ extern "C" __global__ void rms_norm_fwd(const half_t* __restrict__ x, const half
 #pragma unroll
     for (int j = 0; j < COLS; ++j) {
         const int c = threadIdx.x + j * THREADS;
-        xs[j] = c < D ? h2f(x[base + c]) : 0.f;
+        xs[j] = c < D ? to_float(x[base + c]) : 0.f;
         ss += xs[j] * xs[j];
     }
     const float r = 1.f / sqrtf(block_sum(ss, sh) / (float)D + eps);
 #pragma unroll
     for (int j = 0; j < COLS; ++j) {
         const int c = threadIdx.x + j * THREADS;
-        if (c < D) y[base + c] = f2h(xs[j] * r * (1.f + h2f(w[c])));
+        if (c < D) store(y + base + c, xs[j] * r * (1.f + to_float(w[c])));
     }
     if (threadIdx.x == 0) rstd[blockIdx.x] = r;
 }
 
-extern "C" __global__ void rms_norm_bwd(const half_t* __restrict__ gy, const half_t* __restrict__ x,
-                                        const half_t* __restrict__ w, const float* __restrict__ rstd,
-                                        half_t* __restrict__ gx, float* __restrict__ gw_part,
+extern "C" __global__ void rms_norm_bwd(const y_t* __restrict__ gy, const x_t* __restrict__ x,
+                                        const w_t* __restrict__ w, const float* __restrict__ rstd,
+                                        x_t* __restrict__ gx, float* __restrict__ gw_part,
                                         long long rows, int D) {
     __shared__ float sh[32];
     float wp[COLS], acc[COLS];
 #pragma unroll
     for (int j = 0; j < COLS; ++j) {
         const int c = threadIdx.x + j * THREADS;
-        wp[j] = c < D ? 1.f + h2f(w[c]) : 0.f;
+        wp[j] = c < D ? 1.f + to_float(w[c]) : 0.f;
         acc[j] = 0.f;
     }
     for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -71,8 +85,8 @@ extern "C" __global__ void rms_norm_bwd(const half_t* __restrict__ gy, const hal
 #pragma unroll
         for (int j = 0; j < COLS; ++j) {
             const int c = threadIdx.x + j * THREADS;
-            const float g = c < D ? h2f(gy[base + c]) : 0.f;
-            n[j] = c < D ? h2f(x[base + c]) * r : 0.f;
+            const float g = c < D ? to_float(gy[base + c]) : 0.f;
+            n[j] = c < D ? to_float(x[base + c]) * r : 0.f;
             h[j] = g * wp[j];
             dot += h[j] * n[j];
             acc[j] += g * n[j];
@@ -81,7 +95,7 @@ extern "C" __global__ void rms_norm_bwd(const half_t* __restrict__ gy, const hal
 #pragma unroll
         for (int j = 0; j < COLS; ++j) {
             const int c = threadIdx.x + j * THREADS;
-            if (c < D) gx[base + c] = f2h(r * (h[j] - n[j] * mean));
+            if (c < D) store(gx + base + c, r * (h[j] - n[j] * mean));
         }
     }
 #pragma unroll
@@ -93,26 +107,34 @@ extern "C" __global__ void rms_norm_bwd(const half_t* __restrict__ gy, const hal
 """
 
 
-def supports(x):
-    return 0 < x.shape[-1] <= MAX_DIM
+@functools.lru_cache(maxsize=None)
+def typed_source(x_dtype, w_dtype, y_dtype):
+    """SOURCE for one combination of element types (the same string object on every call)."""
+    types = zip(("x_t", "w_t", "y_t"), (x_dtype, w_dtype, y_dtype))
+    return "".join(f"typedef {C_TYPES[np.dtype(d)]} {name};\n" for name, d in types) + SOURCE
 
 
-def forward(x, w, eps):
-    """y (x's shape, float16) and r (float32, one per row) for float16 CuPy x (..., D), w (D,)."""
+def supports(x, out_dtype):
+    """Rows the kernels handle, written in a dtype they write (x's and w's are checked by use_fast)."""
+    return 0 < x.shape[-1] <= MAX_DIM and np.dtype(out_dtype) in DTYPES
+
+
+def forward(x, w, eps, out_dtype):
+    """y (x's shape, out_dtype) and r (float32, one per row) for CuPy x (..., D) and w (D,)."""
     import cupy
     x = cupy.ascontiguousarray(x)
     d = x.shape[-1]
     rows = x.size // d
-    y = cupy.empty_like(x)
+    y = cupy.empty(x.shape, out_dtype)
     rstd = cupy.empty(rows, np.float32)
     if rows:
-        kernel(SOURCE, "rms_norm_fwd")((rows,), (THREADS,),
-                                      (x, cupy.ascontiguousarray(w), y, rstd, np.int32(d), np.float32(eps)))
+        kernel(typed_source(x.dtype, w.dtype, y.dtype), "rms_norm_fwd")(
+            (rows,), (THREADS,), (x, cupy.ascontiguousarray(w), y, rstd, np.int32(d), np.float32(eps)))
     return y, rstd
 
 
 def backward(gy, x, w, rstd):
-    """dx (float16, x's shape) and dw (float32, (D,)) from the forward's x, w and r."""
+    """dx (x's dtype and shape) and dw (w's dtype, (D,)) from gy (y's dtype) and the forward's x, w, r."""
     import cupy
     gy, x = cupy.ascontiguousarray(gy), cupy.ascontiguousarray(x)
     d = x.shape[-1]
@@ -121,21 +143,20 @@ def backward(gy, x, w, rstd):
     gx = cupy.empty_like(x)
     part = cupy.empty((blocks, d), np.float32)
     if rows:
-        kernel(SOURCE, "rms_norm_bwd")((blocks,), (THREADS,),
-                                      (gy, x, cupy.ascontiguousarray(w), rstd, gx, part,
-                                       np.int64(rows), np.int32(d)))
+        kernel(typed_source(x.dtype, w.dtype, gy.dtype), "rms_norm_bwd")(
+            (blocks,), (THREADS,), (gy, x, cupy.ascontiguousarray(w), rstd, gx, part, np.int64(rows), np.int32(d)))
     else:
         part[...] = 0
-    return gx, part.sum(axis=0)
+    return gx, part.sum(axis=0).astype(w.dtype)
 
 
-# ----- NumPy reference: the same steps, float32 math, float16 at the same points -------------
+# ----- NumPy reference: the same steps, float32 math, rounded to the same dtypes at the same points
 
-def reference_forward(x, w, eps):
+def reference_forward(x, w, eps, out_dtype):
     xf = x.astype(np.float32).reshape(-1, x.shape[-1])
     r = (1 / np.sqrt((xf * xf).mean(axis=-1) + np.float32(eps))).astype(np.float32)
     y = xf * r[:, None] * (1 + w.astype(np.float32))
-    return y.astype(np.float16).reshape(x.shape), r
+    return y.astype(out_dtype).reshape(x.shape), r
 
 
 def reference_backward(gy, x, w, rstd):
@@ -144,4 +165,4 @@ def reference_backward(gy, x, w, rstd):
     n = x.astype(np.float32).reshape(-1, d) * rstd[:, None]
     h = g * (1 + w.astype(np.float32))
     gx = rstd[:, None] * (h - n * (h * n).mean(axis=-1, keepdims=True))
-    return gx.astype(np.float16).reshape(x.shape), (g * n).sum(axis=0)
+    return gx.astype(x.dtype).reshape(x.shape), (g * n).sum(axis=0).astype(w.dtype)

@@ -22,10 +22,10 @@ class RMSNorm(Function):
 
     def forward(self, x, w):
         out = x.dtype if self.out_dtype is None else self.out_dtype
-        self.fast = use_fast("rmsnorm", x, w) and out == x.dtype and rmsnorm.supports(x)
+        self.fast = use_fast("rmsnorm", x, w, dtypes=rmsnorm.DTYPES) and rmsnorm.supports(x, out)
         if self.fast:  # fused kernel: same math, one pass (tinygrad3/kernels/rmsnorm.py)
-            self.x, self.w, self.w_dtype = x, w, w.dtype
-            y, self.rstd = rmsnorm.forward(x, w, self.eps)
+            self.x, self.w = x, w
+            y, self.rstd = rmsnorm.forward(x, w, self.eps, out)
             return y
         xp, c = get_array_module(x), compute_dtype(x.dtype)
         xf = x.astype(c, copy=False)
@@ -48,8 +48,7 @@ class RMSNorm(Function):
         """
         if self.fast:
             gx, gw = rmsnorm.backward(gy, self.x, self.w, self.rstd)
-            return (gx if self.needs_grad[0] else None,
-                    gw.astype(self.w_dtype) if self.needs_grad[1] else None)
+            return gx if self.needs_grad[0] else None, gw if self.needs_grad[1] else None
         c = self.rstd.dtype
         g = gy.astype(c, copy=False)
         n = self.x.astype(c, copy=False) * self.rstd
