@@ -12,6 +12,7 @@ import pytest
 import tinygrad3.functional as F
 from tinygrad3 import Tensor, backend, gradcheck
 from tinygrad3.kernels import attention, cross_entropy, fast, geglu, gemm, rmsnorm, rope
+from tinygrad3.kernels.cuda import grid_stride_blocks
 from tinygrad3.nn_ops.rope import rope_tables
 
 TOL = 2e-3  # float16 results: about two ulps, relative to the largest value
@@ -180,6 +181,36 @@ def test_rmsnorm_kernel(gpu_xp, rng, rows, d, x_dtype, w_dtype, y_dtype):
     assert gx.dtype == x_dtype and gw.dtype == w_dtype
     close16(gx, rgx, tol=tol_of(x_dtype), what="dx")
     close16(gw, rgw, tol=tol_of(w_dtype) if w_dtype == np.float16 else 1e-4, what="dw")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("w_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("d", [640, 256, 100])
+def test_rmsnorm_dw_over_more_rows_than_blocks(gpu_xp, rng, d, w_dtype):
+    """dw from the second kernel, in w's dtype, when each block takes several rows and not all
+    blocks take as many (rows not a multiple of the block count), at the model's widths (hidden
+    640, head_dim 256) and an odd one."""
+    cp = gpu_xp
+    blocks = grid_stride_blocks(1 << 30, 1, per_sm=8)  # as many as rmsnorm.backward launches
+    rows = 3 * blocks + 37
+    x, w, gy = half(rng, (rows, d), 3, np.float32), half(rng, d, 0.2, w_dtype), half(rng, (rows, d))
+    _, rstd = rmsnorm.reference_forward(x, w, 1e-6, np.float16)
+    poison(cp, ((blocks, d), np.float32), ((d,), w_dtype))
+    gx, gw = rmsnorm.backward(cp.asarray(gy), cp.asarray(x), cp.asarray(w), cp.asarray(rstd))
+    rgx, rgw = rmsnorm.reference_backward(gy, x, w, rstd)
+    assert gw.dtype == w_dtype
+    close16(gw, rgw, tol=tol_of(w_dtype) if w_dtype == np.float16 else 1e-4, what="dw")
+    close16(gx, rgx, tol=tol_of(np.float32), what="dx")
+
+
+@pytest.mark.gpu
+def test_rmsnorm_kernel_no_rows(gpu_xp):
+    cp = gpu_xp
+    x, w = cp.zeros((0, 64), np.float32), cp.ones(64, np.float16)
+    y, rstd = rmsnorm.forward(x, w, 1e-6, np.float16)
+    gx, gw = rmsnorm.backward(y, x, w, rstd)
+    assert y.shape == gx.shape == (0, 64) and gw.dtype == np.float16
+    np.testing.assert_array_equal(cp.asnumpy(gw), np.zeros(64))
 
 
 @pytest.mark.gpu

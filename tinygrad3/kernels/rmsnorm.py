@@ -19,8 +19,9 @@ registers, so x is read once: a block sum of x^2 gives r, then y is written. r i
 
 Backward: a grid-stride loop over rows. Each block handles rows b, b + blocks, ... ; per row
 a block sum gives mean(h n), then dx is written; the dw terms g n of the block's rows are
-added up in registers, column by column, and written once per block. The (blocks, D)
-partial sums are then summed over blocks (a small reduction), so no atomics are needed.
+added up in registers, column by column, and written once per block. A second small kernel
+sums those (blocks, D) partial sums over blocks and writes dw in w's dtype: no atomics, and
+no CuPy reduction and cast to pay for on the host (they cost more host time than the kernel).
 """
 import functools
 
@@ -31,12 +32,14 @@ from .cuda import grid_stride_blocks, kernel
 THREADS = 128
 COLS = 8                   # columns per thread
 MAX_DIM = THREADS * COLS   # wider rows take the reference path
+DW_LANES = 16              # threads down the per-block partial sums, per column of dw
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32))  # of x, w and y
 C_TYPES = {np.dtype(np.float16): "half_t", np.dtype(np.float32): "float"}
 
 SOURCE = r"""
 #define THREADS 128
 #define COLS 8
+#define DW_LANES 16
 
 __device__ __forceinline__ float to_float(half_t v) { return h2f(v); }
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -104,6 +107,24 @@ extern "C" __global__ void rms_norm_bwd(const y_t* __restrict__ gy, const x_t* _
         if (c < D) gw_part[(size_t)blockIdx.x * D + c] = acc[j];
     }
 }
+
+// dw[c] = sum over b < parts of gw_part[b][c]. A block of (32, DW_LANES) threads takes 32
+// columns: each of the DW_LANES lanes of a column adds the parts lane, lane + DW_LANES, ...
+// (a warp reads 32 adjacent floats of one part), then lane 0 adds the lanes' sums.
+extern "C" __global__ void rms_norm_dw(const float* __restrict__ gw_part, w_t* __restrict__ dw,
+                                       int parts, int D) {
+    __shared__ float sh[DW_LANES][32];
+    const int c = blockIdx.x * 32 + threadIdx.x;
+    float s = 0.f;
+    if (c < D)
+        for (int b = threadIdx.y; b < parts; b += DW_LANES) s += gw_part[(size_t)b * D + c];
+    sh[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < D) {
+        for (int k = 1; k < DW_LANES; ++k) s += sh[k][threadIdx.x];
+        store(dw + c, s);
+    }
+}
 """
 
 
@@ -136,21 +157,23 @@ def forward(x, w, eps, out_dtype):
 def backward(gy, x, w, rstd):
     """dx (x's dtype and shape) and dw (w's dtype, (D,)) from gy (y's dtype) and the forward's x, w, r."""
     import cupy
-    gy, x = cupy.ascontiguousarray(gy), cupy.ascontiguousarray(x)
+    gy, x, w = cupy.ascontiguousarray(gy), cupy.ascontiguousarray(x), cupy.ascontiguousarray(w)
     d = x.shape[-1]
     rows = x.size // d
-    blocks = grid_stride_blocks(rows, 1, per_sm=8)
     gx = cupy.empty_like(x)
+    if not rows:
+        return gx, cupy.zeros(d, w.dtype)
+    source = typed_source(x.dtype, w.dtype, gy.dtype)
+    blocks = grid_stride_blocks(rows, 1, per_sm=8)
     part = cupy.empty((blocks, d), np.float32)
-    if rows:
-        kernel(typed_source(x.dtype, w.dtype, gy.dtype), "rms_norm_bwd")(
-            (blocks,), (THREADS,), (gy, x, cupy.ascontiguousarray(w), rstd, gx, part, np.int64(rows), np.int32(d)))
-    else:
-        part[...] = 0
-    return gx, part.sum(axis=0).astype(w.dtype)
+    dw = cupy.empty(d, w.dtype)
+    kernel(source, "rms_norm_bwd")((blocks,), (THREADS,), (gy, x, w, rstd, gx, part, np.int64(rows), np.int32(d)))
+    kernel(source, "rms_norm_dw")((-(-d // 32),), (32, DW_LANES), (part, dw, np.int32(blocks), np.int32(d)))
+    return gx, dw
 
 
 # ----- NumPy reference: the same steps, float32 math, rounded to the same dtypes at the same points
+# (dw's float32 sum over rows runs in another order than the kernels' per block, then over blocks)
 
 def reference_forward(x, w, eps, out_dtype):
     xf = x.astype(np.float32).reshape(-1, x.shape[-1])
