@@ -27,7 +27,8 @@ def _run(data, out, dtype, updates, eval_every, tolerance, warmup=5):
     argv = ["--preset", "tiny", "--data", data, "--device", "cpu", "--dtype", dtype, "--out", str(out),
             "--updates", str(updates), "--eval-every", str(eval_every), "--eval-batches", "2",
             "--batch-size", "4", "--block-size", "32", "--grad-accum", "2", "--lr", "1e-3", "--min-lr", "1e-4",
-            "--warmup", str(warmup), "--clip", str(CLIP), "--tolerance", str(tolerance)]
+            "--warmup", str(warmup), "--clip", str(CLIP), "--tolerance", str(tolerance),
+            "--update-tolerance", str(tolerance)]
     code = parity.main(argv)
     with open(os.path.join(out, "parity.json")) as f:
         return code, json.load(f)
@@ -92,3 +93,28 @@ def test_a_planted_difference_fails_the_run(synthetic_dir, tmp_path, monkeypatch
     assert code == 1 and not report["summary"]["passed"]
     assert "PARITY FAILED" in capsys.readouterr().out
     assert report["updates"][0]["rel"] < 1e-6 < _worst(report)  # the first loss precedes any update
+
+
+def test_the_control_runs_pytorch_against_itself_with_the_same_report(synthetic_dir, tmp_path):
+    """bench/torch_self_parity.py: eager against SDPA attention, the same table, files and verdict."""
+    from bench import torch_self_parity
+
+    argv = ["--preset", "tiny", "--data", synthetic_dir, "--device", "cpu", "--dtype", "float64",
+            "--out", str(tmp_path), "--updates", "4", "--eval-every", "2", "--eval-batches", "2",
+            "--batch-size", "4", "--block-size", "32", "--warmup", "1", "--tolerance", "1e-6"]
+    assert torch_self_parity.main(argv) == 0
+    with open(tmp_path / "parity.json") as f:
+        report = json.load(f)
+    assert report["summary"]["sides"] == ["eager", "sdpa"] and len(report["updates"]) == 4
+    assert [e["step"] for e in report["evals"]] == [0, 2, 4]
+    assert all(e["rel_val"] <= 1e-6 for e in report["evals"])  # the same maths in float64
+    assert report["evals"][-1]["eager_val"] < report["evals"][0]["eager_val"]  # it trained
+
+
+def test_single_batch_losses_are_bounded_only_when_asked():
+    summary = dict(max_rel_eval=0.01, final_rel_val=0.005, max_rel_update_loss=0.03,
+                   tolerance=0.02, final_tolerance=0.01, update_tolerance=None)
+    assert parity.verdict(summary)[0]
+    assert not parity.verdict(dict(summary, update_tolerance=0.02))[0]
+    assert not parity.verdict(dict(summary, max_rel_eval=0.021))[0]
+    assert not parity.verdict(dict(summary, final_rel_val=0.011))[0]
