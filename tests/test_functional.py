@@ -5,8 +5,9 @@ import pytest
 
 import tinygrad3.functional as F
 from engine_checks import check_grad, compare_with_torch
-from tinygrad3 import Tensor
+from tinygrad3 import Tensor, backend
 from tinygrad3.backend import to_numpy
+from tinygrad3.kernels import fast
 
 
 def host(t):
@@ -56,6 +57,50 @@ def test_embedding_errors(xp, rng):
         F.embedding(np.array([-1]), w)
     with pytest.raises(TypeError, match="integers"):
         F.embedding(np.array([0.0, 1.0]), w)
+
+
+# ----- ids already on the GPU: their range check is read later, by no sync of its own -------
+
+@pytest.mark.gpu
+def test_gpu_ids_out_of_range_raise_at_the_end_of_backward(gpu_xp, rng):
+    cp = gpu_xp
+    w = Tensor(cp.asarray(rng.standard_normal((4, 2)).astype(np.float32)), requires_grad=True)
+    out = F.embedding(cp.asarray([1, 2 ** 40, -3]), w)  # reported later: the forward did not wait
+    with pytest.raises(ValueError, match=r"embedding ids must lie in \[0, 4\); found 1099511627776 \(checked on"):
+        out.sum().backward()
+    assert int(cp.arange(4).sum()) == 6  # the GPU is fine: nothing read or written outside the table
+    F.embedding(cp.asarray([1, 3]), w).sum().backward()  # reported once, not again
+    with pytest.raises(ValueError, match=r"found 9"):
+        F.embedding(cp.asarray([9]), w).numpy()  # or at the next copy to the host
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+def test_gpu_targets_out_of_range_raise_at_the_end_of_backward(gpu_xp, rng, fused):
+    cp = gpu_xp
+    z = Tensor(cp.asarray(rng.standard_normal((3, 8)).astype(np.float16)), requires_grad=True)
+    with fast(fused):
+        loss = F.cross_entropy(z, cp.asarray([0, -1, 2 ** 40]))
+        with pytest.raises(ValueError, match=r"targets must lie in \[0, 8\) \(or ignore_index -1\); found 1099511"):
+            (loss * 1024.0).backward()
+    assert int(cp.arange(4).sum()) == 6  # no logit was read outside the array (fused: a NaN row)
+
+
+@pytest.mark.gpu
+def test_gpu_range_checks_do_not_wait_and_are_retired(gpu_xp):
+    cp = gpu_xp
+    w, ids, a = Tensor(cp.ones((4, 2), np.float32)), cp.asarray([0, 3]), cp.ones((4096, 4096), np.float32)
+    F.embedding(ids, w)  # compiles what the check launches
+    backend.raise_deferred()
+    for _ in range(20):  # tens of ms of queued GPU work
+        a @ a
+    F.embedding(ids, w)
+    assert not cp.cuda.get_current_stream().done  # the check let the host run ahead
+    cp.cuda.get_current_stream().synchronize()
+    F.embedding(ids, w)
+    assert len(backend._deferred) == 1  # the passed check was read and dropped, without waiting
+    backend.raise_deferred()
+    assert not backend._deferred
 
 
 # ----- rms_norm ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Every tensor holds a raw array of one of the two libraries; `get_array_module`
 (the Chainer/DeZero idiom) returns the library an array belongs to, so an op is
 written once against `xp` and runs on either device.
 """
+import ctypes
 import os
 
 import numpy as np
@@ -76,10 +77,44 @@ def to_device(array, device):
 
 
 def to_numpy(array):
-    """A host (NumPy) copy or view of a raw array."""
+    """A host (NumPy) copy or view of a raw array; a failed deferred check raises first."""
     if cupy is not None and isinstance(array, cupy.ndarray):
+        raise_deferred()
         return cupy.asnumpy(array)
     return np.asarray(array)
+
+
+# Checks computed on the GPU and not read yet: (event after the flag's copy, pinned flag, error).
+_deferred = []
+
+
+def defer_check(failed, error):
+    """Have raise_deferred raise error() if the CuPy boolean scalar `failed` turns out True.
+
+    Reading `failed` now would make the host wait until the GPU has run everything queued
+    before it. Instead it is copied, in stream order, to pinned host memory and read once the
+    GPU has got there: without waiting at the next defer_check, waiting at raise_deferred.
+    """
+    import cupyx
+    raise_deferred(wait=False)  # retire the checks the GPU has already passed
+    flag = cupyx.empty_pinned((1,), np.bool_)
+    stream = cupy.cuda.get_current_stream()
+    failed.data.copy_to_host_async(flag.ctypes.data_as(ctypes.c_void_p), 1, stream)
+    _deferred.append((stream.record(), flag, error))
+
+
+def raise_deferred(wait=True):
+    """Raise the error of the first pending deferred check that failed, forgetting the others.
+
+    wait=True waits for the GPU to pass every pending check (that far only, not through all the
+    work queued since); wait=False reads only the checks it has passed already.
+    """
+    while _deferred and (wait or _deferred[0][0].done):
+        event, flag, error = _deferred.pop(0)
+        event.synchronize()
+        if flag[0]:
+            _deferred.clear()
+            raise error()
 
 
 def scatter_add(target, index, values):

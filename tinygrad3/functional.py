@@ -9,7 +9,7 @@ import numpy as np
 
 from .nn_ops.activation import GeGLU, GeluTanh, LogSoftmax, Softmax
 from .nn_ops.attention import Attention
-from .nn_ops.common import as_index_array, check_range
+from .nn_ops.common import as_index_array
 from .nn_ops.dense import Embedding, Linear
 from .nn_ops.loss import CrossEntropy
 from .nn_ops.norm import RMSNorm
@@ -36,10 +36,10 @@ def embedding(ids, weight):
     """Rows of weight (V, D) picked by integer ids of any shape: out has shape ids.shape + (D,).
 
     ids (a raw integer array or an integer Tensor) is never differentiated; ids outside
-    [0, V) raise ValueError.
+    [0, V) raise ValueError (ids already on the GPU: at the end of the next backward pass or
+    the next copy to the host, see nn_ops/common.check_range).
     """
-    ids = as_index_array(_data(ids), _data(weight), "embedding ids")
-    check_range(ids, weight.shape[0], "embedding ids")
+    ids = as_index_array(_data(ids), _data(weight), "embedding ids", weight.shape[0])
     return Embedding()(ids, weight)
 
 
@@ -124,9 +124,9 @@ def cross_entropy(logits, targets, ignore_index=-1):
     logits (N, V) or (B, T, V); targets (N,) or (B, T), a raw integer array or integer Tensor.
     Computed in float32 (float64 for float64 logits), returned as a scalar Tensor of that dtype.
     If every target is ignored the loss is 0 and the gradient is 0 (no division by zero).
-    Targets outside [0, V) other than ignore_index raise ValueError.
+    Targets outside [0, V) other than ignore_index raise ValueError (as embedding's ids do).
     """
-    targets = as_index_array(_data(targets), _data(logits), "cross_entropy targets")
+    targets = as_index_array(_data(targets), _data(logits), "cross_entropy targets", logits.shape[-1], ignore_index)
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"cross_entropy: targets of shape {tuple(targets.shape)} do not match logits "
                          f"{tuple(logits.shape)} (expected {tuple(logits.shape[:-1])})")

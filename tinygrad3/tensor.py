@@ -158,6 +158,9 @@ class Tensor:
         soon as this pass can add nothing more to `leaf.grad` (its `.grad` may still be None when
         every path to it carried no gradient). Data-parallel training uses it to start reducing a
         gradient across processes while the rest of the backward pass still runs.
+
+        At the end, a failed check that was deferred on the GPU (ids out of range) raises
+        (backend.raise_deferred), so no optimizer step takes gradients computed from bad ids.
         """
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad "
@@ -190,6 +193,7 @@ class Tensor:
             if uses is not None:
                 _count_down(fn, uses, leaf_hook)
             _drop(fn)
+        backend.raise_deferred()
 
     # ----- operators (implemented in ops.py) -----------------------------------
     def __add__(self, other): return ops.add(self, other)

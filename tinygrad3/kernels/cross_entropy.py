@@ -12,6 +12,10 @@ lse and loss_row (float32). Backward: one block per row reads z again and writes
 float16 gradient; the product with gy / N is done in float32 and rounded once at the end,
 so a loss scale carried in gy lifts small gradients above float16's underflow first.
 Rows of V % 8 == 0 halves are read and written 16 bytes at a time.
+
+A target outside [0, V) reads no logit: its row's loss is NaN. F.cross_entropy reports such
+targets (on the GPU after the fact, see nn_ops/common.check_range); until then the kernels
+stay inside their arrays.
 """
 import numpy as np
 
@@ -57,7 +61,7 @@ extern "C" __global__ void ce_fwd(const half_t* __restrict__ logits, const long 
         const float lse = m + logf(s);
         const long long t = targets[blockIdx.x];
         lse_out[blockIdx.x] = lse;
-        loss_out[blockIdx.x] = t == ignore ? 0.f : lse - h2f(z[t]);
+        loss_out[blockIdx.x] = t == ignore ? 0.f : (t >= 0 && t < V) ? lse - h2f(z[t]) : __int_as_float(0x7fc00000);
     }
 }
 
