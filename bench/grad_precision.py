@@ -12,10 +12,11 @@ of the same micro-batches' mean loss, times the loss scale (--loss-scale) and di
     ours-all-fp16             our model with every parameter fp16, norm weights and embedding too
                               (the recipe before they were kept float32), reference path
 
-For each parameter group (all q_proj weights, all input norms, ...) the table shows
-||g - g_ref|| / ||g_ref|| against the float32 gradient. Two PyTorch kernels that differ only in
-rounding give the scale of harmless error; a group where ours is far above both is where our fp16
-path loses information that autocast keeps.
+For each parameter group (all q_proj weights, all input norms, ...) the first table shows
+||g - g_ref|| / ||g_ref|| against the float32 gradient, the second how far each side lies from
+torch-eager's fp16 gradient. Two PyTorch kernels that differ only in rounding give the scale of
+harmless error; a group where ours is far above both is where our fp16 path loses information
+that autocast keeps.
 """
 import argparse
 import json
@@ -103,7 +104,7 @@ def our_gradient(model, device, batches, scale, fast_path):
 
 
 def compare(grads, reference):
-    """group -> ||g - ref|| / ||ref|| over the group's parameters, plus 'all' and non-finite counts."""
+    """group -> ||g - ref|| / ||ref|| over the group's parameters, plus 'all', and the non-finite count."""
     errors, norms = {}, {}
     for name, ref in reference.items():
         for group in (group_of(name), "all"):
@@ -147,19 +148,23 @@ def main(argv=None):
         grads["ours-all-fp16"] = our_gradient(all_fp16_model(trainer, weights), args.device, batches,
                                               args.loss_scale, False)
         table = {name: compare(g, ref) for name, g in grads.items()}
+        apart = {name: compare(g, grads["torch-eager"]) for name, g in grads.items() if name != "torch-eager"}
         results.append(dict(at=at, errors={n: e for n, (e, _) in table.items()},
+                            from_torch_eager={n: e for n, (e, _) in apart.items()},
                             nonfinite={n: c for n, (_, c) in table.items()}))
-        print_table(at, table)
+        print_table(f"after {at} float32 updates: ||g - g_fp32|| / ||g_fp32|| per parameter group", table)
+        print_table(f"after {at} float32 updates: ||g - g_eager|| / ||g_eager|| (apart from torch-eager's fp16)",
+                    apart)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "grad_precision.json"), "w") as f:
         json.dump(dict(args=vars(args), results=results), f, indent=1)
     return 0
 
 
-def print_table(at, table):
+def print_table(title, table):
     names = list(table)
     groups = list(next(iter(table.values()))[0])
-    print(f"\nafter {at} float32 updates: ||g - g_fp32|| / ||g_fp32|| per parameter group")
+    print(f"\n{title}")
     width = [max(11, len(n)) + 2 for n in names]
     print(f"{'group':<26}" + "".join(f"{n:>{w}}" for n, w in zip(names, width)))
     for group in groups:

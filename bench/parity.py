@@ -37,8 +37,8 @@ TRAIN_FLAGS = ("preset", "data", "device", "dtype", "block_size", "batch_size", 
                "scale_growth_interval", "eval_batches", "seed")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description=__doc__):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--preset", default="tiny", choices=train.Gemma3Config.PRESETS)
     a("--data", default="synthetic", help="as train.py's --data: 'synthetic', a prepared directory, ...")
@@ -62,6 +62,11 @@ def parse_args(argv=None):
     a("--final-tolerance", type=float, default=None, help="largest relative difference of the final "
       "validation loss (default: --tolerance)")
     a("--out", default=None, help="output directory (default runs/parity-<preset>-<dtype>)")
+    return p
+
+
+def parse_args(argv=None, parser=None):
+    p = parser or build_parser()
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float64")
     if args.device == "cuda" and args.dtype != "float16":

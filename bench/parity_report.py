@@ -5,7 +5,8 @@ import os
 import platform
 
 LABELS = {"ours": "tinygrad3", "torch": "PyTorch (HF Gemma3ForCausalLM)",
-          "eager": "PyTorch, eager attention", "sdpa": "PyTorch, SDPA attention"}
+          "eager": "PyTorch, eager attention", "sdpa": "PyTorch, SDPA attention",
+          "fp16": "PyTorch, fp16 autocast", "fp32": "PyTorch, float32"}
 
 
 def columns(names):

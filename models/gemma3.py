@@ -90,9 +90,9 @@ class Gemma3DecoderLayer(Module):
 
     def forward(self, h, cache=None):
         compute = self.mlp.gate_proj.weight.dtype  # the GEMMs' dtype (norm weights may be float32)
-        x = cast(self.input_layernorm(h), compute)
+        x = self.input_layernorm(h, out_dtype=compute)
         h = h + self.post_attention_layernorm(self.self_attn(x, cache))
-        x = cast(self.pre_feedforward_layernorm(h), compute)
+        x = self.pre_feedforward_layernorm(h, out_dtype=compute)
         return h + self.post_feedforward_layernorm(self.mlp(x))
 
 
@@ -122,7 +122,7 @@ class Gemma3TextModel(Module):
             h = layer(h, None if cache is None else cache.layer(i))
         if cache is not None:
             cache.advance(idx.shape[1])
-        return cast(self.norm(h), compute)
+        return self.norm(h, out_dtype=compute)
 
 
 class Gemma3(Module):

@@ -95,20 +95,34 @@ def test_a_planted_difference_fails_the_run(synthetic_dir, tmp_path, monkeypatch
     assert report["updates"][0]["rel"] < 1e-6 < _worst(report)  # the first loss precedes any update
 
 
-def test_the_control_runs_pytorch_against_itself_with_the_same_report(synthetic_dir, tmp_path):
-    """bench/torch_self_parity.py: eager against SDPA attention, the same table, files and verdict."""
+def _control(data, out, *extra):
     from bench import torch_self_parity
 
-    argv = ["--preset", "tiny", "--data", synthetic_dir, "--device", "cpu", "--dtype", "float64",
-            "--out", str(tmp_path), "--updates", "4", "--eval-every", "2", "--eval-batches", "2",
-            "--batch-size", "4", "--block-size", "32", "--warmup", "1", "--tolerance", "1e-6"]
-    assert torch_self_parity.main(argv) == 0
-    with open(tmp_path / "parity.json") as f:
-        report = json.load(f)
+    argv = ["--preset", "tiny", "--data", data, "--device", "cpu", "--out", str(out), "--updates", "4",
+            "--eval-every", "2", "--eval-batches", "2", "--batch-size", "4", "--block-size", "32",
+            "--warmup", "1", *extra]
+    code = torch_self_parity.main(argv)
+    with open(out / "parity.json") as f:
+        return code, json.load(f)
+
+
+def test_the_control_runs_pytorch_against_itself_with_the_same_report(synthetic_dir, tmp_path):
+    """bench/torch_self_parity.py: eager against SDPA attention, the same table, files and verdict."""
+    code, report = _control(synthetic_dir, tmp_path, "--dtype", "float64", "--tolerance", "1e-6")
+    assert code == 0
     assert report["summary"]["sides"] == ["eager", "sdpa"] and len(report["updates"]) == 4
     assert [e["step"] for e in report["evals"]] == [0, 2, 4]
     assert all(e["rel_val"] <= 1e-6 for e in report["evals"])  # the same maths in float64
     assert report["evals"][-1]["eager_val"] < report["evals"][0]["eager_val"]  # it trained
+
+
+def test_the_float32_control_trains_fp16_autocast_against_float32(synthetic_dir, tmp_path):
+    code, report = _control(synthetic_dir, tmp_path, "--dtype", "float16", "--control", "float32",
+                            "--tolerance", "1e-2")
+    assert code == 0, report["summary"]["message"]
+    assert report["summary"]["sides"] == ["fp16", "fp32"]
+    assert report["updates"][0]["fp16_scale"] == 2.0 ** 16 and report["updates"][0]["fp32_scale"] == 1.0
+    assert 0 < report["evals"][0]["rel_val"] < 1e-2  # fp16 rounding, visible but small
 
 
 def test_single_batch_losses_are_bounded_only_when_asked():
