@@ -15,8 +15,9 @@ into a flat "compute" buffer of the parameters' own dtype:
     float32, see nn.Parameter): the float32 ones are views of the master buffer, the fp16 ones
     views of the fp16 compute buffer (whose slots under float32 parameters go unused).
 
-Every step is a handful of whole-buffer operations, whatever the number of parameters (a
-later fused kernel can do them in one or a few launches).
+Every step is a handful of whole-buffer operations, whatever the number of parameters. With
+the fast path's "adamw" family on and float32 CuPy masters, the clip, the update and the
+refresh of the fp16 copy run as one kernel (tinygrad3/kernels/adamw.py), with the same result.
 
 Build the optimizer AFTER loading weights: `Module.load_state_dict` and `Module.to` replace
 `.data` with new arrays, which cuts the parameters loose from the flat buffers. If that happens
@@ -27,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tinygrad3 import backend
+from tinygrad3 import backend, kernels
+from tinygrad3.kernels import adamw
 
 # The dtype the masters and moments are kept in, for each parameter dtype.
 MASTER_DTYPE = {np.dtype(np.float16): np.dtype(np.float32),
@@ -155,8 +157,8 @@ class AdamW:
 
         # One reduction answers both questions: sum(g^2) is inf/NaN exactly when some gradient
         # is inf/NaN (or so large that its square overflows, which would put inf into v), and
-        # otherwise it is the squared global norm. float() is a host sync; a fused kernel will
-        # keep the flag on the GPU and skip the update there instead.
+        # otherwise it is the squared global norm. float() is a host sync (the result feeds the
+        # loss scaler and the log); keeping the flag on the GPU would skip the update there instead.
         sum_sq = float(self._xp.dot(grad, grad))
         grad_norm = math.sqrt(sum_sq)  # inf or NaN when sum_sq is
         if not math.isfinite(sum_sq):
@@ -169,10 +171,13 @@ class AdamW:
             # Clip the UNSCALED gradients: the scaled ones are `scale` times too large, so clipping
             # them would compare the wrong norm with clip_norm. Same rule as clip_grad_norm_.
             clip_coef = min(1.0, clip_norm / (grad_norm + 1e-6))
+        if kernels.use_fast("adamw", self.master, grad, dtypes=(np.float32,)):
+            self._fused_update(grad, lr, clip_coef)
+        else:
             if clip_coef < 1.0:
                 grad *= clip_coef
-        self._update(grad, lr)
-        self._refresh_compute()
+            self._update(grad, lr)
+            self._refresh_compute()
         return StepResult(found_inf=False, grad_norm=grad_norm, clip_coef=clip_coef)
 
     def _gather_grads(self, inv_scale):
@@ -216,6 +221,20 @@ class AdamW:
         # eps is added after the bias correction, as torch does.
         denom = self._xp.sqrt(self.v) / math.sqrt(bias_correction2) + self.eps
         self.master -= (lr / bias_correction1) * self.m / denom
+
+    def _fused_update(self, g, lr, clip_coef):
+        """The clip, `_update` and `_refresh_compute` in one kernel launch, rounding as they do.
+
+        The unscale stays a pass of its own before the norm (in `_gather_grads`): folding it into
+        the kernel would mean taking the norm of the SCALED gradients, whose squares overflow
+        float32 (a skipped step) where the unscaled ones do not, and rounding g * inv_scale * clip
+        differently from the two separate products.
+        """
+        self.step_count += 1
+        compute = None if self._compute is self.master else self._compute
+        adamw.update(self.master, self.m, self.v, g, compute, coef=clip_coef, lr=lr,
+                     weight_decay=self.weight_decay, num_decayed=self.num_decayed, betas=self.betas,
+                     eps=self.eps, step=self.step_count)
 
     def _refresh_compute(self):
         """fp16 parameters: write the freshly updated masters into the fp16 copy (one cast-copy)."""

@@ -2,7 +2,8 @@
 
 On the CPU (CI): each kernel family's NumPy reference against the engine's reference op, and
 the cuBLAS argument arithmetic against a NumPy model of column-major GEMM.
-On a GPU (`gpu` marker): each kernel against its NumPy reference on fresh random inputs, the
+On a GPU (`gpu` marker): each kernel against its NumPy reference on fresh random inputs (the
+AdamW step's reference is checked against nn.optim.AdamW in tests/test_optim.py), the
 dispatch through F with the fast path on, and 20 fp16 training updates of the tiny preset
 whose losses must match the reference path's.
 """
@@ -11,7 +12,7 @@ import pytest
 
 import tinygrad3.functional as F
 from tinygrad3 import Tensor, backend, gradcheck
-from tinygrad3.kernels import attention, cross_entropy, fast, geglu, gemm, rmsnorm, rope
+from tinygrad3.kernels import adamw, attention, cross_entropy, fast, geglu, gemm, rmsnorm, rope
 from tinygrad3.kernels.cuda import grid_stride_blocks
 from tinygrad3.nn_ops.rope import rope_tables
 
@@ -304,6 +305,32 @@ def test_attention_kernels(gpu_xp, rng, b, hq, hkv, tq, tk, d, window):
     grads = attention.backward(*(cp.asarray(a) for a in (go, q, k, v)), p, scale, window, offset)
     for name, ours, ref in zip("qkv", grads, attention.reference_backward(go, q, k, v, rp, scale, window, offset)):
         close16(ours, ref, tol=4e-3, what=f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 4097, 3_000_001])  # the last needs several grid-stride passes
+@pytest.mark.parametrize("decayed", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("with_compute", [True, False])
+def test_adamw_kernel(gpu_xp, rng, n, decayed, with_compute):
+    """The fused AdamW step against its NumPy reference: within two float32 ulps (it rounds each
+    operation as the reference does, so equal in practice); the float16 copy is float16(master)."""
+    cp = gpu_xp
+    master = rng.standard_normal(n).astype(np.float32)
+    m = (0.01 * rng.standard_normal(n)).astype(np.float32)
+    v = (1e-4 * rng.random(n)).astype(np.float32)
+    grad = (0.05 * rng.standard_normal(n)).astype(np.float32)
+    hyper = dict(coef=0.37, lr=3e-3, weight_decay=0.1, num_decayed=int(decayed * n), betas=(0.9, 0.95),
+                 eps=1e-8, step=3)
+    buffers = [cp.asarray(a) for a in (master, m, v, grad)]
+    compute = cp.full(n, np.nan, np.float16) if with_compute else None
+    adamw.update(*buffers, compute, **hyper)
+    expected = adamw.reference_update(master, m, v, grad, np.float16 if with_compute else None, **hyper)
+    for actual, want in zip(buffers, expected[:3]):  # master, m, v
+        np.testing.assert_array_max_ulp(cp.asnumpy(actual), want, maxulp=2)
+    if with_compute:
+        np.testing.assert_array_equal(cp.asnumpy(compute), cp.asnumpy(buffers[0]).astype(np.float16))
+        close16(compute, expected[3], what="compute")
+    np.testing.assert_array_equal(cp.asnumpy(buffers[3]), grad)  # the gradient is only read
 
 
 @pytest.mark.gpu

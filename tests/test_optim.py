@@ -1,9 +1,11 @@
-"""AdamW: equal to torch.optim.AdamW, the decay rule, fp16 masters, checkpoints, errors, GPU."""
+"""AdamW: equal to torch.optim.AdamW, the decay rule, fp16 masters, checkpoints, errors, the
+fused kernel's reference, GPU (CuPy against NumPy, the fused kernel against the reference path)."""
 import numpy as np
 import pytest
 
 from nn.module import Module, Parameter
 from nn.optim import AdamW
+from tinygrad3.kernels import adamw, fast
 
 SHAPES = {
     "model.embed_tokens.weight": (11, 6),
@@ -15,6 +17,7 @@ SHAPES = {
     "lm_head.weight": (11, 6),
 }
 DECAYED = {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight", "lm_head.weight"}
+KEEP32 = {n for n in SHAPES if len(SHAPES[n]) == 1 or "embed" in n}  # float32 under mixed precision
 STEPS = 20
 
 
@@ -34,6 +37,11 @@ def lr_at(step):
 
 def make_params(values, dtype, xp=np):
     return [(name, Parameter(xp.asarray(values[name].astype(dtype)))) for name in SHAPES]
+
+
+def mixed_params(values, xp=np):
+    """Mixed precision: the KEEP32 parameters float32, the rest fp16."""
+    return [(n, Parameter(xp.asarray(values[n].astype(np.float32 if n in KEEP32 else np.float16)))) for n in SHAPES]
 
 
 def run_ours(values, grads, dtype, clip_norm=None, xp=np, **kwargs):
@@ -133,8 +141,7 @@ def test_mixed_fp16_and_float32_params_share_one_float32_master():
     the rest are fp16 copies; the update is the same as an all-float32 run's either way."""
     values = {n: v.astype(np.float16).astype(np.float64) for n, v in initial_values().items()}
     grads = [{n: g.astype(np.float16).astype(np.float64) for n, g in step.items()} for step in gradient_sequence()]
-    keep32 = {n for n in SHAPES if len(SHAPES[n]) == 1 or "embed" in n}
-    params = [(n, Parameter(values[n].astype(np.float32 if n in keep32 else np.float16))) for n in SHAPES]
+    params = mixed_params(values)
     opt = AdamW(params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     for step, g in enumerate(grads):
         for name, p in params:
@@ -143,11 +150,39 @@ def test_mixed_fp16_and_float32_params_share_one_float32_master():
     _, reference, _ = run_ours(values, grads, np.float32, clip_norm=1.0)
     np.testing.assert_array_equal(opt.master, reference.master)
     for name, p in params:
-        if name in keep32:
+        if name in KEEP32:
             assert p.dtype == np.float32 and np.shares_memory(p.data, opt.master)
         else:
             assert p.dtype == np.float16
             np.testing.assert_array_equal(p.data, opt.master_of(name).astype(np.float16))
+
+
+def test_fused_kernel_reference_equals_the_reference_path():
+    """tinygrad3/kernels/adamw.py's NumPy reference, given the gathered unscaled gradients and the
+    clip factor, reproduces AdamW.step bit for bit: decay prefix, clipping on and off, fp16 copy."""
+    params = mixed_params(initial_values())
+    opt = AdamW(params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    assert 0 < opt.num_decayed < opt.num_params
+    names = opt.decayed_names() + opt.undecayed_names()
+    ends = np.cumsum([np.prod(SHAPES[n]) for n in names])
+    by_name = dict(params)
+    master, m, v = opt.master.copy(), opt.m.copy(), opt.v.copy()
+    inv_scale = 1 / 64
+    for step, g in enumerate(gradient_sequence(6, scale=64)):
+        for name, p in params:
+            p.grad = g[name].astype(p.dtype)
+        result = opt.step(lr_at(step), inv_scale=inv_scale, clip_norm=1.0 if step % 2 else None)
+        assert (result.clip_coef < 1.0) == bool(step % 2)
+        grad = np.concatenate([by_name[n].grad.astype(np.float32).reshape(-1) for n in names]) * np.float32(inv_scale)
+        master, m, v, compute = adamw.reference_update(
+            master, m, v, grad, np.float16, coef=result.clip_coef, lr=lr_at(step), weight_decay=0.1,
+            num_decayed=opt.num_decayed, betas=(0.9, 0.95), eps=1e-8, step=step + 1)
+        np.testing.assert_array_equal(opt.master, master)
+        np.testing.assert_array_equal(opt.m, m)
+        np.testing.assert_array_equal(opt.v, v)
+        for name, end in zip(names, ends):
+            if by_name[name].dtype == np.float16:
+                np.testing.assert_array_equal(by_name[name].data.reshape(-1), compute[end - by_name[name].size:end])
 
 
 def test_small_fp16_gradients_are_unscaled_in_float32():
@@ -284,3 +319,44 @@ def test_cupy_step_matches_numpy(gpu_xp, dtype):
         assert isinstance(gpu[name].data, gpu_xp.ndarray) and gpu[name].dtype == dtype
         np.testing.assert_allclose(gpu_xp.asnumpy(gpu[name].data).astype(np.float32),
                                    cpu[name].data.astype(np.float32), rtol=2e-3, atol=2e-3, err_msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["mixed", "float32"])
+def test_fused_step_matches_reference_path(gpu_xp, monkeypatch, precision):
+    """The fast path's AdamW (one kernel) against the reference path for 10 steps: loss scale,
+    clipping on every step, and step 4's inf gradient skipped (nothing written)."""
+    values, grads = initial_values(), gradient_sequence(10, scale=1024)
+    grads[4]["lm_head.weight"][0, 0] = np.inf
+    launches = []
+    update = adamw.update
+    monkeypatch.setattr(adamw, "update", lambda *args, **kwargs: (launches.append(1), update(*args, **kwargs)))
+
+    def run(enabled):
+        params = mixed_params(values, gpu_xp) if precision == "mixed" else make_params(values, np.float32, gpu_xp)
+        opt = AdamW(params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        results = []
+        with fast(enabled, families=("adamw",)):
+            for step, g in enumerate(grads):
+                for name, p in params:
+                    p.grad = gpu_xp.asarray(g[name].astype(p.dtype))
+                results.append(opt.step(lr_at(step), inv_scale=1 / 1024, clip_norm=1.0))
+        return dict(params), opt, results
+
+    ref, ref_opt, ref_results = run(False)
+    assert not launches
+    fused, fused_opt, fused_results = run(True)
+    assert len(launches) == 9 and fused_opt.step_count == ref_opt.step_count == 9
+    assert [r.found_inf for r in fused_results] == [r.found_inf for r in ref_results] == [s == 4 for s in range(10)]
+    assert all(r.clip_coef < 1.0 for r in fused_results if not r.found_inf)
+    np.testing.assert_allclose([r.grad_norm for r in fused_results], [r.grad_norm for r in ref_results], rtol=1e-6)
+    for buffer in ("master", "m", "v"):
+        np.testing.assert_allclose(gpu_xp.asnumpy(getattr(fused_opt, buffer)), gpu_xp.asnumpy(getattr(ref_opt, buffer)),
+                                   rtol=1e-5, atol=1e-7, err_msg=buffer)
+    for name in SHAPES:
+        p = fused[name]
+        assert p.dtype == ref[name].dtype
+        np.testing.assert_array_equal(gpu_xp.asnumpy(p.data), gpu_xp.asnumpy(fused_opt.master_of(name).astype(p.dtype)),
+                                      err_msg=name)  # the kernel wrote the fp16 copy
+        np.testing.assert_allclose(gpu_xp.asnumpy(p.data).astype(np.float32), gpu_xp.asnumpy(ref[name].data).astype(np.float32),
+                                   rtol=2e-3, atol=1e-6, err_msg=name)

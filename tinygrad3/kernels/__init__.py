@@ -5,7 +5,8 @@ the definition of every op. With the fast path on (`TINYGRAD3_FAST=1` in the env
 or `set_fast(True)`), an op whose inputs are float16 CuPy arrays calls the fused kernel of
 its family instead; any other input (NumPy, float32, float64) still takes the reference path.
 RMSNorm's kernels also take float32 x and w and write float32 or float16 y, as the model's
-float32 residual stream and float32 norm weights need.
+float32 residual stream and float32 norm weights need. The AdamW kernel works on the
+optimizer's float32 flat buffers (nn/optim.py asks `use_fast` with `dtypes=(np.float32,)`).
 
 One module per kernel family, each holding its CUDA source, the derivation of what it
 computes, and a NumPy function computing the same thing step for step (the kernel's
@@ -17,6 +18,7 @@ reference in tests):
     gemm.py           cuBLAS strided-batched GEMM, float16 in, float32 accumulation
     attention.py      attention from those GEMMs and a fused masked softmax
     rope.py           rotary embedding, forward and backward in one strided kernel
+    adamw.py          the AdamW update and the float16 weight copy in one pass
 
 Each family can be switched on alone (`set_fast(True, families=("attention",))`), which is
 how bench/throughput.py --ablation measures what each one buys.
@@ -28,7 +30,7 @@ import numpy as np
 
 from .. import backend
 
-FAMILIES = ("rmsnorm", "geglu", "cross_entropy", "attention", "rope")
+FAMILIES = ("rmsnorm", "geglu", "cross_entropy", "attention", "rope", "adamw")
 
 _on = frozenset(FAMILIES) if os.environ.get("TINYGRAD3_FAST", "").strip() not in ("", "0") else frozenset()
 
