@@ -5,9 +5,9 @@
                 h = h + post_ffw_norm(mlp(pre_ffw_norm(h)))
     logits = lm_head(norm(h))
 
-Attention: q/k/v projections; RMSNorm over head_dim on q and k; RoPE with the layer's base;
-scores scaled by query_pre_attn_scalar**-0.5; causal, or sliding-window causal on
-"sliding_attention" layers; multi-query when there is one KV head.
+Attention: q/k/v projections; RMSNorm over head_dim on q and k, then RoPE with the layer's base
+(both in F.qk_norm_rope); scores scaled by query_pre_attn_scalar**-0.5; causal, or sliding-window
+causal on "sliding_attention" layers; multi-query when there is one KV head.
 MLP (GeGLU): down(gelu_tanh(gate(x)) * up(x)), through F.geglu.
 Parameter names are Hugging Face's, so their checkpoints load with load_state_dict.
 """
@@ -45,20 +45,21 @@ class Gemma3Attention(Module):
         self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps)
         self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps)
 
-    def heads(self, x, proj, num_heads, norm=None):
-        """(B, T, hidden) -> (B, heads, T, head_dim), normalised over head_dim when a norm is given."""
+    def heads(self, x, proj, num_heads):
+        """(B, T, hidden) -> (B, T, heads, head_dim)."""
         B, T, _ = x.shape
-        y = proj(x).reshape(B, T, num_heads, self.head_dim)
-        if norm is not None:
-            y = norm(y)
-        return y.transpose(0, 2, 1, 3)
+        return proj(x).reshape(B, T, num_heads, self.head_dim)
+
+    def rotated_heads(self, x, proj, num_heads, norm, offset):
+        """(B, T, hidden) -> (B, heads, T, head_dim), normalised over head_dim and rotated (q and k)."""
+        return F.qk_norm_rope(self.heads(x, proj, num_heads), norm.weight, norm.eps, self.rope_base, offset)
 
     def forward(self, x, cache=None):
         B, T, _ = x.shape
         offset = 0 if cache is None else cache.position
-        q = F.rope(self.heads(x, self.q_proj, self.num_heads, self.q_norm), self.rope_base, offset)
-        k = F.rope(self.heads(x, self.k_proj, self.num_kv_heads, self.k_norm), self.rope_base, offset)
-        v = self.heads(x, self.v_proj, self.num_kv_heads)
+        q = self.rotated_heads(x, self.q_proj, self.num_heads, self.q_norm, offset)
+        k = self.rotated_heads(x, self.k_proj, self.num_kv_heads, self.k_norm, offset)
+        v = self.heads(x, self.v_proj, self.num_kv_heads).transpose(0, 2, 1, 3)
         if cache is None:
             y = F.attention(q, k, v, self.scale, window=self.window)
         else:

@@ -179,6 +179,45 @@ def test_rope_errors(xp, rng):
         F.rope(Tensor(xp.asarray(rng.standard_normal((1, 1, 2, 4)))), 10000.0, offset=-1)
 
 
+# ----- qk_norm_rope ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("offset", [0, 7])
+def test_qk_norm_rope(xp, torch, rng, offset):
+    x, w = rng.standard_normal((2, 3, 2, 6)), 0.3 * rng.standard_normal(6)
+    fn = lambda x, w: F.qk_norm_rope(x, w, 1e-6, 100.0, offset)  # noqa: E731
+    check_grad(xp, fn, [x, w])
+    torch_norm, torch_rotate = torch_rms_norm(torch, 1e-6), torch_rope(torch, 100.0, offset)
+    tol = 1e-6 + 2e-7 * (offset + x.shape[1])  # float32 angles, as test_rope
+    compare_with_torch(torch, xp, fn, lambda x, w: torch_rotate(torch_norm(x, w).transpose(1, 2)), [x, w],
+                       rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_qk_norm_rope_is_the_three_ops(xp, rng, dtype):
+    """Off the fast path, F.qk_norm_rope is the composition: equal outputs and gradients."""
+    x, w = rng.standard_normal((2, 5, 4, 8)).astype(dtype), (0.3 * rng.standard_normal(8)).astype(np.float32)
+    gy = xp.asarray(rng.standard_normal((2, 4, 5, 8)).astype(dtype))
+    results = []
+    for fn in (lambda x, w: F.qk_norm_rope(x, w, 1e-6, 1e4, 3),
+               lambda x, w: F.rope(F.rms_norm(x, w, 1e-6).transpose(0, 2, 1, 3), 1e4, 3)):
+        tx, tw = Tensor(xp.asarray(x), requires_grad=True), Tensor(xp.asarray(w), requires_grad=True)
+        with fast(False):
+            out = fn(tx, tw)
+            out.backward(gy)
+        results.append([host(a) for a in (out.data, tx.grad, tw.grad)])
+    for ours, theirs in zip(*results):
+        assert ours.dtype == theirs.dtype
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_qk_norm_rope_errors(xp, rng):
+    x = Tensor(xp.asarray(rng.standard_normal((1, 2, 1, 4))))
+    with pytest.raises(ValueError, match="B, T, H, D"):
+        F.qk_norm_rope(x, Tensor(xp.zeros(5)), 1e-6, 1e4)
+    with pytest.raises(ValueError, match="offset"):
+        F.qk_norm_rope(x, Tensor(xp.zeros(4)), 1e-6, 1e4, offset=-1)
+
+
 # ----- attention ---------------------------------------------------------------------------
 
 def torch_attention(torch, scale, window=None, q_offset=None):

@@ -12,8 +12,9 @@ import pytest
 
 import tinygrad3.functional as F
 from tinygrad3 import Tensor, backend, gradcheck
-from tinygrad3.kernels import adamw, attention, cross_entropy, fast, geglu, gemm, rmsnorm, rope
+from tinygrad3.kernels import adamw, attention, cross_entropy, fast, geglu, gemm, qk_norm_rope, rmsnorm, rope
 from tinygrad3.kernels.cuda import grid_stride_blocks
+from tinygrad3.nn_ops.qk_norm_rope import QKNormRoPE
 from tinygrad3.nn_ops.rope import rope_tables
 
 TOL = 2e-3  # float16 results: about two ulps, relative to the largest value
@@ -111,6 +112,20 @@ def test_rope_reference_matches_engine(rng):
     cos, sin = (t[5:12] for t in rope_tables(16, 10_000.0, 12, np))
     close16(rope.reference_forward(x, cos, sin), y, what="y")
     close16(rope.reference_backward(gy, cos, sin), gx, what="dx")
+
+
+@pytest.mark.parametrize("w_dtype", [np.float16, np.float32])
+def test_qk_norm_rope_reference_matches_engine(rng, w_dtype):
+    """The fused kernel's reference against the reference path (which rounds the normalised x to
+    float16 before RoPE; the kernel does not)."""
+    x, w, gy = half(rng, (2, 7, 3, 16), 3), half(rng, 16, 0.2, w_dtype), half(rng, (2, 3, 7, 16), 100)
+    y, (gx, gw) = run_op(lambda x, w: F.qk_norm_rope(x, w, 1e-6, 10_000.0, offset=5), [x, w], gy)
+    cos, sin = (t[5:12] for t in rope_tables(16, 10_000.0, 12, np))
+    ry, rstd = qk_norm_rope.reference_forward(x, w, 1e-6, cos, sin)
+    rgx, rgw = qk_norm_rope.reference_backward(gy, x, w, cos, sin, rstd)
+    close16(ry, y, what="y")
+    close16(rgx, gx, tol=4e-3, what="dx")
+    close16(rgw, gw, tol=4e-3, what="dw")
 
 
 def colmajor_gemm(transa, transb, m, n, k, alpha, a, lda, stride_a, b, ldb, stride_b, ldc, stride_c, batch):
@@ -284,6 +299,58 @@ def test_rope_kernel_reads_and_writes_through_strides(gpu_xp, rng):
     gx = rope.backward(cp.asarray(gy), cos, sin, rope.layout(x))
     assert gx.strides == x.strides  # the input's layout, so the transpose back is free
     close16(gx, rope.reference_backward(gy, cp.asnumpy(cos), cp.asnumpy(sin)), what="dx")
+
+
+QK_NORM_ROPE_CASES = [  # (B, T, H, D, offset): the model's head_dim and a small one; 4 query heads, 1 KV head
+    (2, 37, 4, 256, 0), (2, 37, 1, 256, 9), (3, 20, 4, 32, 300), (1, 5, 1, 32, 0), (2, 3000, 1, 256, 0)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("w_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("b,t,h,d,offset", QK_NORM_ROPE_CASES)
+def test_qk_norm_rope_kernel(gpu_xp, rng, b, t, h, d, offset, w_dtype):
+    """Against the NumPy reference; gy through a transposed view (as attention's backward may give
+    it); the last case has more rows than blocks, so the backward's grid-stride loop and dw sum run."""
+    cp = gpu_xp
+    x, w = half(rng, (b, t, h, d), 3), half(rng, d, 0.2, w_dtype)
+    gy = half(rng, (b, t, h, d), 100)  # read as (B, H, T, D) through a transpose
+    cos, sin = (a[offset:offset + t] for a in rope_tables(d, 1e4, offset + t, cp))
+    poison(cp, ((b, h, t, d), np.float16), ((b * t * h,), np.float32))
+    y, rstd = qk_norm_rope.forward(cp.asarray(x), cp.asarray(w), 1e-6, cos, sin)
+    ry, rrstd = qk_norm_rope.reference_forward(x, w, 1e-6, cp.asnumpy(cos), cp.asnumpy(sin))
+    assert y.dtype == np.float16 and y.flags.c_contiguous
+    close16(y, ry, what="y")
+    close16(rstd, rrstd, tol=1e-5, what="rstd")
+    poison(cp, (x.shape, np.float16), ((d,), w_dtype))
+    gy_view = cp.asarray(gy).transpose(0, 2, 1, 3)
+    gx, gw = qk_norm_rope.backward(gy_view, cp.asarray(x), cp.asarray(w), cos, sin, rstd)
+    rgx, rgw = qk_norm_rope.reference_backward(gy.transpose(0, 2, 1, 3), x, w, cp.asnumpy(cos), cp.asnumpy(sin),
+                                               rrstd)
+    assert gx.dtype == np.float16 and gx.shape == x.shape and gw.dtype == w_dtype
+    close16(gx, rgx, what="dx")
+    close16(gw, rgw, tol=tol_of(w_dtype) if w_dtype == np.float16 else 1e-4, what="dw")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("w_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("b,t,h,d,offset", QK_NORM_ROPE_CASES[:4])
+def test_qk_norm_rope_fast_equals_reference_path(gpu_xp, rng, b, t, h, d, offset, w_dtype):
+    """F.qk_norm_rope with the family on (one fused Function) against the reference path (the three
+    ops, fast path off), forward and backward: equal within float16 tolerance (the reference path
+    rounds the normalised x to float16 once more)."""
+    cp = gpu_xp
+    arrays = [cp.asarray(half(rng, (b, t, h, d), 3)), cp.asarray(half(rng, d, 0.2, w_dtype))]
+    gy = cp.asarray(half(rng, (b, h, t, d), 100))
+    fn = lambda x, w: F.qk_norm_rope(x, w, 1e-6, 1e4, offset)  # noqa: E731
+    with fast(False):
+        ref_out, ref_grads = run_op(fn, arrays, gy)
+    with fast(True, families=("qk_norm_rope",)):
+        assert isinstance(fn(Tensor(arrays[0]), Tensor(arrays[1], requires_grad=True))._creator, QKNormRoPE)
+        out, grads = run_op(fn, arrays, gy)
+    close16(out, ref_out, what="out")
+    for name, g, rg in zip(("dx", "dw"), grads, ref_grads):
+        assert g.dtype == rg.dtype, name
+        close16(g, rg, tol=4e-3, what=name)
 
 
 ATTENTION_CASES = [  # (B, Hq, Hkv, Tq, Tk, D, window)

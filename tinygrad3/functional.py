@@ -13,10 +13,11 @@ from .nn_ops.common import as_index_array
 from .nn_ops.dense import Embedding, Linear
 from .nn_ops.loss import CrossEntropy
 from .nn_ops.norm import RMSNorm
+from .nn_ops.qk_norm_rope import QKNormRoPE, fused
 from .nn_ops.rope import RoPE
 from .tensor import Tensor
 
-__all__ = ["linear", "embedding", "rms_norm", "rope", "attention", "gelu_tanh", "geglu", "softmax",
+__all__ = ["linear", "embedding", "rms_norm", "rope", "qk_norm_rope", "attention", "gelu_tanh", "geglu", "softmax",
            "log_softmax", "cross_entropy"]
 
 
@@ -63,10 +64,30 @@ def rope(x, base, offset=0):
     """
     if x.shape[-1] % 2:
         raise ValueError(f"rope needs an even last dimension, got {x.shape[-1]}")
+    return RoPE(base, _position_offset(offset))(x)
+
+
+def _position_offset(offset):
     offset = int(offset)
     if offset < 0:
         raise ValueError(f"rope offset must be >= 0, got {offset}")
-    return RoPE(base, offset)(x)
+    return offset
+
+
+def qk_norm_rope(x, weight, eps, base, offset=0):
+    """Attention's query or key heads x (B, T, H, D) -> (B, H, T, D): Gemma RMSNorm over D with
+    weight (D,), the heads moved before the positions, then RoPE for positions offset .. offset+T-1.
+
+    Equal to rope(rms_norm(x, weight, eps).transpose(0, 2, 1, 3), base, offset), which is the
+    reference path; the fast path (family "qk_norm_rope") does it in one kernel each way.
+    """
+    if len(x.shape) != 4 or tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(f"qk_norm_rope: x must be (B, T, H, D) and weight (D,), got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    offset = _position_offset(offset)
+    if fused(_data(x), _data(weight)):
+        return QKNormRoPE(eps, base, offset)(x, weight)
+    return rope(rms_norm(x, weight, eps).transpose(0, 2, 1, 3), base, offset)
 
 
 def attention(q, k, v, scale, window=None, q_offset=None):

@@ -18,6 +18,7 @@ reference in tests):
     gemm.py           cuBLAS strided-batched GEMM, float16 in, float32 accumulation
     attention.py      attention from those GEMMs and a fused masked softmax
     rope.py           rotary embedding, forward and backward in one strided kernel
+    qk_norm_rope.py   attention's q/k RMSNorm, head transpose and RoPE, one kernel each way
     adamw.py          the AdamW update and the float16 weight copy in one pass
 
 Each family can be switched on alone (`set_fast(True, families=("attention",))`), which is
@@ -30,7 +31,7 @@ import numpy as np
 
 from .. import backend
 
-FAMILIES = ("rmsnorm", "geglu", "cross_entropy", "attention", "rope", "adamw")
+FAMILIES = ("rmsnorm", "geglu", "cross_entropy", "attention", "rope", "qk_norm_rope", "adamw")
 
 _on = frozenset(FAMILIES) if os.environ.get("TINYGRAD3_FAST", "").strip() not in ("", "0") else frozenset()
 

@@ -166,10 +166,18 @@ def backward(gy, x, w, rstd):
     source = typed_source(x.dtype, w.dtype, gy.dtype)
     blocks = grid_stride_blocks(rows, 1, per_sm=8)
     part = cupy.empty((blocks, d), np.float32)
-    dw = cupy.empty(d, w.dtype)
     kernel(source, "rms_norm_bwd")((blocks,), (THREADS,), (gy, x, w, rstd, gx, part, np.int64(rows), np.int32(d)))
+    return gx, sum_partials(source, part, w.dtype)
+
+
+def sum_partials(source, part, w_dtype):
+    """dw (D,), in w_dtype: per-block partial sums (blocks, D) added up over blocks by the
+    rms_norm_dw kernel of `source` (a typed_source, or one that starts with it)."""
+    import cupy
+    blocks, d = part.shape
+    dw = cupy.empty(d, w_dtype)
     kernel(source, "rms_norm_dw")((-(-d // 32),), (32, DW_LANES), (part, dw, np.int32(blocks), np.int32(d)))
-    return gx, dw
+    return dw
 
 
 # ----- NumPy reference: the same steps, float32 math, rounded to the same dtypes at the same points

@@ -95,17 +95,18 @@ def backward(gy, cos, sin, x_layout):
 
 # ----- NumPy reference ------------------------------------------------------------------------
 
-def _reference(x, cos, sin, sign):
+def reference_rotate(x, cos, sin, sign):
+    """The kernel's float32 rotation of x (..., T, D), not rounded (the qk_norm_rope reference uses it too)."""
     h = x.shape[-1] // 2
     xf = x.astype(np.float32)
     lo, hi = xf[..., :h], xf[..., h:]
     c, s = cos[:, :h], np.float32(sign) * sin[:, :h]
-    return np.concatenate([lo * c - hi * s, hi * c + lo * s], axis=-1).astype(np.float16)
+    return np.concatenate([lo * c - hi * s, hi * c + lo * s], axis=-1)
 
 
 def reference_forward(x, cos, sin):
-    return _reference(x, cos, sin, 1.0)
+    return reference_rotate(x, cos, sin, 1.0).astype(np.float16)
 
 
 def reference_backward(gy, cos, sin):
-    return _reference(gy, cos, sin, -1.0)
+    return reference_rotate(gy, cos, sin, -1.0).astype(np.float16)
