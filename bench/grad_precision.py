@@ -125,9 +125,7 @@ def main(argv=None):
     trainer = train.Trainer(train.parse_args(train_argv(args)))
     sides = {"torch-eager": TorchReference(trainer), "torch-sdpa": TorchReference(trainer)}
     sides["torch-sdpa"].model.set_attn_implementation("sdpa")
-    trainer.args.dtype = "float32"  # the reference: the same weights and batches, float32 throughout
-    reference = TorchReference(trainer)
-    trainer.args.dtype = "float16"
+    reference = TorchReference(trainer, dtype="float32")  # the same weights and batches, float32 throughout
 
     results, done = [], 0
     for at in sorted(args.at):

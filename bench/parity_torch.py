@@ -20,12 +20,14 @@ from tinygrad3 import backend
 class TorchReference:
     """`update(lr)` and `evaluate()` with the same contract as train.Trainer's."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer, dtype=None):
+        """dtype: the trainer's --dtype unless given ("float16" means autocast + GradScaler)."""
         args, config = trainer.args, trainer.config
         self.args, self.config = args, config
         self.device = torch.device(args.device)
-        self.amp = args.dtype == "float16"
-        self.dtype = torch.float32 if self.amp else getattr(torch, args.dtype)
+        dtype = dtype or args.dtype
+        self.amp = dtype == "float16"
+        self.dtype = torch.float32 if self.amp else getattr(torch, dtype)
         hf_config = transformers.Gemma3TextConfig(**config.to_hf(), pad_token_id=None,
                                                   attn_implementation="eager")
         with torch.device(self.device):

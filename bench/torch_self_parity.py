@@ -42,8 +42,7 @@ def main(argv=None):
             sides = {"eager": first, "sdpa": second}
         else:
             torch.backends.cuda.matmul.allow_tf32 = False
-            trainer.args.dtype = "float32"  # the same weights and batches, no autocast, no scaler
-            sides = {"fp16": first, "fp32": TorchReference(trainer)}
+            sides = {"fp16": first, "fp32": TorchReference(trainer, dtype="float32")}  # no autocast, no scaler
         return report(args, Parity(args, trainer, sides))
 
 

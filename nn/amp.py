@@ -16,7 +16,8 @@ once the scale has settled).
     scaler.update(result.found_inf)
 """
 import math
-import operator
+
+from .arguments import integer_at_least
 
 
 class LossScaler:
@@ -42,12 +43,7 @@ class LossScaler:
             raise ValueError(f"growth_factor must be > 1, got {growth_factor}")
         if not 0 < backoff_factor < 1:
             raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor}")
-        try:
-            growth_interval = operator.index(growth_interval)
-        except TypeError:
-            raise TypeError(f"growth_interval must be an integer, got {growth_interval!r}") from None
-        if growth_interval < 1:
-            raise ValueError(f"growth_interval must be >= 1, got {growth_interval}")
+        growth_interval = integer_at_least("growth_interval", growth_interval, 1)
         if not 0 < min_scale <= init_scale <= max_scale:
             raise ValueError("need 0 < min_scale <= init_scale <= max_scale, got "
                              f"min_scale={min_scale:g}, init_scale={init_scale:g}, max_scale={max_scale:g}")

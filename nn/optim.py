@@ -30,6 +30,7 @@ import numpy as np
 
 from tinygrad3 import backend, kernels
 from tinygrad3.kernels import adamw
+from .arguments import non_negative_float, positive_float
 
 # The dtype the masters and moments are kept in, for each parameter dtype.
 MASTER_DTYPE = {np.dtype(np.float16): np.dtype(np.float32),
@@ -63,10 +64,10 @@ class AdamW:
 
     def __init__(self, named_parameters, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                  decay_embeddings=False, no_decay=None):
-        self.lr = _check_number("lr", lr)
+        self.lr = non_negative_float("lr", lr)
         self.betas = _check_betas(betas)
-        self.eps = _check_number("eps", eps)
-        self.weight_decay = _check_number("weight_decay", weight_decay)
+        self.eps = non_negative_float("eps", eps)
+        self.weight_decay = non_negative_float("weight_decay", weight_decay)
         self.decay_embeddings = bool(decay_embeddings)
         self.step_count = 0
 
@@ -150,9 +151,9 @@ class AdamW:
         clip_norm: clip the global L2 norm of the unscaled gradients to this value.
         The order is: unscale -> inf/NaN check (skip) -> clip -> update -> refresh compute copy.
         """
-        lr = self.lr if lr is None else _check_number("lr", lr)
-        inv_scale = _check_positive("inv_scale", inv_scale)
-        clip_norm = None if clip_norm is None else _check_positive("clip_norm", clip_norm)
+        lr = self.lr if lr is None else non_negative_float("lr", lr)
+        inv_scale = positive_float("inv_scale", inv_scale)
+        clip_norm = None if clip_norm is None else positive_float("clip_norm", clip_norm)
         grad = self._gather_grads(inv_scale)
 
         # One reduction answers both questions: sum(g^2) is inf/NaN exactly when some gradient
@@ -319,20 +320,6 @@ class AdamW:
             if array.dtype != self.master_dtype or array.shape != self.master.shape:
                 raise ValueError(f"optimizer state {key!r} is {array.dtype} {array.shape}, expected "
                                  f"{self.master_dtype} {self.master.shape} (parameters of another dtype?)")
-
-
-def _check_number(name, value):
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return value
-
-
-def _check_positive(name, value):
-    value = _check_number(name, value)
-    if value == 0:
-        raise ValueError(f"{name} must be > 0, got 0")
-    return value
 
 
 def _check_betas(betas):

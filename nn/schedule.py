@@ -5,7 +5,8 @@ the trainer calls it once per `AdamW.step`, so the schedule is the same whatever
 of micro-batches per update.
 """
 import math
-import operator
+
+from .arguments import integer_at_least, non_negative_float
 
 KINDS = ("cosine", "constant")
 
@@ -24,15 +25,15 @@ class LRSchedule:
     """
 
     def __init__(self, peak_lr, warmup_steps, total_steps, min_lr=None, kind="cosine"):
-        self.peak_lr = _non_negative_float("peak_lr", peak_lr)
+        self.peak_lr = non_negative_float("peak_lr", peak_lr)
         if self.peak_lr == 0:
             raise ValueError("peak_lr must be > 0")
-        self.min_lr = self.peak_lr / 10 if min_lr is None else _non_negative_float("min_lr", min_lr)
+        self.min_lr = self.peak_lr / 10 if min_lr is None else non_negative_float("min_lr", min_lr)
         if self.min_lr > self.peak_lr:
             raise ValueError(f"min_lr ({self.min_lr:g}) is above peak_lr ({self.peak_lr:g}): "
                              "the cosine would climb instead of decay; use min_lr <= peak_lr")
-        self.warmup_steps = _non_negative_int("warmup_steps", warmup_steps)
-        self.total_steps = _non_negative_int("total_steps", total_steps)
+        self.warmup_steps = integer_at_least("warmup_steps", warmup_steps, 0)
+        self.total_steps = integer_at_least("total_steps", total_steps, 0)
         if self.warmup_steps > self.total_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) is larger than total_steps "
                              f"({self.total_steps})")
@@ -41,7 +42,7 @@ class LRSchedule:
         self.kind = kind
 
     def __call__(self, step):
-        step = _non_negative_int("step", step)
+        step = integer_at_least("step", step, 0)
         if step < self.warmup_steps:
             # Start at P/W rather than 0: an update with lr 0 would waste a whole optimizer step.
             return self.peak_lr * (step + 1) / self.warmup_steps
@@ -57,20 +58,3 @@ class LRSchedule:
     def __repr__(self):
         return (f"LRSchedule(peak_lr={self.peak_lr:g}, warmup_steps={self.warmup_steps}, "
                 f"total_steps={self.total_steps}, min_lr={self.min_lr:g}, kind={self.kind!r})")
-
-
-def _non_negative_float(name, value):
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return value
-
-
-def _non_negative_int(name, value):
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {value!r}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value

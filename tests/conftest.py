@@ -1,7 +1,8 @@
-"""Shared fixtures: the array backend under test and the torch reference."""
+"""Shared fixtures: the array backend under test, the torch reference, a small prepared dataset."""
 import numpy as np
 import pytest
 
+from data.synthetic import prepare_synthetic
 from tinygrad3 import backend
 
 
@@ -32,3 +33,11 @@ def torch():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+    """A prepared directory of 400 generated stories (train and validation), one per test module."""
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    prepare_synthetic(str(out), n_stories=400, seed=0)
+    return str(out)

@@ -14,7 +14,6 @@ import nn
 import tinygrad3.functional as F
 import train
 from data.loader import BatchLoader
-from data.synthetic import prepare_synthetic
 from tinygrad3 import Function, Tensor
 from tinygrad3.distributed import DataParallel, InProcessGroup, broadcast_optimizer
 
@@ -298,13 +297,6 @@ def test_finish_reduces_parameters_the_backward_never_reached():
 
 
 # ----- train.py --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic") / "data"
-    prepare_synthetic(str(out), n_stories=400, seed=0)
-    return str(out)
-
-
 def _args(data, out, *extra):
     return train.parse_args(["--preset", "tiny", "--device", "cpu", "--data", data, "--out", str(out),
                              "--batch-size", "2", "--block-size", "16", "--grad-accum", "1", "--warmup", "2",

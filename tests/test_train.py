@@ -8,19 +8,12 @@ import numpy as np
 import pytest
 
 import train
-from data.synthetic import prepare_synthetic, unigram_entropy
+from data.synthetic import unigram_entropy
 from data.loader import BatchLoader
 from models import Gemma3, Gemma3Config
 from nn.checkpoint import load_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic") / "data"
-    prepare_synthetic(str(out), n_stories=400, seed=0)
-    return str(out)
 
 
 def _argv(data, out, *extra):
