@@ -11,16 +11,8 @@ pytest.importorskip("torch", reason="torch is not installed: pip install -e '.[t
 pytest.importorskip("transformers", reason="transformers is not installed: pip install -e '.[test]'")
 
 from bench import parity, parity_torch  # noqa: E402
-from data.synthetic import prepare_synthetic  # noqa: E402
 
 CLIP = 2.5  # the first updates' gradient norms (about 2.8) are clipped, later ones (below 2.5) not
-
-
-@pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic") / "data"
-    prepare_synthetic(str(out), n_stories=400, seed=0)
-    return str(out)
 
 
 def _run(data, out, dtype, updates, eval_every, tolerance, warmup=5):
@@ -132,3 +124,22 @@ def test_single_batch_losses_are_bounded_only_when_asked():
     assert not parity.verdict(dict(summary, update_tolerance=0.02))[0]
     assert not parity.verdict(dict(summary, max_rel_eval=0.021))[0]
     assert not parity.verdict(dict(summary, final_rel_val=0.011))[0]
+
+
+def test_grad_precision_ours_fp16_gradients_are_as_close_to_float32_as_autocast(synthetic_dir, tmp_path):
+    """bench/grad_precision.py on the CPU: every side's fp16 gradient is off float32 by fp16 rounding
+    (not zero, not large), and ours by no more than 1.5x autocast's in any parameter group."""
+    from bench import grad_precision
+
+    argv = ["--preset", "tiny", "--data", synthetic_dir, "--device", "cpu", "--batch-size", "2",
+            "--block-size", "16", "--grad-accum", "1", "--warmup", "1", "--at", "0", "--out", str(tmp_path)]
+    assert grad_precision.main(argv) == 0
+    with open(tmp_path / "grad_precision.json") as f:
+        (result,) = json.load(f)["results"]
+    errors = result["errors"]
+    assert set(errors) == {"torch-eager", "torch-sdpa", "ours", "ours-all-fp16"}
+    assert all(count == 0 for count in result["nonfinite"].values())
+    for group, torch_error in errors["torch-eager"].items():
+        assert 1e-5 < errors["ours"][group] < 1.5 * max(torch_error, errors["torch-sdpa"][group]), group
+    assert errors["ours"]["all"] < 1e-2
+    assert set(result["from_torch_eager"]) == {"torch-sdpa", "ours", "ours-all-fp16"}
