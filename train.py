@@ -32,7 +32,7 @@ from data.meta import is_prepared
 from models import Gemma3, Gemma3Config
 from models.flops import flops_per_token
 from nn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_weights
-from tinygrad3 import backend, distributed, no_grad
+from tinygrad3 import backend, distributed, kernels, no_grad
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SEED_TOKENS_PER_UPDATE = 131_072  # the seed notebook: 32 x 128 tokens x 32 accumulation steps
@@ -81,6 +81,8 @@ def parse_args(argv=None):
     a("--distributed", action="store_true", help="data-parallel over the ranks mpirun starts, one GPU "
       "each, gradients summed by NCCL (by MPI on --device cpu); automatic when mpirun starts several ranks")
     a("--bucket-mb", type=float, default=25.0, help="gradient all-reduce bucket size (--distributed)")
+    a("--cuda-graphs", action="store_true", help="capture each micro-batch's forward and backward as a "
+      "CUDA graph and replay it (needs --device cuda, float16 and the fast path: TINYGRAD3_FAST=1)")
     args = p.parse_args(argv)
     args.distributed = args.distributed or distributed.launched_world_size() > 1
     args.out = args.out or os.path.join("runs", args.preset)
@@ -93,6 +95,11 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not args.bucket_mb > 0:
         p.error("--bucket-mb must be > 0")
+    if args.cuda_graphs and (args.device != "cuda" or args.dtype != "float16" or args.distributed):
+        p.error("--cuda-graphs needs --device cuda and --dtype float16, and does not yet work with --distributed")
+    if args.cuda_graphs and not kernels.fast_enabled():
+        p.error("--cuda-graphs needs the fast path (set TINYGRAD3_FAST=1): the reference path calls cuBLAS "
+                "through CuPy, which CUDA-graph capture refuses")
     return args
 
 
@@ -255,6 +262,9 @@ class Trainer:
             else:
                 self.loader = self.train_loader(stream_seed(args.seed, self.rank, self.step))
             self.log.truncate_after(self.step)
+        self.graphed = None
+        if args.cuda_graphs:
+            self.graphed = nn.GraphedMicroBatch(lambda x, y: self.model(x, y)[1], self.optimizer)
         self.dp = None
         if comm is not None:
             self.dp = distributed.DataParallel(self.model.parameters(), comm,
@@ -306,6 +316,9 @@ class Trainer:
         loss_sum = xp.zeros((), np.float64)  # wide enough for float64 losses too
         for i in range(args.grad_accum):
             x, y = self.loader.next_batch("train")
+            if self.graphed is not None:
+                loss_sum += self.graphed(x, y, loss_weight)
+                continue
             _, loss = self.model(x, y)
             # On the last micro-batch, each bucket's all-reduce starts once backward completes it.
             last = self.dp is not None and i == args.grad_accum - 1

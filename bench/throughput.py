@@ -9,11 +9,12 @@ A row is BATCHxBLOCKxACCUM: one update is ACCUM micro-batches of BATCH x BLOCK r
 (forward + backward each) and one optimizer step. Sides:
   ours-ref      train.Trainer's update: fp16 Gemma3, AdamW with fp32 masters, LossScaler, clip 1.0
   ours-fast     the same with the fused kernels on (tinygrad3.kernels; ours-fast:FAMILY for one family)
+  ours-graph    ours-fast with each micro-batch replayed as a CUDA graph (train.py --cuda-graphs)
   torch-eager   HF Gemma3ForCausalLM (sdpa), fp16 autocast, GradScaler, clip_grad_norm_, fused AdamW
   torch-compile the same loss function under torch.compile
 Timing: device events around each update, after --warmup updates; the median of --steps updates.
 Peak memory: ours, the CuPy memory pool's held bytes (its high-water: the pool is emptied before
-each row and only grows); torch, max_memory_allocated (max_memory_reserved is in the JSON).
+each row and only grows), plus the graphs' own pools for ours-graph; torch, max_memory_allocated (max_memory_reserved is in the JSON).
 MFU = tokens/s x models.flops.flops_per_token / --peak-tflops. The table is printed last.
 """
 import argparse
@@ -38,7 +39,7 @@ from models.flops import flops_per_token  # noqa: E402
 from tinygrad3 import backend, kernels  # noqa: E402
 
 DEFAULT_ROWS = "32x128x8,16x1024x4,32x128x1,16x1024x1"
-SIDES = ("ours-ref", "ours-fast", "torch-eager", "torch-compile")
+SIDES = ("ours-ref", "ours-fast", "ours-graph", "torch-eager", "torch-compile")
 GIB = 2 ** 30
 
 
@@ -130,10 +131,13 @@ class Ours:
         else:
             self.pool, self.timer = None, Timer(None)
 
-    def update(self, batches):
+    def update(self, batches, graphed=None):
         loss_weight = self.scaler.scale / len(batches)
         loss_sum = self.xp.zeros((), np.float32)
         for x, y in batches:
+            if graphed is not None:
+                loss_sum += graphed(x, y, loss_weight)
+                continue
             _, loss = self.model(x, y)
             (loss * loss_weight).backward()
             loss_sum += loss.data
@@ -143,14 +147,19 @@ class Ours:
         self.opt.zero_grad()
         return float(loss_sum) / len(batches)
 
-    def run(self, batches, families, warmup, steps):
+    def run(self, batches, families, warmup, steps, graphs=False):
         gc.collect()
         if self.pool is not None:
             self.pool.free_all_blocks()
         self.skipped = 0
         with kernels.fast(bool(families), families or kernels.FAMILIES):
-            median, times = measure(lambda: self.update(batches), self.timer, warmup, steps)
+            graphed = nn.GraphedMicroBatch(lambda x, y: self.model(x, y)[1], self.opt) if graphs else None
+            # With graphs, the first update runs eagerly and the second captures: warm up past both.
+            warmup = max(warmup, 2) if graphs else warmup
+            median, times = measure(lambda: self.update(batches, graphed), self.timer, warmup, steps)
         peak = self.pool.total_bytes() if self.pool is not None else None
+        if graphed is not None and peak is not None:
+            peak += graphed.memory_bytes()
         return dict(ms=median, times_ms=times, peak_bytes=peak, skipped_updates=self.skipped)
 
 
@@ -320,7 +329,7 @@ def row_name(row):
 def families_of(side):
     if side == "ours-ref":
         return ()
-    return kernels.FAMILIES if side == "ours-fast" else (side[10:],)
+    return kernels.FAMILIES if side in ("ours-fast", "ours-graph") else (side[10:],)
 
 
 def run_all(args, config, save):
@@ -363,7 +372,8 @@ def run_all(args, config, save):
                 save(results)
                 print(f"\nours-fast, {row_name(row)}, per op:\n{profile_table(ops)}\n", flush=True)
                 continue
-            record(row, side, lambda: ours.run(dev_batches, families_of(side), args.warmup, args.steps))
+            record(row, side, lambda: ours.run(dev_batches, families_of(side), args.warmup, args.steps,
+                                               graphs=side == "ours-graph"))
         del ours
         gc.collect()
         if args.device == "cuda":

@@ -4,6 +4,7 @@ from .layers import Embedding, Linear, RMSNorm
 from .optim import AdamW, StepResult
 from .amp import LossScaler
 from .schedule import LRSchedule
+from .graphed_step import GraphedMicroBatch
 
 __all__ = ["Module", "ModuleList", "Parameter", "StateDictError", "Linear", "Embedding", "RMSNorm",
-           "AdamW", "StepResult", "LossScaler", "LRSchedule"]
+           "AdamW", "StepResult", "LossScaler", "LRSchedule", "GraphedMicroBatch"]

@@ -17,7 +17,15 @@ into a flat "compute" buffer of the parameters' own dtype:
 
 Every step is a handful of whole-buffer operations, whatever the number of parameters. With
 the fast path's "adamw" family on and float32 CuPy masters, the clip, the update and the
-refresh of the fp16 copy run as one kernel (tinygrad3/kernels/adamw.py), with the same result.
+refresh of the fp16 copy run as one kernel (tinygrad3/kernels/adamw.py), with the same result,
+and the parameters' gradients are added into the flat gradient buffer with one launch
+(tinygrad3/kernels/flat_grads.py) instead of one copy per parameter.
+
+Gradients reach the flat buffer in two ways. `step` adds in the parameters' `.grad` (which the
+engine has summed over the micro-batches). A caller may also add gradients earlier with
+`accumulate_grads` (a CUDA graph's outputs after each replay, nn/graphed_step.py): the buffer
+is float32, so micro-batches added there accumulate in float32. `step` and `zero_grad` leave the
+buffer at zero for the next update.
 
 Build the optimizer AFTER loading weights: `Module.load_state_dict` and `Module.to` replace
 `.data` with new arrays, which cuts the parameters loose from the flat buffers. If that happens
@@ -29,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinygrad3 import backend, kernels
-from tinygrad3.kernels import adamw
+from tinygrad3.kernels import adamw, flat_grads
 from .arguments import non_negative_float, positive_float
 
 # The dtype the masters and moments are kept in, for each parameter dtype.
@@ -103,7 +111,8 @@ class AdamW:
             self.master[where] = param.data.reshape(-1)
         self.m = xp.zeros_like(self.master)      # first moment: running mean of gradients
         self.v = xp.zeros_like(self.master)      # second moment: running mean of squared gradients
-        self._grad = xp.zeros_like(self.master)  # gathered, unscaled gradients of the current step
+        self._grad = xp.zeros_like(self.master)  # the update's gradients, summed (unscaled by step)
+        self._adder = flat_grads.FlatAdder()
         narrow = [p.dtype for p in self._params if p.dtype != self.master_dtype]
         self._compute = xp.empty(start, dtype=narrow[0]) if narrow else self.master
         self._views = [(self.master if param.dtype == self.master_dtype else self._compute)[where]
@@ -141,11 +150,39 @@ class AdamW:
 
     # ----- the update --------------------------------------------------------------------------
     def zero_grad(self):
+        """Forget every gradient: the parameters' `.grad` and the flat buffer's sums."""
         for param in self._params:
             param.grad = None
+        self._grad.fill(0)
+
+    def accumulate_grads(self, grads):
+        """Add gradients into the flat float32 gradient buffer that the next `step` uses.
+
+        grads: arrays (or None) in the order of `self.params`, e.g. a CUDA graph's gradient
+        outputs after each replay (nn/graphed_step.py).
+        """
+        pieces = []
+        for name, param, where, g in zip(self._names, self._params, self._slices, grads):
+            if g is None:
+                continue
+            if g.shape != param.shape:
+                raise ValueError(f"{name}: gradient shape {g.shape} != parameter shape {param.shape}")
+            pieces.append((g, where.start))
+        if kernels.use_fast("adamw", self._grad, dtypes=(np.float32,)) and all(
+                kernels.use_fast("adamw", g, dtypes=(np.float16, np.float32)) for g, _ in pieces):
+            self._adder.add(self._grad, pieces)
+        else:
+            for g, start in pieces:
+                self._grad[start:start + g.size] += g.reshape(-1)
+
+    @property
+    def params(self):
+        """The parameters this optimizer updates, in the order of its flat buffers."""
+        return list(self._params)
 
     def step(self, lr=None, inv_scale=1.0, clip_norm=None):
-        """One AdamW update from the parameters' `.grad`; returns a StepResult.
+        """One AdamW update from the gradients (the parameters' `.grad` plus whatever
+        `accumulate_grads` added since the last step); returns a StepResult.
 
         inv_scale: multiplies the gradients first (1 / loss scale), in float32.
         clip_norm: clip the global L2 norm of the unscaled gradients to this value.
@@ -154,7 +191,17 @@ class AdamW:
         lr = self.lr if lr is None else non_negative_float("lr", lr)
         inv_scale = positive_float("inv_scale", inv_scale)
         clip_norm = None if clip_norm is None else positive_float("clip_norm", clip_norm)
-        grad = self._gather_grads(inv_scale)
+        backend.raise_deferred()  # no step from gradients of ids that failed a check on the GPU
+        self.accumulate_grads([param.grad for param in self._params])
+        try:
+            return self._step(self._grad, lr, inv_scale, clip_norm)
+        finally:
+            self._grad.fill(0)  # the next update accumulates from zero
+
+    def _step(self, grad, lr, inv_scale, clip_norm):
+        # Unscaling after the float32 sum matters: in fp16, g / scale could underflow to zero again.
+        if inv_scale != 1.0:
+            grad *= inv_scale
 
         # One reduction answers both questions: sum(g^2) is inf/NaN exactly when some gradient
         # is inf/NaN (or so large that its square overflows, which would put inf into v), and
@@ -180,23 +227,6 @@ class AdamW:
             self._update(grad, lr)
             self._refresh_compute()
         return StepResult(found_inf=False, grad_norm=grad_norm, clip_coef=clip_coef)
-
-    def _gather_grads(self, inv_scale):
-        """Copy every gradient into the flat float32 buffer, then unscale it there.
-
-        Unscaling after the cast matters: in fp16, g / scale could underflow to zero again.
-        """
-        grad = self._grad
-        for name, param, where in zip(self._names, self._params, self._slices):
-            if param.grad is None:
-                grad[where] = 0
-                continue
-            if param.grad.shape != param.shape:
-                raise ValueError(f"{name}: gradient shape {param.grad.shape} != parameter shape {param.shape}")
-            grad[where] = param.grad.reshape(-1)
-        if inv_scale != 1.0:
-            grad *= inv_scale
-        return grad
 
     def _update(self, g, lr):
         """torch.optim.AdamW's update, in its order, on the flat buffers."""

@@ -4,6 +4,7 @@ Every tensor holds a raw array of one of the two libraries; `get_array_module`
 (the Chainer/DeZero idiom) returns the library an array belongs to, so an op is
 written once against `xp` and runs on either device.
 """
+import contextlib
 import ctypes
 import os
 
@@ -86,6 +87,8 @@ def to_numpy(array):
 
 # Checks computed on the GPU and not read yet: (event after the flag's copy, pinned flag, error).
 _deferred = []
+# While a CUDA graph is being captured (tinygrad3/cuda_graph.py): the list its checks go to.
+_capture_checks = None
 
 
 def defer_check(failed, error):
@@ -94,7 +97,13 @@ def defer_check(failed, error):
     Reading `failed` now would make the host wait until the GPU has run everything queued
     before it. Instead it is copied, in stream order, to pinned host memory and read once the
     GPU has got there: without waiting at the next defer_check, waiting at raise_deferred.
+
+    During CUDA-graph capture nothing can be copied to the host; the check goes to the graph
+    instead, which files it here after each replay (CudaGraph.replay, `file_checks`).
     """
+    if _capture_checks is not None:
+        _capture_checks.append((failed, error))
+        return
     import cupyx
     raise_deferred(wait=False)  # retire the checks the GPU has already passed
     flag = cupyx.empty_pinned((1,), np.bool_)
@@ -103,12 +112,22 @@ def defer_check(failed, error):
     _deferred.append((stream.record(), flag, error))
 
 
+def file_checks(checks):
+    """defer_check each (failed, error) of a graph whose replay was just queued: the flags are
+    the graph's own arrays, which that replay writes."""
+    for failed, error in checks:
+        defer_check(failed, error)
+
+
 def raise_deferred(wait=True):
     """Raise the error of the first pending deferred check that failed, forgetting the others.
 
     wait=True waits for the GPU to pass every pending check (that far only, not through all the
-    work queued since); wait=False reads only the checks it has passed already.
+    work queued since); wait=False reads only the checks it has passed already. Inside a CUDA
+    graph capture nothing runs yet, so there is nothing to read: it returns at once.
     """
+    if _capture_checks is not None:
+        return
     while _deferred and (wait or _deferred[0][0].done):
         event, flag, error = _deferred.pop(0)
         event.synchronize()
@@ -117,12 +136,22 @@ def raise_deferred(wait=True):
             raise error()
 
 
+@contextlib.contextmanager
+def capturing_checks(checks):
+    """Within this block deferred checks go to the list `checks` (CUDA-graph capture)."""
+    global _capture_checks
+    previous, _capture_checks = _capture_checks, checks
+    try:
+        yield
+    finally:
+        _capture_checks = previous
+
+
 def scatter_add(target, index, values):
     """target[index] += values with repeated indices accumulating (in place)."""
     xp = get_array_module(target)
     if xp is np:
         np.add.at(target, index, values)
     else:
-        import cupyx
-        cupyx.scatter_add(target, index, values)
+        cupy.add.at(target, index, values)
     return target

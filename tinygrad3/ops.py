@@ -279,10 +279,17 @@ class AsType(Function):
 # ----- the functions Tensor's operators call ------------------------------------------------
 
 def as_operand(x, like):
-    """Turn a Python number or array into a constant array that matches tensor `like`."""
+    """Turn a Python number or array into a constant array that matches tensor `like`.
+
+    A number becomes a 0-d array made by `full` (on the GPU a fill kernel that carries the value
+    as an argument) rather than copied from the host: a host-to-device copy captured into a CUDA
+    graph would read its host buffer again at every replay, long after that buffer was reused.
+    """
     if isinstance(x, Tensor):
         return x
     xp = backend.get_array_module(like.data)
+    if type(x) in (bool, int, float):  # not NumPy scalars: those keep their own dtype below
+        return xp.full((), x, dtype=like.dtype)
     return xp.asarray(x, dtype=like.dtype if not hasattr(x, "dtype") else x.dtype)
 
 

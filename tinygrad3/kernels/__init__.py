@@ -15,7 +15,8 @@ reference in tests):
     rmsnorm.py        RMSNorm forward/backward, one block per row
     geglu.py          gelu_tanh(gate) * up forward/backward
     cross_entropy.py  loss and gradient straight from float16 logits
-    gemm.py           cuBLAS strided-batched GEMM, float16 in, float32 accumulation
+    gemm.py           cuBLAS GEMMs (the linears' 2-D ones, attention's strided-batched ones),
+                      float16 in, float32 accumulation, callable during CUDA-graph capture
     attention.py      attention from those GEMMs and a fused masked softmax
     rope.py           rotary embedding, forward and backward in one strided kernel
     qk_norm_rope.py   attention's q/k RMSNorm, head transpose and RoPE, one kernel each way
@@ -31,7 +32,7 @@ import numpy as np
 
 from .. import backend
 
-FAMILIES = ("rmsnorm", "geglu", "cross_entropy", "attention", "rope", "qk_norm_rope", "adamw")
+FAMILIES = ("rmsnorm", "geglu", "cross_entropy", "attention", "rope", "qk_norm_rope", "adamw", "gemm")
 
 _on = frozenset(FAMILIES) if os.environ.get("TINYGRAD3_FAST", "").strip() not in ("", "0") else frozenset()
 

@@ -1,8 +1,17 @@
-"""Batched matrix products of float16 arrays on cuBLAS tensor cores, accumulating in float32.
+"""Matrix products of float16 arrays on cuBLAS tensor cores, accumulating in float32.
 
 `cupy.matmul` on float16 arrays of more than two dimensions computes in float32 without the
 tensor cores (measured 17x slower), so attention calls cuBLAS's strided-batched GEMM itself:
-A and B float16, compute type 32F, C float16 or float32.
+A and B float16, compute type 32F, C float16 or float32. The linears' 2-D products (`mm`) go
+through the same call with a batch of one.
+
+cuBLAS is called through ctypes on a handle of our own rather than through CuPy's wrappers,
+because CuPy refuses every cuBLAS call while a stream is being captured into a CUDA graph
+(cupy issue 6290; it re-binds its handle to the current stream on each call, and that check
+raises). cuBLAS itself can be captured when the handle has a workspace of its own
+(cublasSetWorkspace) and the scalars alpha/beta are host values, read at the call: `_Blas`
+gives the handle a 32 MiB workspace and re-binds stream and workspace only when the current
+stream changes (cublasSetStream drops the workspace, so both go together).
 
 cuBLAS is column-major; our arrays are row-major (C order). A row-major r x c matrix with
 row stride c is the column-major c x r matrix of its transpose, so the row-major product
@@ -10,9 +19,16 @@ C = op(A) op(B) (M x N) is computed as the column-major C^T = op(B)^T op(A)^T (N
 passed first. `cublas_args` works out the arguments; tests check it on the CPU against a
 NumPy model of cuBLAS's column-major convention.
 """
+import ctypes
+import functools
+
 import numpy as np
 
 OP_N, OP_T = 0, 1  # cublasOperation_t
+CUDA_R_16F, CUDA_R_32F = 2, 0  # cudaDataType
+CUBLAS_COMPUTE_32F = 68  # cublasComputeType_t
+CUBLAS_GEMM_DEFAULT = -1  # cublasGemmAlgo_t
+WORKSPACE_BYTES = 32 << 20  # what cuBLAS recommends on Hopper
 
 
 def cublas_args(a_shape, b_shape, trans_a=False, trans_b=False):
@@ -39,37 +55,87 @@ def cublas_args(a_shape, b_shape, trans_a=False, trans_b=False):
         ldc=n_cols, stride_c=m_rows * n_cols, batch=batch)
 
 
+def _loaded_cublas_path():
+    """The libcublas CuPy has loaded (so both use the same library), from the process's maps."""
+    from cupy.cuda import device
+    device.get_cublas_handle()  # makes CuPy load libcublas
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if "/libcublas.so" in path:
+                return path
+    return "libcublas.so"
+
+
+class _Blas:
+    """One cuBLAS handle of our own, with its own workspace, bound to the current stream."""
+
+    def __init__(self):
+        import cupy
+        lib = ctypes.CDLL(_loaded_cublas_path())
+        p, i32, i64, u64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_size_t
+        lib.cublasCreate_v2.argtypes = [ctypes.POINTER(p)]
+        lib.cublasSetStream_v2.argtypes = [p, p]
+        lib.cublasSetWorkspace_v2.argtypes = [p, p, u64]
+        lib.cublasGemmStridedBatchedEx.argtypes = [
+            p, i32, i32, i32, i32, i32, p, p, i32, i32, i64, p, i32, i32, i64, p, p, i32, i32, i64,
+            i32, i32, i32]
+        self.lib, self.handle = lib, p()
+        self._check(lib.cublasCreate_v2(ctypes.byref(self.handle)), "cublasCreate")
+        self.workspace = cupy.empty(WORKSPACE_BYTES, np.uint8)
+        self.stream = None
+        self.one, self.zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+
+    @staticmethod
+    def _check(status, what):
+        if status != 0:
+            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+    def bind(self, stream_ptr):
+        if stream_ptr != self.stream:
+            self._check(self.lib.cublasSetStream_v2(self.handle, stream_ptr), "cublasSetStream")
+            self._check(self.lib.cublasSetWorkspace_v2(self.handle, self.workspace.data.ptr, WORKSPACE_BYTES),
+                        "cublasSetWorkspace")
+            self.stream = stream_ptr
+
+    def gemm(self, a, b, c, p, alpha):
+        import cupy
+        self.bind(cupy.cuda.get_current_stream().ptr)
+        alpha = self.one if alpha == 1.0 else np.array([alpha], np.float32)
+        c_type = CUDA_R_16F if c.dtype == np.float16 else CUDA_R_32F
+        self._check(self.lib.cublasGemmStridedBatchedEx(
+            self.handle, p["transa"], p["transb"], p["m"], p["n"], p["k"],
+            alpha.ctypes.data, b.data.ptr, CUDA_R_16F, p["lda"], p["stride_a"],
+            a.data.ptr, CUDA_R_16F, p["ldb"], p["stride_b"],
+            self.zero.ctypes.data, c.data.ptr, c_type, p["ldc"], p["stride_c"], p["batch"],
+            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "cublasGemmStridedBatchedEx")
+
+
+@functools.lru_cache(maxsize=None)
+def _blas(device_id):
+    return _Blas()
+
+
 def bmm(a, b, trans_a=False, trans_b=False, alpha=1.0, out_dtype=np.float16):
     """alpha op(a[i]) @ op(b[i]) for float16 CuPy arrays (batch, rows, cols), C-contiguous."""
     import cupy
-    from cupy.cuda import cublas, runtime
     if a.dtype != np.float16 or b.dtype != np.float16:
         raise TypeError(f"bmm takes float16 arrays, got {a.dtype} and {b.dtype}")
     a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
     (rows, cols), p = cublas_args(a.shape, b.shape, trans_a, trans_b)
-    out_dtype = np.dtype(out_dtype)
-    c = cupy.empty((p["batch"], rows, cols), out_dtype)
+    c = cupy.empty((p["batch"], rows, cols), np.dtype(out_dtype))
     if c.size == 0:
         return c
     if p["k"] == 0:
         c[...] = 0
         return c
-    c_type = runtime.CUDA_R_16F if out_dtype == np.float16 else runtime.CUDA_R_32F
-    alpha_h, beta_h = np.array(alpha, np.float32), np.array(0.0, np.float32)
-    handle = cupy.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
-    mode = cublas.getPointerMode(handle)
-    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    try:
-        cublas.gemmStridedBatchedEx(
-            handle, p["transa"], p["transb"], p["m"], p["n"], p["k"],
-            alpha_h.ctypes.data, b.data.ptr, runtime.CUDA_R_16F, p["lda"], p["stride_a"],
-            a.data.ptr, runtime.CUDA_R_16F, p["ldb"], p["stride_b"],
-            beta_h.ctypes.data, c.data.ptr, c_type, p["ldc"], p["stride_c"], p["batch"],
-            cublas.CUBLAS_COMPUTE_32F, cublas.CUBLAS_GEMM_DEFAULT)
-    finally:
-        cublas.setPointerMode(handle, mode)
+    _blas(cupy.cuda.Device().id).gemm(a, b, c, p, alpha)
     return c
+
+
+def mm(a, b, trans_a=False, trans_b=False, out_dtype=np.float16):
+    """op(a) @ op(b) for 2-D float16 CuPy arrays: `bmm` with a batch of one."""
+    return bmm(a[None], b[None], trans_a, trans_b, out_dtype=out_dtype)[0]
 
 
 def reference_bmm(a, b, trans_a=False, trans_b=False, alpha=1.0, out_dtype=np.float16):

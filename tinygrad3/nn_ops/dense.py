@@ -1,5 +1,6 @@
 """Linear (a GEMM against a PyTorch-layout weight) and embedding (a row gather)."""
 from ..backend import get_array_module, scatter_add
+from ..kernels import gemm, use_fast
 from ..tensor import Function
 from .common import compute_dtype
 
@@ -8,7 +9,9 @@ class Linear(Function):
     """y = x W^T over the last axis of x, with W of shape (out, in).
 
     Leading axes of x are flattened so the product is one 2-D GEMM (on the GPU this
-    is what keeps float16 on the tensor cores).
+    is what keeps float16 on the tensor cores). With the fast path's `gemm` family, float16
+    CuPy products call cuBLAS through kernels/gemm.py (the same GEMM, but one that CUDA-graph
+    capture accepts); otherwise `@`.
     """
 
     def forward(self, x, w):
@@ -16,7 +19,9 @@ class Linear(Function):
         self.x2 = x2 if self.needs_grad[1] else None
         self.w = w if self.needs_grad[0] else None
         self.lead, self.x_dtype, self.w_dtype = x.shape[:-1], x.dtype, w.dtype
-        return (x2 @ w.T).reshape(*self.lead, w.shape[0])
+        self.fast = use_fast("gemm", x2, w)
+        y = gemm.mm(x2, w, trans_b=True) if self.fast else x2 @ w.T
+        return y.reshape(*self.lead, w.shape[0])
 
     def backward(self, gy):
         """y[n,o] = sum_i x[n,i] W[o,i], so
@@ -26,8 +31,14 @@ class Linear(Function):
         (the sum over n also sums over every flattened leading axis).
         """
         g = gy.reshape(-1, gy.shape[-1])
-        gx = (g @ self.w).reshape(*self.lead, -1).astype(self.x_dtype, copy=False) if self.needs_grad[0] else None
-        gw = (g.T @ self.x2).astype(self.w_dtype, copy=False) if self.needs_grad[1] else None
+        fast = self.fast and g.dtype == self.w_dtype
+        gx = gw = None
+        if self.needs_grad[0]:
+            gx = gemm.mm(g, self.w) if fast else g @ self.w
+            gx = gx.reshape(*self.lead, -1).astype(self.x_dtype, copy=False)
+        if self.needs_grad[1]:
+            gw = gemm.mm(g, self.x2, trans_a=True) if fast else g.T @ self.x2
+            gw = gw.astype(self.w_dtype, copy=False)
         return gx, gw
 
 

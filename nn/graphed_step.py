@@ -1,0 +1,101 @@
+"""A training micro-batch (forward, loss, backward) replayed as a CUDA graph.
+
+    graphed = GraphedMicroBatch(lambda x, y: model(x, y)[1], optimizer)
+    for x, y in micro_batches:
+        loss = graphed(x, y, loss_weight)   # gradients of loss * loss_weight go to the optimizer
+        loss_sum += loss                    # a GPU value, overwritten by the next call
+    optimizer.step(...)
+
+The first micro-batch of a shape runs eagerly: it compiles the kernels and fills the caches
+(RoPE tables, the vocabulary mask) that the graph will then read. The second one is captured
+(tinygrad3/cuda_graph.py) and replayed, and so is every later one: the host's work per
+micro-batch is three small copies (ids, targets, loss weight), one graph launch, and one
+launch adding the gradients into the optimizer's flat buffer.
+
+Gradients. Inside the graph, backward leaves each parameter's gradient in an array the graph
+owns (its address is fixed, every replay overwrites it). After each replay they are added into
+the optimizer's flat float32 buffer (`AdamW.accumulate_grads`), so micro-batches accumulate in
+float32, as PyTorch's float32 `.grad` under autocast does. (Without graphs our fp16 gradients
+are summed over micro-batches in fp16 first: the two agree to fp16 rounding.)
+
+The loss weight (loss scale / micro-batches) lives in a GPU scalar the graph reads, so the loss
+scaler may change it between replays without a new capture. The parameters' `.grad` must be
+None when a micro-batch starts (the graph cannot add to arrays it does not own).
+"""
+import numpy as np
+
+from tinygrad3 import Tensor, backend
+from tinygrad3.cuda_graph import CaptureError, CudaGraph
+
+
+class GraphedMicroBatch:
+    """`loss_fn(x, y) -> loss Tensor` forward and backward, captured once per input shape."""
+
+    def __init__(self, loss_fn, optimizer):
+        if not backend.cuda_available():
+            raise CaptureError("CUDA graphs need a CUDA GPU with CuPy; train without --cuda-graphs on the CPU")
+        self.loss_fn, self.optimizer = loss_fn, optimizer
+        self._warm, self._captured = set(), {}
+
+    def __call__(self, x, y, loss_weight):
+        """Add d(loss * loss_weight)/dparams to the optimizer's gradients; return the loss (a 0-d
+        GPU array, valid until the next call)."""
+        params = self.optimizer.params
+        if any(p.grad is not None for p in params):
+            raise RuntimeError("GraphedMicroBatch: parameters already hold .grad; it adds gradients to the "
+                               "optimizer directly, so call optimizer.zero_grad() before mixing it with "
+                               "plain backward() calls")
+        key = (x.shape, x.dtype.str, y.shape, y.dtype.str)
+        if key in self._captured:
+            return self._captured[key].run(x, y, loss_weight)
+        if key not in self._warm:
+            self._warm.add(key)
+            return self._eager(x, y, loss_weight, params)
+        self._captured[key] = _Captured(self.loss_fn, self.optimizer, x, y)
+        return self._captured[key].run(x, y, loss_weight)
+
+    def _eager(self, x, y, loss_weight, params):
+        loss = self.loss_fn(x, y)
+        (loss * loss_weight).backward()
+        self.optimizer.accumulate_grads([p.grad for p in params])
+        for p in params:
+            p.grad = None
+        return loss.data
+
+    def memory_bytes(self):
+        """GPU memory held by the captured graphs (their activations and gradient outputs)."""
+        return sum(c.graph.memory_bytes() for c in self._captured.values())
+
+
+class _Captured:
+    """One shape's graph, with the fixed input buffers it reads."""
+
+    def __init__(self, loss_fn, optimizer, x, y):
+        cupy = backend.cupy
+        self.optimizer = optimizer
+        self.x, self.y = cupy.empty_like(x), cupy.empty_like(y)
+        self.weight = cupy.zeros((), np.float32)
+        params = optimizer.params
+
+        def micro_batch():
+            loss = loss_fn(self.x, self.y)
+            (loss * Tensor(self.weight.astype(loss.dtype, copy=False))).backward()
+            grads = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+            return loss.data, grads
+
+        self.graph = CudaGraph(micro_batch)
+        self.loss, self.grads = self.graph.outputs
+        # The eager first micro-batch left its activations cached in CuPy's pool; the graph keeps
+        # its own, so hand those blocks back to the device.
+        cupy.get_default_memory_pool().free_all_blocks()
+
+    def run(self, x, y, loss_weight):
+        backend.raise_deferred()  # the last replay's checks read its ids: before they are overwritten
+        self.x[...] = x
+        self.y[...] = y
+        self.weight.fill(loss_weight)
+        self.graph.replay()
+        self.optimizer.accumulate_grads(self.grads)
+        return self.loss
