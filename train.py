@@ -264,7 +264,7 @@ class Trainer:
             self.log.truncate_after(self.step)
         self.graphed = None
         if args.cuda_graphs:
-            self.graphed = nn.GraphedMicroBatch(lambda x, y: self.model(x, y)[1], self.optimizer)
+            self.graphed = nn.GraphedMicroBatch(lambda x, y: self.model(x, y, return_logits=False)[1], self.optimizer)
         self.dp = None
         if comm is not None:
             self.dp = distributed.DataParallel(self.model.parameters(), comm,
@@ -319,7 +319,7 @@ class Trainer:
             if self.graphed is not None:
                 loss_sum += self.graphed(x, y, loss_weight)
                 continue
-            _, loss = self.model(x, y)
+            _, loss = self.model(x, y, return_logits=False)
             # On the last micro-batch, each bucket's all-reduce starts once backward completes it.
             last = self.dp is not None and i == args.grad_accum - 1
             (loss * loss_weight).backward(leaf_hook=self.dp.leaf_hook if last else None)
@@ -369,7 +369,7 @@ class Trainer:
                 for i in range(self.args.eval_batches):
                     x, y = self.eval_loader.next_batch(split)
                     if i % self.world_size == self.rank:
-                        total += self.model(x, y)[1].item()
+                        total += self.model(x, y, return_logits=False)[1].item()
                 totals.append(total)
         self.model.train()
         if self.comm is not None:

@@ -138,7 +138,7 @@ class Ours:
             if graphed is not None:
                 loss_sum += graphed(x, y, loss_weight)
                 continue
-            _, loss = self.model(x, y)
+            _, loss = self.model(x, y, return_logits=False)
             (loss * loss_weight).backward()
             loss_sum += loss.data
         result = self.opt.step(lr=1e-4, inv_scale=self.scaler.inv_scale, clip_norm=1.0)
@@ -153,7 +153,7 @@ class Ours:
             self.pool.free_all_blocks()
         self.skipped = 0
         with kernels.fast(bool(families), families or kernels.FAMILIES):
-            graphed = nn.GraphedMicroBatch(lambda x, y: self.model(x, y)[1], self.opt) if graphs else None
+            graphed = nn.GraphedMicroBatch(lambda x, y: self.model(x, y, return_logits=False)[1], self.opt) if graphs else None
             # With graphs, the first update runs eagerly and the second captures: warm up past both.
             warmup = max(warmup, 2) if graphs else warmup
             median, times = measure(lambda: self.update(batches, graphed), self.timer, warmup, steps)

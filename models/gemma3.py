@@ -156,15 +156,24 @@ class Gemma3(Module):
     def output_weight(self):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, idx, targets=None, ignore_index=-1, cache=None):
-        """idx: (B, T) integer ids. Returns (logits (B, T, vocab), mean cross-entropy or None)."""
+    def forward(self, idx, targets=None, ignore_index=-1, cache=None, return_logits=True):
+        """idx: (B, T) integer ids. Returns (logits (B, T, vocab), mean cross-entropy or None).
+
+        With targets and return_logits=False the head and the loss run as one op that never
+        holds all the logits (F.linear_cross_entropy: the same loss and gradients, the head's
+        memory cut from two (B, T, vocab) arrays to one block); logits is then None. Training
+        uses that.
+        """
         idx = idx.data if isinstance(idx, Tensor) else idx
         if idx.ndim != 2:
             raise ValueError(f"idx must have shape (batch, time), got {idx.shape}")
         h = self.model(idx, cache)
         # A tied head reuses the (float32) embedding table: cast it to the GEMM's dtype, as autocast
         # would; the cast's backward hands the gradient back to the table in float32.
-        logits = F.linear(h, cast(self.output_weight(), h.dtype))
+        weight = cast(self.output_weight(), h.dtype)
+        if targets is not None and not return_logits:
+            return None, F.linear_cross_entropy(h, weight, targets, ignore_index, logit_mask=self.vocab_mask(h))
+        logits = F.linear(h, weight)
         mask = self.vocab_mask(logits)
         if mask is not None:
             logits = logits + mask

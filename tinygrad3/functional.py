@@ -11,6 +11,7 @@ from .nn_ops.activation import GeGLU, GeluTanh, LogSoftmax, Softmax
 from .nn_ops.attention import Attention
 from .nn_ops.common import as_index_array
 from .nn_ops.dense import Embedding, Linear
+from .nn_ops.linear_cross_entropy import LinearCrossEntropy
 from .nn_ops.loss import CrossEntropy
 from .nn_ops.norm import RMSNorm
 from .nn_ops.qk_norm_rope import QKNormRoPE, fused
@@ -18,7 +19,7 @@ from .nn_ops.rope import RoPE
 from .tensor import Tensor
 
 __all__ = ["linear", "embedding", "rms_norm", "rope", "qk_norm_rope", "attention", "gelu_tanh", "geglu", "softmax",
-           "log_softmax", "cross_entropy"]
+           "log_softmax", "cross_entropy", "linear_cross_entropy"]
 
 
 def _data(x):
@@ -152,3 +153,24 @@ def cross_entropy(logits, targets, ignore_index=-1):
         raise ValueError(f"cross_entropy: targets of shape {tuple(targets.shape)} do not match logits "
                          f"{tuple(logits.shape)} (expected {tuple(logits.shape[:-1])})")
     return CrossEntropy(ignore_index)(logits, targets)
+
+
+def linear_cross_entropy(x, weight, targets, ignore_index=-1, logit_mask=None, block_rows=None):
+    """cross_entropy(linear(x, weight) + logit_mask, targets) without keeping the logits.
+
+    x (..., D), weight (V, D), targets of x's leading shape; logit_mask an optional constant (V,)
+    array of x's dtype added to every row of logits (e.g. a large negative value on padding ids).
+    The logits are made block_rows rows at a time (default: blocks of at most 256 MiB) in the
+    forward and again in the backward, so the head's peak memory is one block's logits, not
+    all of them (nn_ops/linear_cross_entropy.py). Same value and gradients as the unfused ops.
+    """
+    if x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"linear_cross_entropy: x has {x.shape[-1]} features, weight {tuple(weight.shape)} "
+                         f"expects {weight.shape[-1]}")
+    targets = as_index_array(_data(targets), _data(x), "cross_entropy targets", weight.shape[0], ignore_index)
+    if tuple(targets.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"linear_cross_entropy: targets of shape {tuple(targets.shape)} do not match x "
+                         f"{tuple(x.shape)} (expected {tuple(x.shape[:-1])})")
+    if block_rows is not None and int(block_rows) < 1:
+        raise ValueError(f"linear_cross_entropy: block_rows must be >= 1, got {block_rows}")
+    return LinearCrossEntropy(ignore_index, logit_mask, block_rows)(x, weight, targets)

@@ -1,0 +1,131 @@
+"""F.linear_cross_entropy: the head GEMM and the loss in blocks, without keeping the logits.
+
+It must equal cross_entropy(linear(x, W) + mask) exactly in meaning: value and gradients of x
+and W, with rows spread over several blocks, ignored targets (a whole block of them too), a
+padding mask on the vocabulary, on the CPU in float64 (gradcheck, torch) and on the GPU's fast
+path in float16.
+"""
+import numpy as np
+import pytest
+
+import tinygrad3.functional as F
+from engine_checks import check_grad, compare_with_torch
+from tinygrad3 import Tensor, backend
+from tinygrad3.kernels import fast
+from tinygrad3.nn_ops.linear_cross_entropy import block_rows
+
+from test_kernels import close16, half
+
+TARGETS = np.array([[3, -1, 0, 6], [-1, -1, -1, -1], [2, 5, 6, -1]])  # the middle block: all ignored
+
+
+def unfused(mask=None):
+    def fn(x, w):
+        z = F.linear(x, w)
+        return F.cross_entropy(z if mask is None else z + mask, TARGETS)
+    return fn
+
+
+def fused(mask=None, rows=4):
+    return lambda x, w: F.linear_cross_entropy(x, w, TARGETS, logit_mask=mask, block_rows=rows)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5, 100])
+def test_fused_equals_unfused(xp, rng, rows):
+    x, w = rng.standard_normal((3, 4, 5)), rng.standard_normal((7, 5))
+    mask = xp.asarray(np.array([0, 0, 0, 0, 0, 0, -1e4]))  # id 6 is "padding"; targets 6 then cost ~1e4
+    for m in (None, mask):
+        ours = [Tensor(xp.asarray(a), requires_grad=True) for a in (x, w)]
+        ref = [Tensor(xp.asarray(a), requires_grad=True) for a in (x, w)]
+        loss, expected = fused(m, rows)(*ours), unfused(m)(*ref)
+        loss.backward()
+        expected.backward()
+        np.testing.assert_allclose(backend.to_numpy(loss.data), backend.to_numpy(expected.data), rtol=1e-12)
+        for a, b in zip(ours, ref):
+            np.testing.assert_allclose(backend.to_numpy(a.grad), backend.to_numpy(b.grad), rtol=1e-10, atol=1e-12)
+
+
+def test_fused_gradcheck_and_torch(xp, torch, rng):
+    x, w = rng.standard_normal((3, 4, 5)), rng.standard_normal((7, 5))
+    check_grad(xp, fused(rows=3), [x, w])
+
+    def theirs(x, w):
+        z = (x @ w.T).reshape(-1, 7)
+        return torch.nn.functional.cross_entropy(z, torch.tensor(TARGETS.reshape(-1)), ignore_index=-1)
+    compare_with_torch(torch, xp, fused(rows=3), theirs, [x, w])
+
+
+def test_all_ignored_is_zero_with_zero_gradients(xp, rng):
+    x = Tensor(xp.asarray(rng.standard_normal((2, 3)).astype(np.float32)), requires_grad=True)
+    w = Tensor(xp.asarray(rng.standard_normal((4, 3)).astype(np.float32)), requires_grad=True)
+    loss = F.linear_cross_entropy(x, w, np.array([-1, -1]), block_rows=1)
+    assert loss.item() == 0.0 and loss.dtype == np.float32
+    loss.backward()
+    assert not backend.to_numpy(x.grad).any() and not backend.to_numpy(w.grad).any()
+
+
+def test_errors(xp, rng):
+    x, w = Tensor(xp.asarray(rng.standard_normal((2, 3)))), Tensor(xp.asarray(rng.standard_normal((4, 3))))
+    with pytest.raises(ValueError, match=r"\[0, 4\).*found 4"):
+        F.linear_cross_entropy(x, w, np.array([0, 4]))
+    with pytest.raises(ValueError, match="do not match"):
+        F.linear_cross_entropy(x, w, np.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="features"):
+        F.linear_cross_entropy(x, Tensor(xp.asarray(rng.standard_normal((4, 2)))), np.array([0, 1]))
+    with pytest.raises(ValueError, match="block_rows"):
+        F.linear_cross_entropy(x, w, np.array([0, 1]), block_rows=0)
+
+
+@pytest.mark.parametrize("n, vocab, itemsize, block_bytes, expected", [
+    (16384, 50304, 2, 256 * 2 ** 20, 2432),  # 7 blocks of at most 2668 rows, rounded up to 128s
+    (4096, 50304, 2, 256 * 2 ** 20, 2048),
+    (100, 50304, 2, 256 * 2 ** 20, 100),     # one small block
+    (10, 7, 8, 8 * 7 * 3, 3),                # blocks below 128 rows are not rounded
+])
+def test_block_rows(n, vocab, itemsize, block_bytes, expected):
+    rows = block_rows(n, vocab, itemsize, block_bytes)
+    assert rows == expected
+    assert rows * vocab * itemsize <= block_bytes or rows % 128 == 0
+
+
+def test_model_fused_head_equals_logits_path(rng):
+    """Gemma3 with return_logits=False: the same loss and parameter gradients (float64, tiny
+    preset with a padded vocabulary)."""
+    from models import Gemma3, Gemma3Config
+    config = Gemma3Config.tiny()
+    ids = rng.integers(0, config.unpadded_vocab_size or config.vocab_size, (2, 9))
+    results = []
+    for return_logits in (True, False):
+        model = Gemma3(config, seed=0)
+        model.to(dtype=np.float64)
+        logits, loss = model(ids[:, :-1], ids[:, 1:], return_logits=return_logits)
+        assert (logits is None) == (not return_logits)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.copy() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-12)
+    for name in grads_a:
+        np.testing.assert_allclose(grads_b[name], grads_a[name], rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.gpu
+def test_fast_path_fused_equals_unfused(gpu_xp, rng):
+    """float16 on the fast path (cuBLAS GEMMs, the cross-entropy kernels), several blocks, a
+    padding mask of float16's most negative value as the model uses."""
+    cp = gpu_xp
+    n, d, v = 300, 64, 512
+    x, w = half(rng, (n, d)), half(rng, (v, d), 0.2)
+    targets = cp.asarray(rng.integers(0, v - 12, n))
+    targets[::7] = -1
+    mask = cp.zeros(v, np.float16)
+    mask[v - 12:] = np.finfo(np.float16).min
+    results = []
+    with fast(True):
+        for fn in (lambda a, b: F.cross_entropy(F.linear(a, b) + mask, targets),
+                   lambda a, b: F.linear_cross_entropy(a, b, targets, logit_mask=mask, block_rows=128)):
+            ts = [Tensor(cp.asarray(a), requires_grad=True) for a in (x, w)]
+            loss = fn(*ts) * 1024.0
+            loss.backward()
+            results.append((loss.data, ts[0].grad, ts[1].grad))
+    for got, expected, what in zip(results[1], results[0], ("loss", "dx", "dw")):
+        close16(got, expected, what=what)

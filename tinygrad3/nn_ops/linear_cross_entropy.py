@@ -1,0 +1,100 @@
+"""The output layer and the loss in one op, without keeping the (N, V) logits.
+
+For a language model the logits are the largest activation by far: at 16 x 1024 tokens and a
+vocabulary of 50,304 they are 1.65 GB in float16, and the loss's backward adds a gradient of
+the same size. This op computes
+
+    L = mean over non-ignored rows n of CE(z_n, t_n),   z = x W^T + mask
+
+a block of rows at a time: each block's logits are made, reduced to their logsumexp and loss
+by CrossEntropy, and dropped. The backward makes each block's logits again (the same GEMM on
+the same inputs, so the same values) and hands them back to that block's CrossEntropy for its
+gradient dZ. Peak memory for the head is one block's logits and their gradient instead of the
+whole of both; the price is the head's GEMM run twice (about 1/3 more head FLOPs).
+
+Blocks and the mean: block c has mean loss L_c = S_c / N_c over its N_c counted rows, so
+L = sum_c S_c / N = sum_c L_c N_c / N. In the backward, dL/dL_c = N_c / N, so block c's
+CrossEntropy backward gets gy N_c / N as its upstream gradient (N_c is its clamped count,
+which only differs from the true one when the block has no counted rows, and then L_c = 0 and
+dZ_c = 0 whatever the factor).
+
+Gradients of the GEMM (derived in nn_ops/dense.py): dX_c = dZ_c W for the block's rows, and
+dW = sum_c dZ_c^T X_c, summed over blocks in float32 (float64 for float64) and rounded to W's
+dtype once at the end.
+"""
+import numpy as np
+
+from ..backend import get_array_module
+from ..kernels import gemm, use_fast
+from ..tensor import Function
+from .common import compute_dtype
+from .loss import CrossEntropy
+
+BLOCK_BYTES = 256 * 2 ** 20  # logits per block at most (the last block may hold fewer rows)
+
+
+def block_rows(n_rows, vocab, itemsize, block_bytes=BLOCK_BYTES):
+    """Rows per block: at most block_bytes of logits, equal blocks, a multiple of 128 rows
+    when a block holds more than 128 (GEMM-friendly)."""
+    most = max(1, block_bytes // (vocab * itemsize))
+    blocks = -(-n_rows // most)
+    rows = -(-n_rows // max(blocks, 1))
+    return min(n_rows, -(-rows // 128) * 128) if rows > 128 else max(rows, 1)
+
+
+class LinearCrossEntropy(Function):
+    """mean CE(x W^T + mask, targets) over rows whose target is not ignore_index.
+
+    x (..., D), W (V, D), targets of x's leading shape; mask a constant (V,) array of x's dtype
+    or None. The loss has x's compute dtype (float32 for float16 x).
+    """
+
+    def __init__(self, ignore_index, mask=None, rows=None):
+        self.ignore_index, self.mask, self.rows = ignore_index, mask, rows
+
+    def _logits(self, x2, w, start, stop):
+        """The block's logits x2[start:stop] W^T (+ mask), in x's dtype, as F.linear makes them."""
+        z = gemm.mm(x2[start:stop], w, trans_b=True) if self.fast else x2[start:stop] @ w.T
+        if self.mask is not None:
+            z += self.mask
+        return z
+
+    def forward(self, x, w, targets):
+        xp = get_array_module(x)
+        x2, t = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+        self.fast = use_fast("gemm", x2, w)
+        rows = self.rows or block_rows(len(x2), w.shape[0], x2.dtype.itemsize)
+        self.bounds = [(a, min(a + rows, len(x2))) for a in range(0, len(x2), rows)]
+        self.count = xp.maximum((t != self.ignore_index).sum(), 1).astype(compute_dtype(x.dtype))
+        self.blocks, total = [], None
+        for start, stop in self.bounds:
+            ce = CrossEntropy(self.ignore_index)
+            ce.needs_grad = (True, False)
+            share = ce.forward(self._logits(x2, w, start, stop), t[start:stop]) * ce.denom
+            total = share if total is None else total + share
+            del ce.logits  # made again in the backward; everything else it saved is per row
+            self.blocks.append(ce)
+        self.x2, self.w = x2, w  # the backward makes the logits again from both
+        self.x_shape, self.w_dtype = x.shape, w.dtype
+        if total is None:  # no rows at all
+            return xp.zeros((), compute_dtype(x.dtype))
+        return total / self.count
+
+    def backward(self, gy):
+        """Per block: dZ_c from CrossEntropy (upstream gy N_c / N), then dX_c = dZ_c W and
+        dW += dZ_c^T X_c (see the module docstring)."""
+        xp, x2, w = get_array_module(gy), self.x2, self.w
+        c = compute_dtype(x2.dtype)
+        gx = xp.empty(x2.shape, x2.dtype) if self.needs_grad[0] else None
+        gw = xp.zeros(w.shape, compute_dtype(w.dtype)) if self.needs_grad[1] else None
+        for (start, stop), ce in zip(self.bounds, self.blocks):
+            ce.logits = self._logits(x2, w, start, stop)
+            gz, _ = ce.backward(gy * (ce.denom / self.count))
+            if gx is not None:
+                gx[start:stop] = gemm.mm(gz, w) if self.fast else gz @ w
+            if gw is not None:
+                gw += (gemm.mm(gz, x2[start:stop], trans_a=True, out_dtype=np.float32) if self.fast
+                       else gz.astype(c).T @ x2[start:stop].astype(c))
+            del ce.logits, gz
+        return (None if gx is None else gx.reshape(self.x_shape),
+                None if gw is None else gw.astype(self.w_dtype, copy=False), None)
