@@ -1,0 +1,214 @@
+"""Activation recomputation (tinygrad3.checkpoint): the same gradients, fewer activations kept."""
+import numpy as np
+import pytest
+
+import tinygrad3.functional as F
+from tinygrad3 import Function, Tensor, backend, gradcheck, is_grad_enabled, no_grad
+from tinygrad3.checkpoint import Checkpoint, checkpoint
+
+
+class Counted:
+    """fn for checkpoint that counts its calls and records the arguments it was given."""
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.recording = fn, [], []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+        self.recording.append(is_grad_enabled())
+        return self.fn(*args)
+
+
+# ----- the engine ------------------------------------------------------------------------------------
+def test_gradcheck_through_a_checkpoint_with_closure_leaves_and_constant_arguments():
+    """float64 finite differences: x as an input (also used outside), w a listed closure leaf,
+    b an unlisted one, a float and an array as constant arguments."""
+    rng = np.random.default_rng(0)
+    shift = rng.standard_normal(4)
+
+    def model(x, w, b):
+        def block(h, power, offset):
+            return F.gelu_tanh(h @ w + b) * (h ** power).sum(axis=-1, keepdims=True) + Tensor(offset)
+        y = checkpoint(block, x, 2.0, shift, params=[w])
+        return y * x.sum() + x @ w
+
+    assert gradcheck(model, [rng.standard_normal((3, 4)), rng.standard_normal((4, 4)), rng.standard_normal(4)])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_values_and_gradients_equal_those_without_checkpoint(dtype):
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal(s).astype(dtype) for s in ((5, 6), (6, 6), (6,))]
+
+    def run(use_checkpoint):
+        x, w, b = (Tensor(a, requires_grad=True) for a in arrays)
+
+        def block(h):  # h has three uses inside, w two
+            z = F.gelu_tanh(h @ w + b)
+            return (z @ w) * h + h
+
+        y = checkpoint(block, x, params=[w, b]) if use_checkpoint else block(x)
+        (y * y).sum().backward()
+        return y.data, [t.grad for t in (x, w, b)]
+
+    (y0, g0), (y1, g1) = run(False), run(True)
+    np.testing.assert_array_equal(y1, y0)  # the forward is the same computation
+    tolerance = dict(rtol=1e-12, atol=0) if dtype == np.float64 else dict(rtol=1e-6, atol=1e-7)
+    for ours, plain in zip(g1, g0):
+        np.testing.assert_allclose(ours, plain, **tolerance)
+
+
+def test_fn_runs_once_in_forward_once_in_backward_and_keeps_only_its_inputs():
+    rng = np.random.default_rng(2)
+    x = Tensor(rng.standard_normal((3, 4)), requires_grad=True)
+    c = Tensor(rng.standard_normal((3, 4)))  # no gradient wanted
+    w = Tensor(rng.standard_normal((4, 4)), requires_grad=True)
+    extra = {"scale": 3.0}
+    fn = Counted(lambda x, c, extra: F.gelu_tanh(x @ w) * c * extra["scale"] + x * x)
+    y = checkpoint(fn, x, c, extra, params=[w])
+    node = y._creator
+    assert isinstance(node, Checkpoint) and len(fn.calls) == 1
+    assert fn.recording == [False]  # the forward records no graph inside fn
+    assert fn.calls[0][0] is x and fn.calls[0][1] is c and fn.calls[0][2] is extra  # forward: fn(*inputs)
+    assert node.args[0] is x.data and node.args[1] is c.data and node.args[2] is extra  # kept: no copies
+    assert node._parents == (x, None, None, w)  # x and the listed leaf; c and the dict take no gradient
+
+    gy = rng.standard_normal((3, 4))
+    y.backward(gy)
+    assert len(fn.calls) == 2 and fn.recording == [False, True]  # the recomputation does
+    again = fn.calls[1]
+    assert again[0] is not x and again[0].data is x.data and again[0].requires_grad   # detached copy
+    assert again[1] is not c and again[1].data is c.data and not again[1].requires_grad
+    assert again[2] is extra
+    assert c.grad is None
+    xp, wp = Tensor(x.data, requires_grad=True), Tensor(w.data, requires_grad=True)
+    (F.gelu_tanh(xp @ wp) * c * 3.0 + xp * xp).backward(gy)
+    np.testing.assert_allclose(x.grad, xp.grad, rtol=1e-13)
+    np.testing.assert_allclose(w.grad, wp.grad, rtol=1e-13)
+    assert not hasattr(node, "args") and not hasattr(node, "fn")  # freed like any Function's saved state
+
+
+def test_second_backward_raises():
+    x = Tensor(np.ones(3), requires_grad=True)
+    y = checkpoint(lambda h: (h * h).sum(), x)
+    y.backward()
+    with pytest.raises(RuntimeError, match="already freed"):
+        y.backward()
+    z = checkpoint(lambda h: h.exp(), x * 2.0).sum()
+    z.backward()
+    with pytest.raises(RuntimeError, match="already freed"):
+        z.backward()
+
+
+def test_under_no_grad_it_just_calls_fn():
+    x = Tensor(np.ones(3), requires_grad=True)
+    results = []
+    fn = Counted(lambda h: results.append(h * 2.0) or results[-1])
+    with no_grad():
+        y = checkpoint(fn, x, params=[x])
+    assert y is results[0] and len(fn.calls) == 1 and not y.requires_grad and y._creator is None
+
+
+def test_backward_called_inside_no_grad_still_recomputes_with_a_graph():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal(5)
+    x = Tensor(a, requires_grad=True)
+    y = checkpoint(lambda h: (h.exp() * h).sum(), x)
+    with no_grad():
+        y.backward()
+    np.testing.assert_allclose(x.grad, np.exp(a) * (1 + a), rtol=1e-14)
+
+
+def test_without_any_input_or_param_requiring_grad_fn_runs_as_usual():
+    """Nothing upstream wants a gradient: no node; an unlisted closure leaf still gets its gradient."""
+    rng = np.random.default_rng(4)
+    x = Tensor(rng.standard_normal((2, 3)))
+    w = Tensor(rng.standard_normal((3, 3)), requires_grad=True)
+    y = checkpoint(lambda h: (h @ w).exp(), x)
+    assert y.requires_grad and not isinstance(y._creator, Checkpoint)
+    y.sum().backward()
+    np.testing.assert_allclose(w.grad, x.data.T @ np.exp(x.data @ w.data), rtol=1e-13)
+    # Nothing at all needs a gradient: a plain call, no graph.
+    frozen = checkpoint(lambda h: h * 2.0, x)
+    assert not frozen.requires_grad and frozen._creator is None
+
+
+def test_fn_that_does_not_compute_the_same_thing_again_is_an_error():
+    x = Tensor(np.ones(4), requires_grad=True)
+    shapes = iter([(4,), (2, 2)])
+    y = checkpoint(lambda h: h.reshape(*next(shapes)) * 2.0, x)
+    with pytest.raises(RuntimeError, match="recomputation gave"):
+        y.sum().backward()
+    with pytest.raises(TypeError, match="must return one Tensor"):
+        checkpoint(lambda h: (h, h), x)
+    with pytest.raises(TypeError, match="leaf Tensors"):
+        checkpoint(lambda h: h, x, params=[x * 2.0])
+
+
+def test_leaf_hook_fires_once_per_listed_leaf_when_its_gradient_is_final():
+    """w is used by two checkpoints and outside them; v only in one; u is an unlisted closure leaf."""
+    rng = np.random.default_rng(5)
+    x = Tensor(rng.standard_normal((2, 3)), requires_grad=True)
+    w, v, u = (Tensor(rng.standard_normal((3, 3)), requires_grad=True) for _ in range(3))
+    names = {id(x): "x", id(w): "w", id(v): "v", id(u): "u"}
+
+    def forward(ckpt):
+        h = ckpt(lambda a: F.gelu_tanh(a @ w), x, params=[w])
+        h = ckpt(lambda a: F.gelu_tanh(a @ v) @ w + a @ u, h, params=[w, v])
+        return ((h @ w) ** 2.0).sum()
+
+    forward(lambda fn, *a, params: fn(*a)).backward()
+    plain = {name: t.grad.copy() for name, t in zip("xwvu", (x, w, v, u))}
+    for t in (x, w, v, u):
+        t.grad = None
+
+    seen = []
+    forward(checkpoint).backward(leaf_hook=lambda leaf: seen.append((names[id(leaf)], leaf.grad.copy())))
+    assert sorted(name for name, _ in seen if name != "u") == ["v", "w", "x"]
+    final = {"x": x.grad, "w": w.grad, "v": v.grad, "u": u.grad}
+    for name, at_hook in seen:  # nothing was added after the hook saw it
+        np.testing.assert_array_equal(at_hook, final[name])
+    for name in "xwvu":  # u too: the inner backward accumulates into it
+        np.testing.assert_allclose(final[name], plain[name], rtol=1e-12)
+
+
+class _FakeEvent:
+    def __init__(self, log):
+        self.log, self.done = log, False
+
+    def synchronize(self):
+        self.log.append("wait for the GPU")
+
+
+class _Logged(Function):
+    """Identity whose backward writes to a log (to see when the deferred checks are waited on)."""
+
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def forward(self, x):
+        return x
+
+    def backward(self, gy):
+        self.log.append(self.name)
+        return gy
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_deferred_gpu_checks_wait_for_the_end_of_the_outer_backward(failed):
+    """The inner backward must not wait on the GPU (a host sync); the outer one raises at its end."""
+    log = []
+    x = Tensor(np.ones(3), requires_grad=True)
+    h = _Logged(log, "before the checkpoint")(x)
+    y = checkpoint(lambda a: _Logged(log, "inside the checkpoint")(a * 2.0), h)
+    backend._deferred.append((_FakeEvent(log), np.array([failed]), lambda: ValueError("bad ids")))
+    try:
+        if failed:
+            with pytest.raises(ValueError, match="bad ids"):
+                y.sum().backward()
+        else:
+            y.sum().backward()
+    finally:
+        backend._deferred.clear()
+    assert log == ["inside the checkpoint", "before the checkpoint", "wait for the GPU"]
+    np.testing.assert_array_equal(x.grad, [2.0, 2.0, 2.0])  # every gradient in before the error
