@@ -1,10 +1,15 @@
 """Activation recomputation (tinygrad3.checkpoint): the same gradients, fewer activations kept."""
+import gc
+import tracemalloc
+
 import numpy as np
 import pytest
 
 import tinygrad3.functional as F
+from models import Gemma3, Gemma3Config
 from tinygrad3 import Function, Tensor, backend, gradcheck, is_grad_enabled, no_grad
 from tinygrad3.checkpoint import Checkpoint, checkpoint
+from tinygrad3.distributed import DataParallel, InProcessGroup
 
 
 class Counted:
@@ -17,6 +22,18 @@ class Counted:
         self.calls.append(args)
         self.recording.append(is_grad_enabled())
         return self.fn(*args)
+
+
+def _reachable_functions(t):
+    """The Functions of the graph that backward from t would walk (engine internals, test only)."""
+    seen, stack = {}, [t._creator]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen[id(fn)] = fn
+        stack.extend(p for p in fn._parents if isinstance(p, Function))
+    return list(seen.values())
 
 
 # ----- the engine ------------------------------------------------------------------------------------
@@ -212,3 +229,119 @@ def test_deferred_gpu_checks_wait_for_the_end_of_the_outer_backward(failed):
         backend._deferred.clear()
     assert log == ["inside the checkpoint", "before the checkpoint", "wait for the GPU"]
     np.testing.assert_array_equal(x.grad, [2.0, 2.0, 2.0])  # every gradient in before the error
+
+
+# ----- the model ---------------------------------------------------------------------------------------
+def _grads(model, ids, targets):
+    _, loss = model(ids, targets)
+    loss.backward()
+    return loss.item(), {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-6)])
+def test_tiny_gemma3_loss_and_every_gradient_equal_with_recompute(dtype, rtol):
+    config = Gemma3Config.tiny()
+    rng = np.random.default_rng(6)
+    ids = rng.integers(0, 50257, size=(2, 20))  # longer than the sliding window of 8
+    targets = rng.integers(0, 50257, size=(2, 20))
+    targets[0, 3] = -1
+    plain = Gemma3(config, seed=7).to(dtype=dtype)
+    ours = Gemma3(config, seed=7, recompute=True).to(dtype=dtype)
+    assert ours.recompute and not plain.recompute and ours.config == plain.config
+    loss0, grads0 = _grads(plain, ids, targets)
+    loss1, grads1 = _grads(ours, ids, targets)
+    assert loss1 == pytest.approx(loss0, rel=rtol)
+    for name, g in grads0.items():
+        assert grads1[name] is not None, name
+        np.testing.assert_allclose(grads1[name], g, rtol=rtol, atol=rtol * np.abs(g).max(), err_msg=name)
+
+
+def test_recompute_keeps_one_array_per_layer_instead_of_the_layers_activations():
+    config = Gemma3Config.tiny(vocab_size=256, unpadded_vocab_size=None)
+    rng = np.random.default_rng(8)
+    ids, targets = rng.integers(0, 256, size=(2, 4, 64))
+    measured = {}
+    for recompute in (False, True):
+        model = Gemma3(config, seed=9, recompute=recompute)
+        gc.collect()
+        tracemalloc.start()  # NumPy reports its array allocations to tracemalloc
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            _, loss = model(ids, targets)
+            gc.collect()
+            kept = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        measured[recompute] = (loss, _reachable_functions(loss), kept)
+
+    # One layer's graph alone: how many Functions the plain forward records per layer.
+    layer = Gemma3(config, seed=9).model.layers[0]
+    per_layer = len(_reachable_functions(layer(Tensor(rng.standard_normal((4, 64, 64)).astype(np.float32),
+                                                       requires_grad=True))))
+    layers = config.num_hidden_layers
+    (_, plain_fns, plain_bytes), (loss, ours_fns, ours_bytes) = measured[False], measured[True]
+    assert per_layer > 20
+    assert len(ours_fns) == len(plain_fns) - layers * per_layer + layers  # each layer is one node now
+    nodes = [fn for fn in ours_fns if isinstance(fn, Checkpoint)]
+    assert len(nodes) == layers
+    for node in nodes:  # what a node keeps: the layer's input, nothing else
+        arrays = [a for a in vars(node).values() if isinstance(a, np.ndarray)]
+        arrays += [a for a in node.args if isinstance(a, np.ndarray)]
+        assert [a.shape for a in arrays] == [(4, 64, 64)]
+    assert ours_bytes < plain_bytes / 4, (ours_bytes, plain_bytes)
+    loss.backward()  # and the graph still differentiates
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_hook_reports_every_parameter_once_with_its_final_gradient():
+    config = Gemma3Config.tiny(vocab_size=256, unpadded_vocab_size=None)
+    ids, targets = np.random.default_rng(10).integers(0, 256, size=(2, 2, 16))
+    model = Gemma3(config, seed=11, recompute=True)
+    seen = []
+    _, loss = model(ids, targets)
+    loss.backward(leaf_hook=lambda leaf: seen.append((leaf, leaf.grad.copy())))
+    params = model.parameters()
+    assert sorted(id(t) for t, _ in seen) == sorted(id(p) for p in params)
+    for leaf, at_hook in seen:
+        np.testing.assert_array_equal(at_hook, leaf.grad)
+    assert id(model.model.embed_tokens.weight) == id(seen[-1][0])  # the embedding is final last
+
+
+def test_generation_and_no_grad_never_recompute():
+    config = Gemma3Config.tiny(vocab_size=256, unpadded_vocab_size=None)
+    model = Gemma3(config, seed=12, recompute=True)
+    ids = np.random.default_rng(13).integers(0, 256, size=(1, 10))
+    with no_grad():
+        logits_ng, _ = model(ids)
+    model.recompute = False
+    logits, _ = model(ids)
+    np.testing.assert_array_equal(logits_ng.data, logits.data)
+    assert model.model.recompute is False
+
+
+# ----- data parallelism ------------------------------------------------------------------------------
+@pytest.mark.parametrize("world", [2, 3])
+def test_data_parallel_with_recompute_equals_without(world):
+    """Every bucket still starts during backward, and the summed gradients are the plain ones."""
+    config = Gemma3Config.tiny(vocab_size=256, unpadded_vocab_size=None)
+    data = [np.random.default_rng(20 + r).integers(0, 256, size=(2, 2, 12)) for r in range(world)]
+
+    def rank_main(comm, recompute):
+        model = Gemma3(config, seed=14, recompute=recompute).to(dtype=np.float64)
+        dp = DataParallel(model.parameters(), comm, bucket_bytes=60_000)
+        launched = []
+        real_allreduce = comm.allreduce
+        comm.allreduce = lambda array, op="sum": launched.append(array.size) or real_allreduce(array, op)
+        ids, targets = data[comm.rank]
+        _, loss = model(ids, targets)
+        (loss * (1.0 / world)).backward(leaf_hook=dp.leaf_hook)
+        during_backward = len(launched)
+        dp.finish()
+        return during_backward, len(dp.buckets), {n: p.grad.copy() for n, p in model.named_parameters()}
+
+    plain = InProcessGroup(world).run(lambda comm: rank_main(comm, False))
+    ours = InProcessGroup(world).run(lambda comm: rank_main(comm, True))
+    for (started, buckets, grads), (_, _, expected) in zip(ours, plain):
+        assert buckets > 3 and started == buckets  # all of them before finish(), none left for it
+        for name, g in expected.items():
+            np.testing.assert_allclose(grads[name], g, rtol=1e-12, atol=1e-15, err_msg=name)
