@@ -155,10 +155,11 @@ def _deferred_checks_left_to_outer_backward():
     """Keep the inner Tensor.backward from waiting on the GPU's deferred checks.
 
     Tensor.backward ends with backend.raise_deferred(), which waits until the GPU has got past
-    every pending check: a host synchronisation in the middle of the outer backward (and not
-    allowed while a CUDA graph is being captured). The checks pending now (the forward's, and any
-    the recomputation added) are set aside during the inner backward and put back in order after
-    it, so the outer backward raises them at its end, exactly where it would without checkpointing.
+    every pending check: a host synchronisation in the middle of the outer backward. The checks
+    pending now (the forward's, and any the recomputation added) are set aside during the inner
+    backward and put back in order after it, so the outer backward raises them at its end, exactly
+    where it would without checkpointing. (During CUDA-graph capture the checks go to the graph
+    and raise_deferred returns at once, so there is nothing to set aside then.)
     """
     pending = getattr(backend, "_deferred", None)
     if not pending:  # nothing pending (always so on the CPU)
