@@ -4,6 +4,7 @@
     python train.py --preset tiny --device cpu --data synthetic  # learns on a CPU in minutes
     python train.py --resume                                     # continue runs/<preset> from `last`
     mpirun -n 8 python train.py --distributed                    # data-parallel over 8 GPUs (NCCL)
+    python train.py --recompute                                  # re-run layers in backward: less memory
 
 One optimizer update = --grad-accum micro-batches of --batch-size x --block-size tokens. In fp16
 mode the model computes in fp16, the optimizer keeps float32 masters, and a dynamic loss scaler
@@ -83,6 +84,9 @@ def parse_args(argv=None):
     a("--bucket-mb", type=float, default=25.0, help="gradient all-reduce bucket size (--distributed)")
     a("--cuda-graphs", action="store_true", help="capture each micro-batch's forward and backward as a "
       "CUDA graph and replay it (needs --device cuda, float16 and the fast path: TINYGRAD3_FAST=1)")
+    a("--recompute", action="store_true", help="activation recomputation: keep only each decoder layer's "
+      "input and re-run the layer during backward (about one more forward per micro-batch, far less "
+      "activation memory; the same gradients)")
     args = p.parse_args(argv)
     args.distributed = args.distributed or distributed.launched_world_size() > 1
     args.out = args.out or os.path.join("runs", args.preset)
@@ -234,7 +238,7 @@ class Trainer:
                                        seed=args.seed + 1, model_vocab_size=self.config.vocab_size)
         self.eval_start = self.eval_loader.state_dict()  # every eval replays these same batches
 
-        self.model = Gemma3(self.config, seed=args.seed)
+        self.model = Gemma3(self.config, seed=args.seed, recompute=args.recompute)
         state = None
         if args.resume:
             model_state, optim_arrays, state = load_checkpoint(self.last_dir)

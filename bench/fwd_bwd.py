@@ -1,6 +1,7 @@
 """One forward+backward of a Gemma 3 preset on the GPU in fp16: wall time, peak memory, finiteness.
 
     python bench/fwd_bwd.py --preset gemma3_270m --batch 8 --block 512
+    python bench/fwd_bwd.py --recompute      # each decoder layer re-run in backward (less memory)
 """
 import argparse
 import os
@@ -20,10 +21,11 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--block", type=int, default=512)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--recompute", action="store_true", help="activation recomputation of every decoder layer")
     args = p.parse_args()
     cp = backend.array_module("cuda")
     config = Gemma3Config.preset(args.preset)
-    model = Gemma3(config).to(device="cuda", dtype=np.float16)
+    model = Gemma3(config, recompute=args.recompute).to(device="cuda", dtype=np.float16)
     rng = np.random.default_rng(0)
     pool = cp.get_default_memory_pool()
     times, peak = [], 0
@@ -45,7 +47,7 @@ def main():
     tokens = args.batch * args.block
     print(f"{args.preset} fp16 fwd+bwd {args.batch}x{args.block}: median {np.median(times) * 1e3:.1f} ms "
           f"({tokens / np.median(times):,.0f} tokens/s), pool peak {peak / 2**30:.2f} GiB, "
-          f"{model.num_parameters() / 1e6:.1f}M parameters")
+          f"{model.num_parameters() / 1e6:.1f}M parameters{', recompute' if args.recompute else ''}")
 
 
 if __name__ == "__main__":

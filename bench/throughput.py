@@ -4,6 +4,7 @@
     python bench/throughput.py --rows 16x1024x4 --sides ours-fast,torch-eager --steps 3
     python bench/throughput.py --skip-compile --ablation 16x1024x1   # + one family of kernels at a time
     python bench/throughput.py --preset tiny --device cpu --sides ours-ref,torch-eager  # CPU smoke test
+    python bench/throughput.py --recompute --sides ours-fast,torch-compile   # ours with activation recomputation
 
 A row is BATCHxBLOCKxACCUM: one update is ACCUM micro-batches of BATCH x BLOCK random token ids
 (forward + backward each) and one optimizer step. Sides:
@@ -16,6 +17,9 @@ Timing: device events around each update, after --warmup updates; the median of 
 Peak memory: ours, the CuPy memory pool's held bytes (its high-water: the pool is emptied before
 each row and only grows), plus the graphs' own pools for ours-graph; torch, max_memory_allocated (max_memory_reserved is in the JSON).
 MFU = tokens/s x models.flops.flops_per_token / --peak-tflops. The table is printed last.
+--recompute applies to our side only (every decoder layer under tinygrad3.checkpoint: one more
+forward of the layers per micro-batch, not counted in MFU's FLOPs); PyTorch's side is unchanged. The
+printed header and the JSON's environment say whether it was on.
 """
 import argparse
 import datetime
@@ -59,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     p.add_argument("--peak-tflops", type=float, default=750.0, help="fp16 GEMM peak for MFU (H100: 750 measured)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recompute", action="store_true",
+                   help="ours: activation recomputation, each decoder layer re-run in backward (torch unchanged)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--commit", default=None, help="commit to report (default: git rev-parse --short HEAD)")
     args = p.parse_args(argv)
@@ -114,9 +120,9 @@ def measure(update, timer, warmup, steps):
 class Ours:
     """train.Trainer's update, built from its pieces."""
 
-    def __init__(self, config, device, seed):
+    def __init__(self, config, device, seed, recompute=False):
         self.xp = backend.array_module(device)
-        self.model = Gemma3(config, seed=seed)
+        self.model = Gemma3(config, seed=seed, recompute=recompute)
         masters = self.model.state_dict()
         dtype = np.float16 if device == "cuda" else np.float32
         self.model.to(device=device, dtype=dtype)
@@ -179,7 +185,9 @@ class _CupyEvent:
 
 def profile_ops(ours, batches, steps):
     """Per op over `steps` fast-path updates: calls, device ms (events around each call: GPU time
-    plus any GPU idle while the host launched it) and host ms. Returns rows, biggest first."""
+    plus any GPU idle while the host launched it) and host ms. Returns rows, biggest first.
+    With --recompute, the "Checkpoint fwd/bwd" rows contain whole layers, whose ops are also
+    counted on their own rows (so the rows add up to more than the update)."""
     from tinygrad3.tensor import Function
     cupy = backend.cupy
     stats = {}
@@ -362,7 +370,7 @@ def run_all(args, config, save):
 
     ours_jobs = [(row, side) for row, side in jobs if side.startswith("ours")]
     if ours_jobs:
-        ours = Ours(config, args.device, args.seed)
+        ours = Ours(config, args.device, args.seed, recompute=args.recompute)
         for row, side in ours_jobs:
             xp = ours.xp
             dev_batches = [(xp.asarray(x), xp.asarray(y)) for x, y in batches[row]]
@@ -391,7 +399,7 @@ def run_all(args, config, save):
 def environment(args, config):
     env = dict(date=datetime.date.today().isoformat(), preset=args.preset, device=args.device,
                command="python " + " ".join(sys.argv), peak_tflops=args.peak_tflops,
-               warmup=args.warmup, steps=args.steps,
+               warmup=args.warmup, steps=args.steps, recompute=args.recompute,
                flops_per_token={b: flops_per_token(config, b) for b in sorted({r[1] for r in args.rows})})
     env["commit"] = args.commit
     if not env["commit"]:
@@ -443,7 +451,8 @@ def main(argv=None):
 
     results = run_all(args, config, save)
     print(f"\n{env.get('gpu', args.device)}, {args.preset}, median of {args.steps} updates after "
-          f"{args.warmup} warm-up, commit {env.get('commit', '?')}")
+          f"{args.warmup} warm-up, commit {env.get('commit', '?')}"
+          f"{', ours with --recompute (activation recomputation)' if args.recompute else ''}")
     print(table(results))
     return 1 if any("error" in r for r in results) else 0
 

@@ -9,6 +9,8 @@ Attention: q/k/v projections; RMSNorm over head_dim on q and k, then RoPE with t
 (both in F.qk_norm_rope); scores scaled by query_pre_attn_scalar**-0.5; causal, or sliding-window
 causal on "sliding_attention" layers; multi-query when there is one KV head.
 MLP (GeGLU): down(gelu_tanh(gate(x)) * up(x)), through F.geglu.
+With `recompute=True` each decoder layer runs under tinygrad3.checkpoint: its activations are
+not kept between forward and backward but recomputed, layer by layer, during backward.
 Parameter names are Hugging Face's, so their checkpoints load with load_state_dict.
 """
 import math
@@ -16,7 +18,8 @@ import math
 import numpy as np
 
 import tinygrad3.functional as F
-from tinygrad3 import Tensor, backend
+from tinygrad3 import Tensor, backend, is_grad_enabled
+from tinygrad3.checkpoint import checkpoint
 from nn import Embedding, Linear, Module, ModuleList, RMSNorm
 from .config import Gemma3Config
 
@@ -98,12 +101,13 @@ class Gemma3DecoderLayer(Module):
 
 
 class Gemma3TextModel(Module):
-    def __init__(self, config, rng):
+    def __init__(self, config, rng, recompute=False):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, rng=rng)
         self.layers = ModuleList(Gemma3DecoderLayer(config, i, rng) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.embed_scale = math.sqrt(config.hidden_size)
+        self.recompute = bool(recompute)
 
     def compute_dtype(self):
         """The dtype the GEMMs run in: that of the linear weights (float16 in mixed precision)."""
@@ -119,24 +123,44 @@ class Gemma3TextModel(Module):
         h = cast(F.embedding(idx, self.embed_tokens.weight), residual_dtype(compute))
         # The scale is rounded to the stream's dtype before multiplying, as the reference does.
         h = h * self.embed_scale
+        # Recompute: each layer keeps only its input h until backward, which re-runs the layer.
+        # Not with a KV cache (the layer would append to it twice) nor without a graph (nothing to save).
+        recompute = self.recompute and cache is None and is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            h = layer(h, None if cache is None else cache.layer(i))
+            if recompute:
+                h = checkpoint(layer, h, params=layer.parameters())
+            else:
+                h = layer(h, None if cache is None else cache.layer(i))
         if cache is not None:
             cache.advance(idx.shape[1])
         return self.norm(h, out_dtype=compute)
 
 
 class Gemma3(Module):
-    """Gemma 3 causal language model: `logits, loss = model(idx, targets)`."""
+    """Gemma 3 causal language model: `logits, loss = model(idx, targets)`.
 
-    def __init__(self, config=None, seed=0):
+    recompute=True (or setting `model.recompute` later) runs every decoder layer under
+    tinygrad3.checkpoint when a graph is recorded: about one more forward of the layers per
+    backward, for not keeping each layer's activations. The gradients are the same. It is a
+    setting of this model object, not of the config (which checkpoints save and compare).
+    """
+
+    def __init__(self, config=None, seed=0, recompute=False):
         super().__init__()
         self.config = config = config or Gemma3Config.gemma3_270m()
         rng = np.random.default_rng(seed)
-        self.model = Gemma3TextModel(config, rng)
+        self.model = Gemma3TextModel(config, rng, recompute)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, rng=rng)
         self._vocab_masks = {}
+
+    @property
+    def recompute(self):
+        return self.model.recompute
+
+    @recompute.setter
+    def recompute(self, value):
+        self.model.recompute = bool(value)
 
     def vocab_mask(self, like):
         """0 for real ids, the most negative finite value of the logits' dtype for padding ids

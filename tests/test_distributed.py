@@ -317,7 +317,9 @@ class FixedBatches:
         return {}
 
 
-def test_trainer_update_equals_single_process_accumulation(synthetic_dir, tmp_path):
+@pytest.mark.parametrize("recompute", [(), ("--recompute",)])
+def test_trainer_update_equals_single_process_accumulation(synthetic_dir, tmp_path, recompute):
+    """Also with activation recomputation on the ranks (tinygrad3.checkpoint) against a plain process."""
     world = 2
     loader = BatchLoader(synthetic_dir, 2, 16, seed=5)
     data = [loader.next_batch("train") for _ in range(world)]
@@ -327,9 +329,9 @@ def test_trainer_update_equals_single_process_accumulation(synthetic_dir, tmp_pa
     expected = single.update()
 
     def rank_main(comm):
-        trainer = train.Trainer(_args(synthetic_dir, tmp_path / "dp", "--dtype", "float64"), comm)
+        trainer = train.Trainer(_args(synthetic_dir, tmp_path / "dp", "--dtype", "float64", *recompute), comm)
         trainer.loader = FixedBatches([data[comm.rank]])
-        assert len(trainer.dp.buckets) > 1
+        assert len(trainer.dp.buckets) > 1 and trainer.model.recompute == bool(recompute)
         return trainer.update(), trainer.optimizer, trainer.tokens
 
     for record, optimizer, tokens in InProcessGroup(world).run(rank_main):

@@ -90,6 +90,29 @@ def test_run_directory_outputs_and_checkpoint_checks(synthetic_dir, tmp_path):
     assert train.main(_argv(synthetic_dir, out, "--max-updates", "8", "--resume")) == 2
 
 
+def test_recompute_trains_with_the_same_losses(synthetic_dir, tmp_path):
+    """--recompute (each decoder layer re-run in backward) changes memory and time, not the numbers."""
+    logs = {}
+    for flag in ((), ("--recompute",)):
+        out = tmp_path / ("recompute" if flag else "plain")
+        assert train.main(_argv(synthetic_dir, out, "--max-updates", "3", "--eval-every", "3", *flag)) == 0
+        logs[bool(flag)] = _updates(out)
+        assert json.loads((out / "config.json").read_text())["args"]["recompute"] == bool(flag)
+    plain, ours = logs[False], logs[True]
+    assert [r["kind"] for r in ours] == [r["kind"] for r in plain] == ["update"] * 3 + ["eval"]
+    for a, b in zip(plain, ours):  # float32: the same bits in our runs; allow last-bit differences
+        for key in ("loss", "grad_norm", "train", "validation"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=0), (key, a, b)
+    assert plain[0]["loss"] != plain[2]["loss"]  # the updates did change the model
+    # It is not part of what a resume must keep: a plain run continues with it.
+    assert train.main(_argv(synthetic_dir, tmp_path / "plain", "--max-updates", "4", "--resume",
+                            "--recompute")) == 0
+    assert [r["step"] for r in _updates(tmp_path / "plain") if r["kind"] == "update"] == [1, 2, 3, 4]
+    args = train.parse_args(_argv(synthetic_dir, tmp_path / "x", "--recompute"))
+    assert args.recompute and not train.parse_args(_argv(synthetic_dir, tmp_path / "x")).recompute
+
+
 def test_min_lr_above_peak_is_a_clear_error(synthetic_dir, tmp_path, capsys):
     assert train.main(_argv(synthetic_dir, tmp_path / "bad", "--min-lr", "1e-2", "--max-updates", "4")) == 2
     assert "min_lr (0.01) is above peak_lr (0.003)" in capsys.readouterr().err

@@ -32,6 +32,12 @@ world_size * grad_accum micro-batches, which is what the tests compare against.
     optimizer.step(...)
 
 The hook is passed on the last micro-batch only: earlier ones only accumulate locally.
+
+Activation recomputation (tinygrad3.checkpoint) changes nothing here: a recomputed layer lists its
+parameters as inputs of its checkpoint node, so backward reports them right after that node's
+backward (which re-runs the layer and accumulates their gradients), and the buckets start during
+backward as without it. A parameter a checkpointed function reads without listing it still gets
+its gradient, but is only reduced by finish().
 """
 from .. import backend
 

@@ -1,0 +1,173 @@
+"""Activation recomputation ("gradient checkpointing"): trade one more forward for memory.
+
+The problem. Every Function the forward records keeps what its backward will read (inputs,
+softmax probabilities, normalisation statistics, ...) until backward reaches it. For a deep
+model those saved arrays, all layers' worth of them, are most of the memory of a training step.
+
+The idea. `y = checkpoint(fn, x)` runs `fn(x)` with graph recording off, so nothing inside fn is
+saved, and records a single node in its place that keeps only the input array x (and fn). When
+backward reaches the node with the gradient gy = dL/dy, the node runs fn(x) again, this time
+recording, on a detached copy x' of x (a fresh leaf, requires_grad as x had), back-propagates gy
+through that fresh graph with an ordinary `Tensor.backward`, and hands x'.grad = dL/dx back to the
+outer backward as the gradient of its input. So at any moment only one checkpointed segment's
+activations exist: the one whose backward is running.
+
+Why the gradients are the same. Reverse mode needs two things at the node: the vector-Jacobian
+products
+    dL/dx = gy . df/dx(x; theta)        and        dL/dtheta += gy . df/dtheta(x; theta)
+for fn's input x and for the leaves theta that fn reads from its closure (a layer's parameters).
+Without checkpointing the engine gets them by walking fn's recorded subgraph backwards, using the
+arrays saved by the forward. With it, fn is re-run on the same array x and reads the same
+parameters theta. fn is deterministic (the same ops on the same arrays give the same arrays), so
+every Function of the re-run computes and saves exactly what the original forward would have
+saved: the recomputed graph IS the graph the forward would have recorded, only built later.
+Walking it back from the same gy then performs the same backward computations and gives the same
+dL/dx and the same contributions to theta's gradients:
+  * dL/dx: the inner leaf x' sums the contributions of x's uses inside fn, which is what the
+    outer backward would have summed into x's gradient from those same uses;
+  * theta: the inner backward accumulates into `theta.grad` itself, as the outer one would have.
+Equal as numbers, not merely close: the only freedom is the order of floating-point additions
+where a gradient has several contributions (x' sums fn's uses before the outer backward adds
+anything else, and the inner walk visits fn's Functions in its own order). With two
+contributions a + b = b + a exactly; with three or more the last bits may differ. In Gemma 3
+every checkpointed layer input has two uses (norm and residual) and every parameter one use per
+layer, so training with recompute gives the same bits (so it does in our CPU runs; the tests in
+tests/test_checkpoint.py and tests/test_train.py compare to 1e-12 in float64, 1e-6 in float32).
+What fn must therefore be: a pure function of its inputs and closure. No side effects (it runs
+twice: a KV cache would be appended to twice), no randomness that differs between the runs
+(dropout would need its seed replayed), the same parameter values and the same kernel settings
+(fast path on or off) at backward time as at forward time. The engine's ops are deterministic in
+this sense: NumPy and CuPy array code, and on the fast path fused kernels without atomic additions
+and cuBLAS GEMMs (same call, same GPU, same bits). The ops compute the same values with recording
+on or off; recording only decides what they keep.
+
+Cost: one more forward of fn per backward (about a third more arithmetic for a transformer
+layer, whose backward costs about two forwards), for not keeping fn's activations between the
+forward and the backward.
+
+Decisions, case by case:
+  * Inputs that do not require grad (and integer tensors) are recomputed from detached copies
+    without requires_grad; their gradient slot is None, as for any Function.
+  * Non-Tensor arguments (ints, None, raw arrays, ...) are passed through unchanged to both runs and
+    receive no gradient. fn must not mutate them.
+  * `params`: the leaves fn reads through its closure (e.g. `layer.parameters()`). fn gets them
+    from its closure as always; listing them makes them inputs of the node in the outer graph
+    (with a None gradient slot: the inner backward accumulates into their `.grad` directly). Why:
+    `Tensor.backward(leaf_hook=...)` calls the hook on every leaf of the graph it walks once that
+    leaf's gradient is final, and leaves used only inside fn are not in the outer graph. As inputs
+    of the node they are: the outer backward counts the node as one of their uses and calls the
+    hook right after the node's backward, or later if another part of the graph (another
+    checkpoint, or an ordinary op) also uses them. That is what data parallelism needs to start a
+    bucket's all-reduce during backward (tinygrad3/distributed). A Function's backward never sees
+    the hook itself, so reporting the leaves is how they reach it without a change to tensor.py.
+    A closure leaf left out of `params` still gets exactly its gradient, but the hook is not
+    called for it in that pass (DataParallel then reduces it in finish(), with no overlap).
+  * No input and no listed param requires grad: there is no gradient to send upstream through the
+    node, so no node is recorded and fn simply runs, recording as usual (an unlisted closure leaf
+    that needs a gradient then still gets it; no memory is saved in that case).
+  * no_grad mode: no graph is built anyway, so `checkpoint` just returns fn(*inputs).
+  * A backward called inside no_grad() still records the recompute (the inner graph is needed).
+  * A second backward through the node raises, as everywhere in the engine: its first backward
+    freed its links and saved input like any Function's; the inner graph is freed by its own walk.
+  * No host synchronisation: the recompute runs the same ops on arrays already on the device, the
+    gradient gy stays on the device, and the GPU's deferred id checks (backend.defer_check) that
+    the inner `Tensor.backward` would wait on at its end are left for the outer backward, which
+    raises them at its own end as it does without checkpointing.
+"""
+import contextlib
+
+from . import backend
+from . import tensor as _tensor
+from .tensor import Function, Tensor, is_grad_enabled, no_grad
+
+
+def checkpoint(fn, *inputs, params=()):
+    """fn(*inputs) without keeping fn's activations; fn is re-run during backward (module docstring).
+
+    fn: Tensors (and other arguments) -> one Tensor; deterministic and free of side effects.
+    params: leaf tensors fn reads through its closure, reported to backward's leaf_hook.
+    """
+    params = tuple(params)
+    for p in params:
+        if not isinstance(p, Tensor) or not p.is_leaf:
+            raise TypeError("checkpoint params must be leaf Tensors (the parameters fn reads from its closure)")
+    if not is_grad_enabled():
+        return fn(*inputs)
+    wanted = any(isinstance(x, Tensor) and x.requires_grad for x in inputs) or any(p.requires_grad for p in params)
+    if not wanted:
+        return fn(*inputs)
+    return Checkpoint(fn, inputs)(*inputs, *params)
+
+
+class Checkpoint(Function):
+    """The node that stands for fn in the outer graph: inputs (*args, *params), output fn(*args)."""
+
+    def __init__(self, fn, args):
+        self.fn = fn
+        self.args = args  # the original arguments, for the forward call only (replaced there)
+        self.is_tensor = tuple(isinstance(a, Tensor) for a in args)
+
+    def forward(self, *arrays):
+        with no_grad():  # nothing inside fn is recorded, so nothing inside fn is kept
+            out = self.fn(*self.args)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"checkpoint: fn must return one Tensor, got {type(out).__name__}")
+        # What is kept until backward: the arrays of the Tensor arguments (no copies) and the others
+        # as they are; the params are read again from fn's closure.
+        self.args = arrays[:len(self.is_tensor)]
+        self.out_meta = out.shape, out.dtype
+        return out.data
+
+    def backward(self, gy):
+        """Re-run fn recording on detached copies of the inputs, back-propagate gy through it."""
+        args = [Tensor(a, requires_grad=need) if is_tensor else a
+                for a, is_tensor, need in zip(self.args, self.is_tensor, self.needs_grad)]
+        with _recording():
+            out = self.fn(*args)
+        if not isinstance(out, Tensor) or (out.shape, out.dtype) != self.out_meta:
+            got = (out.shape, out.dtype) if isinstance(out, Tensor) else type(out).__name__
+            raise RuntimeError(f"checkpoint: fn's recomputation gave {got}, its forward gave {self.out_meta}: "
+                               "fn must compute the same thing both times")
+        if out.requires_grad:  # False: nothing in fn depends on anything that wants a gradient
+            with _deferred_checks_left_to_outer_backward():
+                out.backward(gy)
+        grads = tuple(a.grad if is_tensor else None for a, is_tensor in zip(args, self.is_tensor))
+        return grads + (None,) * (len(self.needs_grad) - len(grads))  # params: accumulated in place
+
+
+@contextlib.contextmanager
+def _recording():
+    """Graph recording on for the recomputation, even inside a no_grad() block (per thread).
+
+    tensor.py offers no_grad() but no way back in, so this sets its per-thread flag directly."""
+    if is_grad_enabled():
+        yield
+        return
+    _tensor._mode.grad_enabled = True
+    try:
+        yield
+    finally:
+        _tensor._mode.grad_enabled = False
+
+
+@contextlib.contextmanager
+def _deferred_checks_left_to_outer_backward():
+    """Keep the inner Tensor.backward from waiting on the GPU's deferred checks.
+
+    Tensor.backward ends with backend.raise_deferred(), which waits until the GPU has got past
+    every pending check: a host synchronisation in the middle of the outer backward. The checks
+    pending now (the forward's, and any the recomputation added) are set aside during the inner
+    backward and put back in order after it, so the outer backward raises them at its end, exactly
+    where it would without checkpointing. (During CUDA-graph capture the checks go to the graph
+    and raise_deferred returns at once, so there is nothing to set aside then.)
+    """
+    pending = getattr(backend, "_deferred", None)
+    if not pending:  # nothing pending (always so on the CPU)
+        yield
+        return
+    held = list(pending)
+    pending.clear()
+    try:
+        yield
+    finally:
+        pending[:0] = held
