@@ -74,11 +74,7 @@ Decisions, case by case:
     the inner `Tensor.backward` would wait on at its end are left for the outer backward, which
     raises them at its own end as it does without checkpointing.
 """
-import contextlib
-
-from . import backend
-from . import tensor as _tensor
-from .tensor import Function, Tensor, is_grad_enabled, no_grad
+from .tensor import Function, Tensor, enable_grad, is_grad_enabled, no_grad
 
 
 def checkpoint(fn, *inputs, params=()):
@@ -122,52 +118,14 @@ class Checkpoint(Function):
         """Re-run fn recording on detached copies of the inputs, back-propagate gy through it."""
         args = [Tensor(a, requires_grad=need) if is_tensor else a
                 for a, is_tensor, need in zip(self.args, self.is_tensor, self.needs_grad)]
-        with _recording():
+        with enable_grad():  # recording on even when backward runs inside no_grad()
             out = self.fn(*args)
         if not isinstance(out, Tensor) or (out.shape, out.dtype) != self.out_meta:
             got = (out.shape, out.dtype) if isinstance(out, Tensor) else type(out).__name__
             raise RuntimeError(f"checkpoint: fn's recomputation gave {got}, its forward gave {self.out_meta}: "
                                "fn must compute the same thing both times")
         if out.requires_grad:  # False: nothing in fn depends on anything that wants a gradient
-            with _deferred_checks_left_to_outer_backward():
-                out.backward(gy)
+            out.backward(gy, check_deferred=False)  # the outer backward raises them at its end
         grads = tuple(a.grad if is_tensor else None for a, is_tensor in zip(args, self.is_tensor))
         return grads + (None,) * (len(self.needs_grad) - len(grads))  # params: accumulated in place
 
-
-@contextlib.contextmanager
-def _recording():
-    """Graph recording on for the recomputation, even inside a no_grad() block (per thread).
-
-    tensor.py offers no_grad() but no way back in, so this sets its per-thread flag directly."""
-    if is_grad_enabled():
-        yield
-        return
-    _tensor._mode.grad_enabled = True
-    try:
-        yield
-    finally:
-        _tensor._mode.grad_enabled = False
-
-
-@contextlib.contextmanager
-def _deferred_checks_left_to_outer_backward():
-    """Keep the inner Tensor.backward from waiting on the GPU's deferred checks.
-
-    Tensor.backward ends with backend.raise_deferred(), which waits until the GPU has got past
-    every pending check: a host synchronisation in the middle of the outer backward. The checks
-    pending now (the forward's, and any the recomputation added) are set aside during the inner
-    backward and put back in order after it, so the outer backward raises them at its end, exactly
-    where it would without checkpointing. (During CUDA-graph capture the checks go to the graph
-    and raise_deferred returns at once, so there is nothing to set aside then.)
-    """
-    pending = getattr(backend, "_deferred", None)
-    if not pending:  # nothing pending (always so on the CPU)
-        yield
-        return
-    held = list(pending)
-    pending.clear()
-    try:
-        yield
-    finally:
-        pending[:0] = held

@@ -38,6 +38,16 @@ def no_grad():
         _mode.grad_enabled = previous
 
 
+@contextlib.contextmanager
+def enable_grad():
+    """Inside this block, calls record a graph again, even within no_grad() (per thread)."""
+    previous, _mode.grad_enabled = is_grad_enabled(), True
+    try:
+        yield
+    finally:
+        _mode.grad_enabled = previous
+
+
 class Function:
     """One differentiable operation: `forward(*arrays) -> array`, `backward(gy) -> grads`.
 
@@ -148,7 +158,7 @@ class Tensor:
         return Tensor(backend.to_device(self.data, device), requires_grad=self.requires_grad)
 
     # ----- backward -----------------------------------------------------------------
-    def backward(self, grad=None, leaf_hook=None):
+    def backward(self, grad=None, leaf_hook=None, check_deferred=True):
         """Accumulate d(self)/d(leaf) into every leaf's `.grad`.
 
         `grad` is the upstream gradient; for a one-element tensor it defaults to 1.
@@ -161,6 +171,8 @@ class Tensor:
 
         At the end, a failed check that was deferred on the GPU (ids out of range) raises
         (backend.raise_deferred), so no optimizer step takes gradients computed from bad ids.
+        check_deferred=False leaves that to the caller: a backward run inside another backward
+        (tinygrad3.checkpoint) must not make the host wait for the GPU half-way.
         """
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad "
@@ -193,7 +205,8 @@ class Tensor:
             if uses is not None:
                 _count_down(fn, uses, leaf_hook)
             _drop(fn)
-        backend.raise_deferred()
+        if check_deferred:
+            backend.raise_deferred()
 
     # ----- operators (implemented in ops.py) -----------------------------------
     def __add__(self, other): return ops.add(self, other)
