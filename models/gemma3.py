@@ -196,7 +196,8 @@ class Gemma3(Module):
         # would; the cast's backward hands the gradient back to the table in float32.
         weight = cast(self.output_weight(), h.dtype)
         if targets is not None and not return_logits:
-            return None, F.linear_cross_entropy(h, weight, targets, ignore_index, logit_mask=self.vocab_mask(h))
+            return None, F.linear_cross_entropy(h, weight, targets, ignore_index,
+                                                valid_vocab=self.config.unpadded_vocab_size)
         logits = F.linear(h, weight)
         mask = self.vocab_mask(logits)
         if mask is not None:

@@ -273,6 +273,35 @@ def test_cross_entropy_kernel(gpu_xp, rng, rows, v):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("v, valid", [(512, 509), (512, 500), (515, 509), (512, 1)])
+def test_cross_entropy_kernel_valid_vocab(gpu_xp, rng, v, valid):
+    """Only the first `valid` logits count (a padded vocabulary): loss and lse as over z[:, :valid],
+    a zero gradient past it, even where the padding logits are the row's largest."""
+    cp = gpu_xp
+    z = half(rng, (6, v), 3)
+    z[:, valid:] = 30.0
+    t = rng.integers(0, valid, 6)
+    loss, lse, denom = cross_entropy.forward(cp.asarray(z), cp.asarray(t), -1, valid)
+    rloss, rlse, rdenom = cross_entropy.reference_forward(z[:, :valid], t, -1)
+    close16(loss, rloss, tol=1e-5, what="loss")
+    close16(lse, rlse, tol=1e-6, what="lse")
+    gz = cross_entropy.backward(cp.asarray(np.float32(1024)), cp.asarray(z), cp.asarray(t), lse, denom, -1, valid)
+    expected = np.zeros_like(z)
+    expected[:, :valid] = cross_entropy.reference_backward(np.float32(1024), z[:, :valid], t, rlse, rdenom, -1)
+    close16(gz, expected, what="dz")
+
+
+def test_cross_entropy_reference_valid_vocab_is_the_sliced_vocabulary(rng):
+    z, t = half(rng, (5, 16), 3), rng.integers(0, 11, 5)
+    loss, lse, denom = cross_entropy.reference_forward(z, t, -1, valid=11)
+    sliced = cross_entropy.reference_forward(z[:, :11], t, -1)
+    np.testing.assert_array_equal(lse, sliced[1])
+    g = cross_entropy.reference_backward(np.float32(2), z, t, lse, denom, -1, valid_vocab=11)
+    np.testing.assert_array_equal(g[:, :11], cross_entropy.reference_backward(np.float32(2), z[:, :11], t, *sliced[1:], -1))
+    assert not g[:, 11:].any()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("trans_a", [False, True])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("out_dtype", [np.float16, np.float32])

@@ -2,7 +2,7 @@
 
 It must equal cross_entropy(linear(x, W) + mask) exactly in meaning: value and gradients of x
 and W, with rows spread over several blocks, ignored targets (a whole block of them too), a
-padding mask on the vocabulary, on the CPU in float64 (gradcheck, torch) and on the GPU's fast
+padded vocabulary (valid_vocab), on the CPU in float64 (gradcheck, torch) and on the GPU's fast
 path in float16.
 """
 import numpy as np
@@ -19,35 +19,41 @@ from test_kernels import close16, half
 TARGETS = np.array([[3, -1, 0, 6], [-1, -1, -1, -1], [2, 5, 6, -1]])  # the middle block: all ignored
 
 
-def unfused(mask=None):
+def unfused(valid=None):
+    """The reference: logits, a mask that makes padding ids' logits -inf in effect, the loss."""
     def fn(x, w):
         z = F.linear(x, w)
-        return F.cross_entropy(z if mask is None else z + mask, TARGETS)
+        if valid is not None:
+            xp = backend.get_array_module(z.data)
+            z = z + xp.asarray(np.where(np.arange(z.shape[-1]) < valid, 0.0, -1e4))  # exp(-1e4) == 0.0
+        return F.cross_entropy(z, TARGETS)
     return fn
 
 
-def fused(mask=None, rows=4):
-    return lambda x, w: F.linear_cross_entropy(x, w, TARGETS, logit_mask=mask, block_rows=rows)
+def fused(valid=None, rows=4):
+    return lambda x, w: F.linear_cross_entropy(x, w, TARGETS, valid_vocab=valid, block_rows=rows)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 5, 100])
 def test_fused_equals_unfused(xp, rng, rows):
-    x, w = rng.standard_normal((3, 4, 5)), rng.standard_normal((7, 5))
-    mask = xp.asarray(np.array([0, 0, 0, 0, 0, 0, -1e4]))  # id 6 is "padding"; targets 6 then cost ~1e4
-    for m in (None, mask):
+    x, w = rng.standard_normal((3, 4, 5)), rng.standard_normal((8, 5))
+    for valid in (None, 7):  # 7: id 7 is padding
         ours = [Tensor(xp.asarray(a), requires_grad=True) for a in (x, w)]
         ref = [Tensor(xp.asarray(a), requires_grad=True) for a in (x, w)]
-        loss, expected = fused(m, rows)(*ours), unfused(m)(*ref)
+        loss, expected = fused(valid, rows)(*ours), unfused(valid)(*ref)
         loss.backward()
         expected.backward()
         np.testing.assert_allclose(backend.to_numpy(loss.data), backend.to_numpy(expected.data), rtol=1e-12)
         for a, b in zip(ours, ref):
             np.testing.assert_allclose(backend.to_numpy(a.grad), backend.to_numpy(b.grad), rtol=1e-10, atol=1e-12)
+        if valid is not None:
+            assert not backend.to_numpy(ours[1].grad)[valid:].any()  # padding rows of W: no gradient
 
 
 def test_fused_gradcheck_and_torch(xp, torch, rng):
     x, w = rng.standard_normal((3, 4, 5)), rng.standard_normal((7, 5))
     check_grad(xp, fused(rows=3), [x, w])
+    check_grad(xp, fused(valid=7, rows=5), [x, rng.standard_normal((9, 5))])
 
     def theirs(x, w):
         z = (x @ w.T).reshape(-1, 7)
@@ -74,6 +80,10 @@ def test_errors(xp, rng):
         F.linear_cross_entropy(x, Tensor(xp.asarray(rng.standard_normal((4, 2)))), np.array([0, 1]))
     with pytest.raises(ValueError, match="block_rows"):
         F.linear_cross_entropy(x, w, np.array([0, 1]), block_rows=0)
+    with pytest.raises(ValueError, match=r"\[0, 3\).*found 3"):  # a padding id as a target
+        F.linear_cross_entropy(x, w, np.array([0, 3]), valid_vocab=3)
+    with pytest.raises(ValueError, match="valid_vocab"):
+        F.linear_cross_entropy(x, w, np.array([0, 1]), valid_vocab=5)
 
 
 @pytest.mark.parametrize("n, vocab, itemsize, block_bytes, expected", [
@@ -111,7 +121,7 @@ def test_model_fused_head_equals_logits_path(rng):
 @pytest.mark.gpu
 def test_fast_path_fused_equals_unfused(gpu_xp, rng):
     """float16 on the fast path (cuBLAS GEMMs, the cross-entropy kernels), several blocks, a
-    padding mask of float16's most negative value as the model uses."""
+    padded vocabulary against the mask of float16's most negative value the logits path adds."""
     cp = gpu_xp
     n, d, v = 300, 64, 512
     x, w = half(rng, (n, d)), half(rng, (v, d), 0.2)
@@ -122,7 +132,7 @@ def test_fast_path_fused_equals_unfused(gpu_xp, rng):
     results = []
     with fast(True):
         for fn in (lambda a, b: F.cross_entropy(F.linear(a, b) + mask, targets),
-                   lambda a, b: F.linear_cross_entropy(a, b, targets, logit_mask=mask, block_rows=128)):
+                   lambda a, b: F.linear_cross_entropy(a, b, targets, valid_vocab=v - 12, block_rows=128)):
             ts = [Tensor(cp.asarray(a), requires_grad=True) for a in (x, w)]
             loss = fn(*ts) * 1024.0
             loss.backward()

@@ -155,22 +155,27 @@ def cross_entropy(logits, targets, ignore_index=-1):
     return CrossEntropy(ignore_index)(logits, targets)
 
 
-def linear_cross_entropy(x, weight, targets, ignore_index=-1, logit_mask=None, block_rows=None):
-    """cross_entropy(linear(x, weight) + logit_mask, targets) without keeping the logits.
+def linear_cross_entropy(x, weight, targets, ignore_index=-1, valid_vocab=None, block_rows=None):
+    """cross_entropy(linear(x, weight), targets) without keeping the logits.
 
-    x (..., D), weight (V, D), targets of x's leading shape; logit_mask an optional constant (V,)
-    array of x's dtype added to every row of logits (e.g. a large negative value on padding ids).
-    The logits are made block_rows rows at a time (default: blocks of at most 256 MiB) in the
-    forward and again in the backward, so the head's peak memory is one block's logits, not
-    all of them (nn_ops/linear_cross_entropy.py). Same value and gradients as the unfused ops.
+    x (..., D), weight (V, D), targets of x's leading shape. valid_vocab: only ids below it are
+    real (a vocabulary padded to a GEMM-friendly size): the other logits get probability 0 and
+    no gradient, and targets must lie below it. The logits are made block_rows rows at a time
+    (default: blocks of at most 256 MiB) in the forward and again in the backward, so the head's
+    peak memory is one block's logits, not all of them (nn_ops/linear_cross_entropy.py). Same
+    value and gradients as the unfused ops.
     """
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"linear_cross_entropy: x has {x.shape[-1]} features, weight {tuple(weight.shape)} "
                          f"expects {weight.shape[-1]}")
-    targets = as_index_array(_data(targets), _data(x), "cross_entropy targets", weight.shape[0], ignore_index)
+    vocab = weight.shape[0]
+    if valid_vocab is not None and not 1 <= int(valid_vocab) <= vocab:
+        raise ValueError(f"linear_cross_entropy: valid_vocab must be in [1, {vocab}], got {valid_vocab}")
+    valid_vocab = None if valid_vocab is None or int(valid_vocab) == vocab else int(valid_vocab)
+    targets = as_index_array(_data(targets), _data(x), "cross_entropy targets", valid_vocab or vocab, ignore_index)
     if tuple(targets.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"linear_cross_entropy: targets of shape {tuple(targets.shape)} do not match x "
                          f"{tuple(x.shape)} (expected {tuple(x.shape[:-1])})")
     if block_rows is not None and int(block_rows) < 1:
         raise ValueError(f"linear_cross_entropy: block_rows must be >= 1, got {block_rows}")
-    return LinearCrossEntropy(ignore_index, logit_mask, block_rows)(x, weight, targets)
+    return LinearCrossEntropy(ignore_index, valid_vocab, block_rows)(x, weight, targets)

@@ -98,16 +98,17 @@ class _Blas:
                         "cublasSetWorkspace")
             self.stream = stream_ptr
 
-    def gemm(self, a, b, c, p, alpha):
+    def gemm(self, a, b, c, p, alpha, beta):
         import cupy
         self.bind(cupy.cuda.get_current_stream().ptr)
         alpha = self.one if alpha == 1.0 else np.array([alpha], np.float32)
+        beta = self.zero if beta == 0.0 else np.array([beta], np.float32)
         c_type = CUDA_R_16F if c.dtype == np.float16 else CUDA_R_32F
         self._check(self.lib.cublasGemmStridedBatchedEx(
             self.handle, p["transa"], p["transb"], p["m"], p["n"], p["k"],
             alpha.ctypes.data, b.data.ptr, CUDA_R_16F, p["lda"], p["stride_a"],
             a.data.ptr, CUDA_R_16F, p["ldb"], p["stride_b"],
-            self.zero.ctypes.data, c.data.ptr, c_type, p["ldc"], p["stride_c"], p["batch"],
+            beta.ctypes.data, c.data.ptr, c_type, p["ldc"], p["stride_c"], p["batch"],
             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "cublasGemmStridedBatchedEx")
 
 
@@ -116,26 +117,35 @@ def _blas(device_id):
     return _Blas()
 
 
-def bmm(a, b, trans_a=False, trans_b=False, alpha=1.0, out_dtype=np.float16):
-    """alpha op(a[i]) @ op(b[i]) for float16 CuPy arrays (batch, rows, cols), C-contiguous."""
+def bmm(a, b, trans_a=False, trans_b=False, alpha=1.0, out_dtype=np.float16, out=None):
+    """alpha op(a[i]) @ op(b[i]) for float16 CuPy arrays (batch, rows, cols), C-contiguous.
+
+    out: a C-contiguous float16/float32 array of the result's shape to ADD the product to
+    (cuBLAS's beta = 1), e.g. a float32 weight gradient summed over blocks of rows.
+    """
     import cupy
     if a.dtype != np.float16 or b.dtype != np.float16:
         raise TypeError(f"bmm takes float16 arrays, got {a.dtype} and {b.dtype}")
     a, b = cupy.ascontiguousarray(a), cupy.ascontiguousarray(b)
     (rows, cols), p = cublas_args(a.shape, b.shape, trans_a, trans_b)
-    c = cupy.empty((p["batch"], rows, cols), np.dtype(out_dtype))
-    if c.size == 0:
+    shape = (p["batch"], rows, cols)
+    if out is not None and (out.shape != shape or not out.flags.c_contiguous
+                            or out.dtype not in (np.float16, np.float32)):
+        raise ValueError(f"bmm: out must be a C-contiguous float16/float32 array of shape {shape}")
+    c = cupy.empty(shape, np.dtype(out_dtype)) if out is None else out
+    if c.size == 0 or (p["k"] == 0 and out is not None):
         return c
     if p["k"] == 0:
         c[...] = 0
         return c
-    _blas(cupy.cuda.Device().id).gemm(a, b, c, p, alpha)
+    _blas(cupy.cuda.Device().id).gemm(a, b, c, p, alpha, 0.0 if out is None else 1.0)
     return c
 
 
-def mm(a, b, trans_a=False, trans_b=False, out_dtype=np.float16):
-    """op(a) @ op(b) for 2-D float16 CuPy arrays: `bmm` with a batch of one."""
-    return bmm(a[None], b[None], trans_a, trans_b, out_dtype=out_dtype)[0]
+def mm(a, b, trans_a=False, trans_b=False, out_dtype=np.float16, out=None):
+    """op(a) @ op(b) for 2-D float16 CuPy arrays: `bmm` with a batch of one (out: add to it)."""
+    return bmm(a[None], b[None], trans_a, trans_b, out_dtype=out_dtype,
+               out=None if out is None else out[None])[0]
 
 
 def reference_bmm(a, b, trans_a=False, trans_b=False, alpha=1.0, out_dtype=np.float16):

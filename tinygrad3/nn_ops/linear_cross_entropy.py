@@ -4,7 +4,7 @@ For a language model the logits are the largest activation by far: at 16 x 1024 
 vocabulary of 50,304 they are 1.65 GB in float16, and the loss's backward adds a gradient of
 the same size. This op computes
 
-    L = mean over non-ignored rows n of CE(z_n, t_n),   z = x W^T + mask
+    L = mean over non-ignored rows n of CE(z_n, t_n),   z = x W^T
 
 a block of rows at a time: each block's logits are made, reduced to their logsumexp and loss
 by CrossEntropy, and dropped. The backward makes each block's logits again (the same GEMM on
@@ -20,10 +20,12 @@ dZ_c = 0 whatever the factor).
 
 Gradients of the GEMM (derived in nn_ops/dense.py): dX_c = dZ_c W for the block's rows, and
 dW = sum_c dZ_c^T X_c, summed over blocks in float32 (float64 for float64) and rounded to W's
-dtype once at the end.
-"""
-import numpy as np
+dtype once at the end (on the fast path each block's GEMM adds into the float32 sum itself).
 
+A padded vocabulary (valid_vocab < V: W's last rows are unused ids) is handled by
+CrossEntropy: those logits count as -inf, so they get probability 0 and gradient 0, and W's
+padding rows get zero gradient, as adding a large negative mask would give, without the pass.
+"""
 from ..backend import get_array_module
 from ..kernels import gemm, use_fast
 from ..tensor import Function
@@ -43,21 +45,18 @@ def block_rows(n_rows, vocab, itemsize, block_bytes=BLOCK_BYTES):
 
 
 class LinearCrossEntropy(Function):
-    """mean CE(x W^T + mask, targets) over rows whose target is not ignore_index.
+    """mean CE(x W^T, targets) over rows whose target is not ignore_index.
 
-    x (..., D), W (V, D), targets of x's leading shape; mask a constant (V,) array of x's dtype
-    or None. The loss has x's compute dtype (float32 for float16 x).
+    x (..., D), W (V, D), targets of x's leading shape; only the first valid_vocab logits count
+    (all when None). The loss has x's compute dtype (float32 for float16 x).
     """
 
-    def __init__(self, ignore_index, mask=None, rows=None):
-        self.ignore_index, self.mask, self.rows = ignore_index, mask, rows
+    def __init__(self, ignore_index, valid_vocab=None, rows=None):
+        self.ignore_index, self.valid_vocab, self.rows = ignore_index, valid_vocab, rows
 
     def _logits(self, x2, w, start, stop):
-        """The block's logits x2[start:stop] W^T (+ mask), in x's dtype, as F.linear makes them."""
-        z = gemm.mm(x2[start:stop], w, trans_b=True) if self.fast else x2[start:stop] @ w.T
-        if self.mask is not None:
-            z += self.mask
-        return z
+        """The block's logits x2[start:stop] W^T, in x's dtype, as F.linear makes them."""
+        return gemm.mm(x2[start:stop], w, trans_b=True) if self.fast else x2[start:stop] @ w.T
 
     def forward(self, x, w, targets):
         xp = get_array_module(x)
@@ -68,7 +67,7 @@ class LinearCrossEntropy(Function):
         self.count = xp.maximum((t != self.ignore_index).sum(), 1).astype(compute_dtype(x.dtype))
         self.blocks, total = [], None
         for start, stop in self.bounds:
-            ce = CrossEntropy(self.ignore_index)
+            ce = CrossEntropy(self.ignore_index, self.valid_vocab)
             ce.needs_grad = (True, False)
             share = ce.forward(self._logits(x2, w, start, stop), t[start:stop]) * ce.denom
             total = share if total is None else total + share
@@ -92,9 +91,10 @@ class LinearCrossEntropy(Function):
             gz, _ = ce.backward(gy * (ce.denom / self.count))
             if gx is not None:
                 gx[start:stop] = gemm.mm(gz, w) if self.fast else gz @ w
-            if gw is not None:
-                gw += (gemm.mm(gz, x2[start:stop], trans_a=True, out_dtype=np.float32) if self.fast
-                       else gz.astype(c).T @ x2[start:stop].astype(c))
+            if gw is not None and self.fast:
+                gemm.mm(gz, x2[start:stop], trans_a=True, out=gw)
+            elif gw is not None:
+                gw += gz.astype(c).T @ x2[start:stop].astype(c)
             del ce.logits, gz
         return (None if gx is None else gx.reshape(self.x_shape),
                 None if gw is None else gw.astype(self.w_dtype, copy=False), None)

@@ -14,8 +14,10 @@ class CrossEntropy(Function):
     Targets are range-checked by F.cross_entropy before they get here.
     """
 
-    def __init__(self, ignore_index):
-        self.ignore_index = ignore_index
+    def __init__(self, ignore_index, valid_vocab=None):
+        # valid_vocab: only the first valid_vocab logits of a row count; the others (a padded
+        # vocabulary's unused ids) get probability 0 and gradient 0, as if they were -inf.
+        self.ignore_index, self.valid_vocab = ignore_index, valid_vocab
 
     def forward(self, logits, targets):
         xp, c = get_array_module(logits), compute_dtype(logits.dtype)
@@ -23,15 +25,16 @@ class CrossEntropy(Function):
         t = targets.reshape(-1)
         self.fast = use_fast("cross_entropy", logits)
         if self.fast:  # fused kernels, no float32 copy of the logits (tinygrad3/kernels/cross_entropy.py)
-            loss, self.lse, self.denom = cross_entropy.forward(logits, targets, self.ignore_index)
+            loss, self.lse, self.denom = cross_entropy.forward(logits, targets, self.ignore_index, self.valid_vocab)
             self.logits, self.targets = logits, targets
             return loss
         z = logits.reshape(-1, v).astype(c, copy=False)
         rows = xp.arange(z.shape[0])
         valid = t != self.ignore_index
         safe_t = xp.where(valid, t, 0)
-        m = z.max(axis=-1, keepdims=True)
-        lse = m + xp.log(xp.exp(z - m).sum(axis=-1, keepdims=True))
+        zv = z[:, :self.valid_vocab]
+        m = zv.max(axis=-1, keepdims=True)
+        lse = m + xp.log(xp.exp(zv - m).sum(axis=-1, keepdims=True))
         denom = xp.maximum(valid.sum(), 1).astype(c)
         loss = ((lse[:, 0] - z[rows, safe_t]) * valid).sum() / denom
         self.logits, self.lse, self.safe_t, self.valid, self.denom = logits, lse, safe_t, valid, denom
@@ -48,10 +51,12 @@ class CrossEntropy(Function):
         """
         if self.fast:
             return cross_entropy.backward(gy, self.logits, self.targets, self.lse, self.denom,
-                                          self.ignore_index), None
+                                          self.ignore_index, self.valid_vocab), None
         xp, c = get_array_module(gy), self.lse.dtype
         z = self.logits.reshape(-1, self.logits.shape[-1]).astype(c, copy=False)
         g = xp.exp(z - self.lse)
+        if self.valid_vocab is not None:
+            g[:, self.valid_vocab:] = 0
         g[xp.arange(g.shape[0]), self.safe_t] -= 1
         g *= (gy.astype(c) / self.denom) * self.valid[:, None]
         return g.reshape(self.logits.shape).astype(self.logits.dtype, copy=False), None
