@@ -10,6 +10,9 @@ Gemma 3 270M shapes included, and the Attention Function with the family on agai
 reference path.
 """
 import functools
+import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ import tinygrad3.functional as F
 from tinygrad3 import Tensor, backend
 from tinygrad3.kernels import attention, fast
 from tinygrad3.kernels import flash_attention as flash
+from tinygrad3.kernels.cuda import PRELUDE
 
 import cuda_emulator
 
@@ -131,6 +135,22 @@ def test_supports():
 def test_shared_memory_fits_an_sm():
     for d in (16, 32, 64, 128, 256):
         assert max(flash.smem_bytes(d).values()) <= 227 * 1024, d
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not installed")
+@pytest.mark.parametrize("d", [64, 256])
+def test_kernels_compile_for_hopper_without_register_spills(tmp_path, d):
+    """nvcc (ptxas) compiles all four kernels for sm_90 and spills no register to local memory
+    (the D = 256 accumulators take some 128 of a thread's 255 registers)."""
+    src = tmp_path / "flash.cu"
+    src.write_text(PRELUDE + f"#define HEAD_DIM {d}\n" + flash.SOURCE)
+    result = subprocess.run(["nvcc", "-arch=sm_90", "--std=c++17", "-Xptxas", "-v", "-c", str(src),
+                             "-o", str(tmp_path / "flash.o")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = result.stdout + result.stderr
+    assert len(re.findall(r"Compiling entry function", report)) == 4, report
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert len(spills) == 4 and all(s == ("0", "0") for s in spills), report
 
 
 # ----- CPU: the CUDA source on the emulator ----------------------------------------------------
