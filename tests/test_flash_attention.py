@@ -62,6 +62,7 @@ CASES = [
     (1, 2, 2, 1, 200, 16, None),
     (1, 4, 1, 150, 150, 256, 40),
     (1, 2, 1, 96, 160, 128, 500),
+    (1, 2, 1, 40, 40, 16, 2**31 - 1),   # a window wider than the keys hides nothing
 ]
 TOLERANCES = {np.float64: 1e-10, np.float32: 2e-5, np.float16: 4e-3}
 
@@ -184,6 +185,7 @@ EMULATED_CASES = [  # kept small: the emulator runs some 10^5 warp instructions 
     (1, 2, 1, 70, 150, 128, None),
     (1, 4, 1, 150, 150, 256, 40),
     (1, 2, 1, 1, 100, 256, None),
+    (1, 2, 1, 40, 40, 16, 2**31 - 1),
 ]
 
 

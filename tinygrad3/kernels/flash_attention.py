@@ -56,8 +56,9 @@ Then dS is known tile by tile, and every product is a sum over tiles:
     loops over the query tiles of every query head of its group that can see it; no atomics.
   * flash_bwd_dq, one block per query tile of a query head: it owns dQ_i and loops over its
     visible key tiles (the forward's loop, with P and dS instead of the online softmax).
-S and dP are computed in both (5 + 2 products instead of 5); in exchange there is no float32
-atomic traffic and both kernels write their outputs once, in float16.
+The dK/dV kernel computes four tile products (S, dV, dP, dK), the dQ kernel three (S and dP
+again, then dQ): 7 per visible tile pair where 5 would do, in exchange for no float32 atomics
+(dQ accumulated across key tiles) and each gradient written once, in float16.
 
 Precision, as the tensor cores need it: products of float16 operands accumulated in float32.
 P (forward, dV) and dS (dQ, dK) are rounded to float16 to become operands, everything else
@@ -105,8 +106,9 @@ def smem_bytes(d):
     return {
         "flash_fwd": (FWD_BQ + 2 * FWD_BK) * row,
         "flash_bwd_dq": (2 * DQ_BQ + 2 * DQ_BK) * row,
-        "flash_bwd_dkdv": (2 * KV_BK + 4 * KV_BQ) * row + 4 * KV_BQ * 4
-        + (2 * 8 * 16 * KV_BQ * 4 if split == 2 else 0),
+        # K, V; Q, dO twice; L, Drow twice (float32); with the split, two exchange buffers of
+        # 8 warps x 16 accumulators x 32 lanes (float32)
+        "flash_bwd_dkdv": (2 * KV_BK + 4 * KV_BQ) * row + 4 * KV_BQ * 4 + (2 * 8 * 16 * 32 * 4 if split == 2 else 0),
         "flash_bwd_drow": 0,
     }
 
@@ -671,14 +673,22 @@ flash_bwd_dkdv(const half_t* __restrict__ q, const half_t* __restrict__ k, const
 def supports(q, k, v, window=None, q_offset=None):
     """True when the kernels take these inputs: float16 (B, H, T, D) arrays with D a multiple of
     16 up to 256 (v's D too), Hq a multiple of Hkv, at least one query and key, and the queries
-    within the keys (q_offset + Tq <= Tk; q_offset defaults to Tk - Tq, as in F.attention)."""
+    within the keys (q_offset + Tq <= Tk; q_offset defaults to Tk - Tq, as in F.attention); on
+    a GPU, one with mma.sync, ldmatrix and cp.async (compute capability 8.0 or later)."""
     if any(a.dtype != np.float16 or a.ndim != 4 for a in (q, k, v)):
+        return False
+    if backend.get_array_module(q) is not np and not _ampere_or_later(q.device.id):
         return False
     (b, hq, tq, d), (bk, hkv, tk, dk) = q.shape, k.shape
     q_offset = tk - tq if q_offset is None else q_offset
     return (v.shape == k.shape and bk == b and dk == d and d % 16 == 0 and 16 <= d <= MAX_DIM
             and min(b, hq, hkv, tq) > 0 and hq % hkv == 0 and 0 <= q_offset and q_offset + tq <= tk
             and (window is None or window >= 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _ampere_or_later(device_id):
+    return int(backend.cupy.cuda.Device(device_id).compute_capability) >= 80
 
 
 @functools.lru_cache(maxsize=None)
@@ -699,6 +709,12 @@ def _ints(*values):
     return tuple(np.int32(x) for x in values)
 
 
+def _window(window, tk):
+    """The kernels' window argument: 0 for none, and for one of Tk keys or more, which hides
+    nothing (and would overflow int32 in the kernels' index arithmetic if huge)."""
+    return 0 if window is None or window >= tk else window
+
+
 def forward(q, k, v, scale, window, q_offset):
     """(O, L): the output (B, Hq, Tq, D) float16 and the row logsumexp (B, Hq, Tq) float32."""
     xp = backend.get_array_module(q)
@@ -707,7 +723,7 @@ def forward(q, k, v, scale, window, q_offset):
     out = xp.empty(q.shape, np.float16)
     lse = xp.empty((b, hq, tq), np.float32)
     _launch(d, "flash_fwd", (-(-tq // FWD_BQ), hq, b), FWD_THREADS,
-            (q, k, v, out, lse) + _ints(hq, hkv, tq, tk, q_offset, window or 0) + (np.float32(scale),))
+            (q, k, v, out, lse) + _ints(hq, hkv, tq, tk, q_offset, _window(window, tk)) + (np.float32(scale),))
     return out, lse
 
 
@@ -717,7 +733,7 @@ def backward(gy, q, k, v, out, lse, scale, window, q_offset, needs_grad=(True, T
     xp = backend.get_array_module(q)
     gy, q, k, v, out = (xp.ascontiguousarray(a) for a in (gy, q, k, v, out))
     (b, hq, tq, d), (hkv, tk) = q.shape, k.shape[1:3]
-    sizes = _ints(hq, hkv, tq, tk, q_offset, window or 0) + (np.float32(scale),)
+    sizes = _ints(hq, hkv, tq, tk, q_offset, _window(window, tk)) + (np.float32(scale),)
     drow = xp.empty(lse.shape, np.float32)
     rows = b * hq * tq
     _launch(d, "flash_bwd_drow", (-(-rows // DROW_ROWS),), 32 * DROW_ROWS, (gy, out, drow, np.int64(rows)))
