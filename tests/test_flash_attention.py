@@ -114,6 +114,20 @@ def test_visited_tiles_are_the_tiles_with_a_visible_entry(tq, tk, window):
         assert set(flash.query_tiles(j0, tq, tk, offset, window, bk, bq)) == wanted, j0
 
 
+@pytest.mark.parametrize("tq,tk,window", [(300, 300, None), (300, 300, 128), (300, 300, 3), (70, 200, 3),
+                                          (96, 160, 500), (256, 256, 64), (256, 256, 65), (256, 256, 95)])
+def test_tiles_inside_the_mask(tq, tk, window):
+    """The tiles whose per-entry mask test the kernels skip are exactly those where every entry is
+    visible (and inside the arrays)."""
+    offset = tk - tq
+    for rows, keys in ((flash.FWD_BQ, flash.FWD_BK), (flash.DQ_BQ, flash.DQ_BK), (flash.KV_BQ, flash.KV_BK)):
+        for i0 in range(0, tq, rows):
+            for j0 in range(0, tk, keys):
+                inside = i0 + rows <= tq and j0 + keys <= tk
+                expected = inside and flash._visible(i0, i0 + rows, j0, j0 + keys, offset, window).all()
+                assert flash.all_visible(i0, rows, j0, keys, tq, tk, offset, window) == expected, (i0, j0, rows)
+
+
 def test_window_skips_most_tiles():
     """With a window of 512 over 1024 keys, a query tile visits at most 9 of the 16 key tiles."""
     visits = [len(flash.key_tiles(i0, 1024, 0, 512, 64, 64)) for i0 in range(0, 1024, 64)]

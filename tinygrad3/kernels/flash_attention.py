@@ -222,6 +222,14 @@ __device__ __forceinline__ bool visible(int i, int j, int tq, int q_offset, int 
     return i < tq && j <= pos && (window <= 0 || j > pos - window);
 }
 
+// Every query row of [i0, i0 + rows) sees every key of [j0, j0 + keys) (all rows < tq, all
+// keys < tk): a tile inside the mask, whose entries need no visible() test.
+__device__ __forceinline__ bool all_visible(int i0, int rows, int j0, int keys, int tq, int tk, int q_offset,
+                                            int window) {
+    return i0 + rows <= tq && j0 + keys <= tk && j0 + keys - 1 <= q_offset + i0 &&
+           (window <= 0 || j0 > q_offset + i0 + rows - 1 - window);
+}
+
 // Rows [row0, row0 + ROWS) of a row-major (n, D) float16 matrix into a padded shared tile,
 // asynchronously; rows at or past n become zeros (so a partial tile adds nothing, not NaN).
 template <int ROWS, int NTHREADS>
@@ -371,19 +379,23 @@ flash_fwd(const half_t* __restrict__ q, const half_t* __restrict__ k, const half
         if (jt < jt1) load_tile<FWD_BK, FWD_THREADS>(sk, kb, j0 + FWD_BK, tk);
         cp_async_commit();    // (an empty group on the last tile keeps the wait counts right)
 
-        // Online softmax, base 2, for rows `row` (r = 0: c0, c1) and `row + 8` (r = 1: c2, c3).
+        // Scores in base 2, -inf where masked (tiles inside the mask skip the test).
+        const bool whole = all_visible(i0, FWD_BQ, j0, FWD_BK, tq, tk, q_offset, window);
+#pragma unroll
+        for (int n = 0; n < FWD_BK / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[n][e] *= c;
+                if (!whole && !visible(row + 8 * (e >> 1), j0 + n * 8 + col + (e & 1), tq, q_offset, window))
+                    s[n][e] = neg_inf();
+            }
+        // Online softmax for rows `row` (r = 0: c0, c1) and `row + 8` (r = 1: c2, c3).
         float alpha[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float mx = neg_inf();
 #pragma unroll
-            for (int n = 0; n < FWD_BK / 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    float& x = s[n][2 * r + e];
-                    x = visible(row + 8 * r, j0 + n * 8 + col + e, tq, q_offset, window) ? x * c : neg_inf();
-                    mx = fmaxf(mx, x);
-                }
+            for (int n = 0; n < FWD_BK / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
             const float m_new = fmaxf(m[r], quad_max(mx));
             const float base = m_new == neg_inf() ? 0.f : m_new;   // fully masked so far: subtract 0
             alpha[r] = ex2(m[r] - base);
@@ -494,11 +506,12 @@ flash_bwd_dq(const half_t* __restrict__ q, const half_t* __restrict__ k, const h
 #pragma unroll
             for (int e = 0; e < 4; ++e) p[n][e] = dp[n][e] = 0.f;
         mma_abt<DQ_BK / 8, HEAD_DIM / 16>(p, sq + warp * 16 * SROW, sk, lane);
+        const bool whole = all_visible(i0, DQ_BQ, j0, DQ_BK, tq, tk, q_offset, window);
 #pragma unroll
         for (int n = 0; n < DQ_BK / 8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                p[n][e] = visible(row + 8 * (e >> 1), j0 + n * 8 + col + (e & 1), tq, q_offset, window)
+                p[n][e] = whole || visible(row + 8 * (e >> 1), j0 + n * 8 + col + (e & 1), tq, q_offset, window)
                               ? ex2(p[n][e] * c - l2[e >> 1]) : 0.f;
         cp_async_wait<0>();   // V(j)
         __syncthreads();
@@ -629,12 +642,13 @@ flash_bwd_dkdv(const half_t* __restrict__ q, const half_t* __restrict__ k, const
             for (int e = 0; e < 4; ++e) p[n][e] += xs_s[((warp ^ 4) * 16 + n * 4 + e) * 32 + lane];
 #endif
         // P^T: entry (key + 8 (e >> 1), query i0 + 8 n + col + (e & 1)).
+        const bool whole = all_visible(i0, KV_BQ, j0, KV_BK, tq, tk, q_offset, window);
 #pragma unroll
         for (int n = 0; n < KV_BQ / 8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int iq = n * 8 + col + (e & 1);
-                p[n][e] = visible(i0 + iq, key + 8 * (e >> 1), tq, q_offset, window)
+                p[n][e] = whole || visible(i0 + iq, key + 8 * (e >> 1), tq, q_offset, window)
                               ? ex2(p[n][e] * c - cl[iq] * LOG2E) : 0.f;
             }
         mma_pb<KV_DP / 8, KV_BQ / 16>(adv, p, cdo + part * KV_DP, lane);
@@ -767,6 +781,13 @@ def _visible(i0, i1, j0, j1, q_offset, window):
     if window is not None:
         seen &= key > pos - window
     return seen
+
+
+def all_visible(i0, rows, j0, keys, tq, tk, q_offset, window):
+    """Every query of [i0, i0 + rows) sees every key of [j0, j0 + keys), all inside the arrays:
+    the kernels then skip the per-entry test (kernel: all_visible(), window 0 for none)."""
+    return (i0 + rows <= tq and j0 + keys <= tk and j0 + keys - 1 <= q_offset + i0
+            and (window is None or j0 > q_offset + i0 + rows - 1 - window))
 
 
 def key_tiles(i0, tq, q_offset, window, bq, bk):
