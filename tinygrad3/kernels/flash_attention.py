@@ -326,8 +326,9 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 // ----- forward ---------------------------------------------------------------------------------
-// Grid (query tiles, Hq, B), last query tile first (it has the most key tiles under a causal
-// mask). Warp w owns query rows i0 + 16 w .. + 15; lane (g, t) holds rows g and g + 8 of them.
+// Grid (Hq, B, query tiles): blocks start in launch order, x fastest, so all the last query
+// tiles (the most key tiles to visit under a causal mask) start first and the short ones fill
+// in at the end. Warp w owns query rows i0 + 16 w .. + 15; lane (g, t) holds rows g and g + 8 of them.
 // Shared: Q tile (FWD_BQ rows), K tile, V tile (FWD_BK rows each). K(j+1) is loaded while the
 // softmax and P V of tile j run, V(j+1) while S of tile j+1 runs; Q is read only by the warp
 // that owns its rows, which finally reuses them to stage its output.
@@ -339,7 +340,7 @@ flash_fwd(const half_t* __restrict__ q, const half_t* __restrict__ k, const half
     half_t* sq = (half_t*)smem;
     half_t* sk = sq + FWD_BQ * SROW;
     half_t* sv = sk + FWD_BK * SROW;
-    const int tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int h = blockIdx.x, b = blockIdx.y, tile = gridDim.z - 1 - blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int i0 = tile * FWD_BQ;
     const size_t qrow0 = (size_t)(b * hq + h) * tq;                  // row of (b, h, 0) in q, o, lse
@@ -450,7 +451,7 @@ extern "C" __global__ void flash_bwd_drow(const half_t* __restrict__ gy, const h
 }
 
 // ----- backward: dQ ---------------------------------------------------------------------------
-// Grid (query tiles, Hq, B), as the forward. Per visible key tile j:
+// Grid (Hq, B, query tiles), as the forward. Per visible key tile j:
 //   S = Q K^T, P = exp2(S c - L log2 e) (0 where masked), dP = dO V^T,
 //   dS = P (dP - Drow) scale (rounded to float16), dQ += dS K.
 // Shared: Q and dO tiles (DQ_BQ rows each, read only by their owning warp, Q finally reused to
@@ -465,7 +466,7 @@ flash_bwd_dq(const half_t* __restrict__ q, const half_t* __restrict__ k, const h
     half_t* sdo = sq + DQ_BQ * SROW;
     half_t* sk = sdo + DQ_BQ * SROW;
     half_t* sv = sk + DQ_BK * SROW;
-    const int tile = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int h = blockIdx.x, b = blockIdx.y, tile = gridDim.z - 1 - blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int i0 = tile * DQ_BQ;
     const size_t qrow0 = (size_t)(b * hq + h) * tq;
@@ -547,8 +548,8 @@ __device__ __forceinline__ void load_step(half_t* sq, half_t* sdo, float* sl, fl
 }
 
 // ----- backward: dK and dV --------------------------------------------------------------------
-// Grid (key tiles, Hkv, B), first key tile first (under a causal mask it is seen by the most
-// queries). Warp w owns keys j0 + 16 (w % 4) .. + 15 and columns KV_DP (w / 4) .. + KV_DP - 1
+// Grid (Hkv, B, key tiles): the first key tiles (seen by the most queries under a causal mask)
+// start first. Warp w owns keys j0 + 16 (w % 4) .. + 15 and columns KV_DP (w / 4) .. + KV_DP - 1
 // of dK and dV. Working on transposed tiles (keys as rows) keeps each product's output rows
 // inside one warp; per query tile (of every query head of the group that can see these keys):
 //   S^T = K Q^T, P^T = exp2(S^T c - L log2 e), dV += P^T dO,
@@ -574,7 +575,7 @@ flash_bwd_dkdv(const half_t* __restrict__ q, const half_t* __restrict__ k, const
     float* xs_s = sd + 2 * KV_BQ;                   // [8 warps][16 entries][32 lanes]
     float* xs_dp = xs_s + 8 * 16 * 32;
 #endif
-    const int tile = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+    const int kvh = blockIdx.x, b = blockIdx.y, tile = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int slice = warp & 3, part = warp >> 2;
     const int group = hq / hkv;
@@ -697,6 +698,7 @@ def supports(q, k, v, window=None, q_offset=None):
     q_offset = tk - tq if q_offset is None else q_offset
     return (v.shape == k.shape and bk == b and dk == d and d % 16 == 0 and 16 <= d <= MAX_DIM
             and min(b, hq, hkv, tq) > 0 and hq % hkv == 0 and 0 <= q_offset and q_offset + tq <= tk
+            and max(b, -(-tk // KV_BK)) <= 65535  # grid y and z limits
             and (window is None or window >= 1))
 
 
@@ -736,7 +738,7 @@ def forward(q, k, v, scale, window, q_offset):
     (b, hq, tq, d), (hkv, tk) = q.shape, k.shape[1:3]
     out = xp.empty(q.shape, np.float16)
     lse = xp.empty((b, hq, tq), np.float32)
-    _launch(d, "flash_fwd", (-(-tq // FWD_BQ), hq, b), FWD_THREADS,
+    _launch(d, "flash_fwd", (hq, b, -(-tq // FWD_BQ)), FWD_THREADS,
             (q, k, v, out, lse) + _ints(hq, hkv, tq, tk, q_offset, _window(window, tk)) + (np.float32(scale),))
     return out, lse
 
@@ -754,10 +756,10 @@ def backward(gy, q, k, v, out, lse, scale, window, q_offset, needs_grad=(True, T
     gq = gk = gv = None
     if needs_grad[0]:
         gq = xp.empty(q.shape, np.float16)
-        _launch(d, "flash_bwd_dq", (-(-tq // DQ_BQ), hq, b), DQ_THREADS, (q, k, v, gy, lse, drow, gq) + sizes)
+        _launch(d, "flash_bwd_dq", (hq, b, -(-tq // DQ_BQ)), DQ_THREADS, (q, k, v, gy, lse, drow, gq) + sizes)
     if needs_grad[1] or needs_grad[2]:
         gk, gv = xp.empty(k.shape, np.float16), xp.empty(v.shape, np.float16)
-        _launch(d, "flash_bwd_dkdv", (-(-tk // KV_BK), hkv, b), 128 * kv_split(d),
+        _launch(d, "flash_bwd_dkdv", (hkv, b, -(-tk // KV_BK)), 128 * kv_split(d),
                 (q, k, v, gy, lse, drow, gk, gv) + sizes)
     return gq, gk if needs_grad[1] else None, gv if needs_grad[2] else None
 
