@@ -104,7 +104,7 @@ def torch_sdpa(torch, b, t, window, args):
         i = torch.arange(t, device="cuda")
         mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
 
-    def forward():
+    def forward():  # torch's own grouped-query support (repeating k and v costs a copy)
         return tf.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                scale=D ** -0.5, enable_gqa=True)
 

@@ -92,7 +92,7 @@ struct EmuThread {
     std::vector<std::vector<EmuCopy>> groups;   // committed, not yet landed
 };
 
-static const int EMU_STACK = 256 * 1024, EMU_MAX_THREADS = 1024;
+static const int EMU_STACK = 128 * 1024, EMU_MAX_THREADS = 1024;
 static char* emu_stacks;
 static EmuThread emu_threads[EMU_MAX_THREADS];
 static EmuThread* emu_cur;

@@ -84,6 +84,19 @@ def test_reference_matches_engine(rng, b, hq, hkv, tq, tk, d, window, dtype):
         close(ours, theirs, tol, f"d{name}")
 
 
+@pytest.mark.parametrize("window", [None, 8])
+def test_reference_with_queries_before_the_last_keys(rng, window):
+    """q_offset < Tk - Tq: the keys after the last query (two whole key tiles here) are seen by
+    nobody, and their dK, dV are zero."""
+    q, k, v, gy = inputs(rng, 1, 4, 2, 20, 200, 32, np.float64)
+    out, grads = engine(q, k, v, gy, 0.3, window, 30)
+    ro, lse = flash.reference_forward(q, k, v, 0.3, window, 30)
+    close(ro, out, 1e-10, "out")
+    for name, ours, theirs in zip("qkv", flash.reference_backward(gy, q, k, v, ro, lse, 0.3, window, 30), grads):
+        close(ours, theirs, 1e-10, f"d{name}")
+    assert not grads[1][:, :, 50:].any()
+
+
 @pytest.mark.parametrize("b,hq,hkv,tq,tk,d,window", CASES)
 def test_reference_logsumexp(rng, b, hq, hkv, tq, tk, d, window):
     """L is log sum_j exp(S_ij) over the visible keys, computed directly in float64."""
@@ -222,6 +235,18 @@ def test_emulated_kernels_match_reference(emulated, rng, b, hq, hkv, tq, tk, d, 
         close(ours, ref, 4e-3, f"d{name}")
 
 
+@pytest.mark.parametrize("window", [None, 8])
+def test_emulated_queries_before_the_last_keys(emulated, rng, window):
+    q, k, v, gy = inputs(rng, 1, 4, 2, 20, 200, 32, gy_scale=100)
+    out, lse = flash.forward(q, k, v, 0.3, window, 30)
+    ro, rlse = flash.reference_forward(q, k, v, 0.3, window, 30)
+    close(out, ro, 2e-3, "out")
+    grads = flash.backward(gy, q, k, v, out, lse, 0.3, window, 30)
+    for name, ours, ref in zip("qkv", grads, flash.reference_backward(gy, q, k, v, ro, rlse, 0.3, window, 30)):
+        close(ours, ref, 4e-3, f"d{name}")
+    assert not grads[1][:, :, 50:].any() and not grads[2][:, :, 50:].any()
+
+
 def test_emulated_backward_computes_only_what_is_needed(emulated, rng):
     q, k, v, gy = inputs(rng, 1, 2, 1, 20, 20, 32)
     out, lse = flash.forward(q, k, v, 0.2, None, 0)
@@ -262,6 +287,20 @@ def test_flash_kernels(gpu_xp, rng, b, hq, hkv, tq, tk, d, window):
     grads = flash.backward(*(cp.asarray(a) for a in (gy, q, k, v)), out, lse, scale, window, offset)
     for name, ours, ref in zip("qkv", grads, flash.reference_backward(gy, q, k, v, ro, rlse, scale, window, offset)):
         assert ours.dtype == np.float16, name
+        close(ours, ref, 4e-3, f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 8])
+def test_flash_kernels_queries_before_the_last_keys(gpu_xp, rng, window):
+    cp = gpu_xp
+    q, k, v, gy = inputs(rng, 1, 4, 2, 20, 200, 32, gy_scale=100)
+    poison(cp, (q.shape, np.float16), (k.shape, np.float16), (v.shape, np.float16))
+    out, lse = flash.forward(*(cp.asarray(a) for a in (q, k, v)), 0.3, window, 30)
+    ro, rlse = flash.reference_forward(q, k, v, 0.3, window, 30)
+    close(out, ro, 2e-3, "out")
+    grads = flash.backward(*(cp.asarray(a) for a in (gy, q, k, v)), out, lse, 0.3, window, 30)
+    for name, ours, ref in zip("qkv", grads, flash.reference_backward(gy, q, k, v, ro, rlse, 0.3, window, 30)):
         close(ours, ref, 4e-3, f"d{name}")
 
 
