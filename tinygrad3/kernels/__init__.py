@@ -18,6 +18,9 @@ reference in tests):
     gemm.py           cuBLAS GEMMs (the linears' 2-D ones, attention's strided-batched ones),
                       float16 in, float32 accumulation, callable during CUDA-graph capture
     attention.py      attention from those GEMMs and a fused masked softmax
+    flash_attention.py  attention fused into one kernel forward, three backward: tiles of queries
+                      and keys on tensor cores, online softmax, no T x T scores, masked tiles
+                      skipped (taken before `attention` when both are on and it fits the shapes)
     rope.py           rotary embedding, forward and backward in one strided kernel
     qk_norm_rope.py   attention's q/k RMSNorm, head transpose and RoPE, one kernel each way
     adamw.py          the AdamW update and the float16 weight copy in one pass
@@ -32,7 +35,8 @@ import numpy as np
 
 from .. import backend
 
-FAMILIES = ("rmsnorm", "geglu", "cross_entropy", "attention", "rope", "qk_norm_rope", "adamw", "gemm")
+FAMILIES = ("rmsnorm", "geglu", "cross_entropy", "attention", "flash_attention", "rope", "qk_norm_rope", "adamw",
+            "gemm")
 
 _on = frozenset(FAMILIES) if os.environ.get("TINYGRAD3_FAST", "").strip() not in ("", "0") else frozenset()
 

@@ -1,10 +1,12 @@
 """Causal (optionally sliding-window) softmax attention with grouped K/V heads.
 
 This is the reference path: float32 math with xp.matmul, materialising the scores. With the
-fast path on, float16 CuPy inputs go to tinygrad3/kernels/attention.py instead.
+fast path on, float16 CuPy inputs go to the flash kernels (tinygrad3/kernels/flash_attention.py:
+fused, no T x T scores) when their family is on and they take the shapes, else to
+tinygrad3/kernels/attention.py (cuBLAS GEMMs and a fused softmax).
 """
 from ..backend import get_array_module
-from ..kernels import attention as fused, use_fast
+from ..kernels import attention as fused, flash_attention as flash, use_fast
 from ..tensor import Function
 from .common import compute_dtype
 
@@ -32,11 +34,18 @@ class Attention(Function):
         self.scale, self.window, self.q_offset = scale, window, q_offset
 
     def forward(self, q, k, v):
-        self.fast = use_fast("attention", q, k, v)
-        if self.fast:  # float16 tensor-core GEMMs + fused masked softmax (tinygrad3/kernels/attention.py)
+        if use_fast("flash_attention", q, k, v) and flash.supports(q, k, v, self.window, self.q_offset):
+            # fused flash kernels: saves the output and the row logsumexp, no T x T matrix
+            self.kernel = flash
+            out, self.lse = flash.forward(q, k, v, self.scale, self.window, self.q_offset)
+            self.q, self.k, self.v, self.out = q, k, v, out
+            return out
+        if use_fast("attention", q, k, v):  # tensor-core GEMMs + fused masked softmax, saves P
+            self.kernel = fused
             out, self.p = fused.forward(q, k, v, self.scale, self.window, self.q_offset)
             self.q, self.k, self.v = q, k, v
             return out
+        self.kernel = None
         xp, c = get_array_module(q), compute_dtype(q.dtype)
         b, hq, tq, d = q.shape
         hkv, tk = k.shape[1], k.shape[2]
@@ -66,7 +75,10 @@ class Attention(Function):
         In the grouped view, P^T dO and dS^T Q contract over the G*Tq rows of a kv head,
         which sums the contributions of its G query heads with no extra step.
         """
-        if self.fast:
+        if self.kernel is flash:
+            return flash.backward(gy, self.q, self.k, self.v, self.out, self.lse, self.scale, self.window,
+                                  self.q_offset, self.needs_grad)
+        if self.kernel is fused:
             return fused.backward(gy, self.q, self.k, self.v, self.p, self.scale, self.window,
                                   self.q_offset, self.needs_grad)
         xp, p = get_array_module(gy), self.p
