@@ -15,7 +15,9 @@ A row is BATCHxBLOCKxACCUM: one update is ACCUM micro-batches of BATCH x BLOCK r
   torch-compile the same loss function under torch.compile
 Timing: device events around each update, after --warmup updates; the median of --steps updates.
 Peak memory: ours, the CuPy memory pool's held bytes (its high-water: the pool is emptied before
-each row and only grows), plus the graphs' own pools for ours-graph; torch, max_memory_allocated (max_memory_reserved is in the JSON).
+each row and only grows), plus the graphs' own pools for ours-graph: memory taken from the GPU, so
+it is compared with torch's max_memory_reserved (its cache emptied before each run; "reserved GiB")
+and also shown beside torch's max_memory_allocated, a lower bound that excludes its cache ("peak GiB").
 MFU = tokens/s x models.flops.flops_per_token / --peak-tflops. The table is printed last.
 --recompute applies to our side only (every decoder layer under tinygrad3.checkpoint: one more
 forward of the layers per micro-batch, not counted in MFU's FLOPs); PyTorch's side is unchanged. The
@@ -57,6 +59,9 @@ def parse_args(argv=None):
                    help="also run ours-fast with one kernel family at a time on this row")
     p.add_argument("--profile", default="", metavar="ROWS",
                    help="also time every op of ours-fast on these rows (device events and host clock)")
+    p.add_argument("--kernels", default="", metavar="ROWS",
+                   help="also list the GPU kernels of ours-graph's updates on these rows by GPU time "
+                        "(CUPTI through torch.profiler, which sees CuPy's kernels too)")
     p.add_argument("--steps", type=int, default=3, help="timed updates per row and side (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed updates first (torch-compile: at least 3)")
     p.add_argument("--preset", default="gemma3_270m", choices=Gemma3Config.PRESETS)
@@ -75,9 +80,10 @@ def parse_args(argv=None):
             p.error(f"unknown side {side!r}")
     args.ablation = parse_row(args.ablation) if args.ablation else None
     args.profile = [parse_row(r) for r in args.profile.split(",") if r]
+    args.kernels = [parse_row(r) for r in args.kernels.split(",") if r]
     args.device = backend.check_device(args.device or backend.default_device())
-    if args.profile and args.device != "cuda":
-        p.error("--profile times with CUDA events: it needs --device cuda")
+    if (args.profile or args.kernels) and args.device != "cuda":
+        p.error("--profile and --kernels time the GPU: they need --device cuda")
     return args
 
 
@@ -236,6 +242,29 @@ def profile_ops(ours, batches, steps):
     return rows
 
 
+def kernel_profile(ours, batches, steps):
+    """GPU time per kernel name over `steps` ours-graph updates, biggest first (kernel launches
+    inside CUDA graphs are traced by CUPTI like any other). Needs torch (for its profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with kernels.fast(True):
+        graphed = nn.GraphedMicroBatch(lambda x, y: ours.model(x, y, return_logits=False)[1], ours.opt)
+        for _ in range(2):  # eager, then capture
+            ours.update(batches, graphed)
+        backend.cupy.cuda.Device().synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                ours.update(batches, graphed)
+            backend.cupy.cuda.Device().synchronize()
+    rows = []
+    for event in prof.key_averages():
+        ms = getattr(event, "self_device_time_total", None)
+        ms = (ms if ms is not None else event.self_cuda_time_total) / 1e3 / steps
+        if ms > 0:
+            rows.append(dict(op=event.key[:90], calls=event.count // steps, device_ms=ms, host_ms=None))
+    return sorted(rows, key=lambda r: -r["device_ms"])
+
+
 def profile_table(rows):
     lines = ["| op | calls/update | device ms/update | host ms/update |", "|---|---:|---:|---:|"]
     for r in rows:
@@ -295,6 +324,7 @@ class Torch:
         cuda = self.device == "cuda"
         if cuda:
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # so max_memory_reserved is this run's, as ours is
             torch.cuda.reset_peak_memory_stats()
         warmup = max(warmup, 3) if compiled else warmup  # inductor finishes compiling in the first few
         start = time.perf_counter()
@@ -347,6 +377,7 @@ def run_all(args, config, save):
     if args.ablation:
         jobs += [(args.ablation, f"ours-fast:{f}") for f in kernels.FAMILIES]
     jobs += [(row, "ours-fast-profile") for row in args.profile]
+    jobs += [(row, "ours-graph-kernels") for row in args.kernels]
     batches = {row: random_batches(rng, config, row) for row in sorted({row for row, _ in jobs})}
     results = []
 
@@ -374,6 +405,14 @@ def run_all(args, config, save):
         for row, side in ours_jobs:
             xp = ours.xp
             dev_batches = [(xp.asarray(x), xp.asarray(y)) for x, y in batches[row]]
+            if side == "ours-graph-kernels":
+                ops = kernel_profile(ours, dev_batches, args.steps)
+                results.append(dict(row=row_name(row), side=side, ops=ops))
+                save(results)
+                total = sum(r["device_ms"] for r in ops)
+                print(f"\nours-graph, {row_name(row)}, GPU kernels ({total:.1f} ms per update):\n"
+                      f"{profile_table(ops[:40])}\n", flush=True)
+                continue
             if side == "ours-fast-profile":
                 ops = profile_ops(ours, dev_batches, args.steps)
                 results.append(dict(row=row_name(row), side=side, ops=ops))
@@ -424,18 +463,20 @@ def environment(args, config):
 
 def table(results):
     compile_tok = {r["row"]: r["tok_s"] for r in results if r["side"] == "torch-compile" and "tok_s" in r}
-    lines = ["| row (batch x block x accum) | side | tok/s | ms/update | MFU | peak GiB | / compile |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| row (batch x block x accum) | side | tok/s | ms/update | MFU | peak GiB | reserved GiB | / compile |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "ops" in r:
             continue
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['side']} | error: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['row']} | {r['side']} | error: {r['error'][:80]} | | | | | |")
             continue
         peak = f"{r['peak_bytes'] / GIB:.1f}" if r.get("peak_bytes") is not None else "-"
+        reserved = r.get("reserved_bytes", r.get("peak_bytes"))
+        reserved = f"{reserved / GIB:.1f}" if reserved is not None else "-"
         ratio = f"{r['tok_s'] / compile_tok[r['row']]:.2f}" if r["row"] in compile_tok else "-"
         lines.append(f"| {r['row']} | {r['side']} | {r['tok_s']:,.0f} | {r['ms']:.1f} | {100 * r['mfu']:.1f}% "
-                     f"| {peak} | {ratio} |")
+                     f"| {peak} | {reserved} | {ratio} |")
     return "\n".join(lines)
 
 
