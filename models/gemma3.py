@@ -95,9 +95,10 @@ class Gemma3DecoderLayer(Module):
     def forward(self, h, cache=None):
         compute = self.mlp.gate_proj.weight.dtype  # the GEMMs' dtype (norm weights may be float32)
         x = self.input_layernorm(h, out_dtype=compute)
-        h = h + self.post_attention_layernorm(self.self_attn(x, cache))
+        # h + post_norm(branch) as one op (F.rms_norm's residual form: the same values, one kernel).
+        h = self.post_attention_layernorm(self.self_attn(x, cache), residual=h)
         x = self.pre_feedforward_layernorm(h, out_dtype=compute)
-        return h + self.post_feedforward_layernorm(self.mlp(x))
+        return self.post_feedforward_layernorm(self.mlp(x), residual=h)
 
 
 class Gemma3TextModel(Module):

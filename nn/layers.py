@@ -44,6 +44,7 @@ class RMSNorm(Module):
         self.eps = eps
         self.weight = Parameter(np.zeros(dim, dtype=np.float32), keep_float32=True)
 
-    def forward(self, x, out_dtype=None):
-        """The normalised x in x's dtype, or in out_dtype (one rounding, see F.rms_norm)."""
-        return F.rms_norm(x, self.weight, self.eps, out_dtype)
+    def forward(self, x, out_dtype=None, residual=None):
+        """The normalised x in x's dtype, or in out_dtype (one rounding, see F.rms_norm); with
+        `residual`, residual + that, as one op."""
+        return F.rms_norm(x, self.weight, self.eps, out_dtype, residual)

@@ -13,7 +13,7 @@ from .nn_ops.common import as_index_array
 from .nn_ops.dense import Embedding, Linear
 from .nn_ops.linear_cross_entropy import LinearCrossEntropy
 from .nn_ops.loss import CrossEntropy
-from .nn_ops.norm import RMSNorm
+from .nn_ops.norm import ResidualRMSNorm, RMSNorm
 from .nn_ops.qk_norm_rope import QKNormRoPE, fused
 from .nn_ops.rope import RoPE
 from .tensor import Tensor
@@ -45,15 +45,23 @@ def embedding(ids, weight):
     return Embedding()(ids, weight)
 
 
-def rms_norm(x, weight, eps=1e-6, out_dtype=None):
+def rms_norm(x, weight, eps=1e-6, out_dtype=None, residual=None):
     """Gemma RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * (1 + weight).
 
     Math in float32 (float64 for float64 x); the output has x's dtype, or out_dtype when given
     (rounded once: float32 x straight to a float16 output). x's gradient has x's dtype, weight's
-    weight's.
+    weight's. With `residual` (a Tensor of x's shape, e.g. the float32 residual stream), returns
+    residual + rms_norm(x, weight) as one op, with exactly the unfused pair's values and
+    gradients (one kernel each way on the fast path).
     """
     if out_dtype is not None and np.dtype(out_dtype).kind != "f":
         raise TypeError(f"rms_norm: out_dtype must be a floating dtype, got {np.dtype(out_dtype)}")
+    if residual is not None:
+        if out_dtype is not None:
+            raise ValueError("rms_norm: out_dtype and residual do not combine (the sum takes the promoted dtype)")
+        if tuple(residual.shape) != tuple(x.shape):
+            raise ValueError(f"rms_norm: residual of shape {tuple(residual.shape)} does not match x {tuple(x.shape)}")
+        return ResidualRMSNorm(eps)(residual, x, weight)
     return RMSNorm(eps, out_dtype)(x, weight)
 
 

@@ -13,6 +13,12 @@ Backward (derived in nn_ops/norm.py): with h = g (1 + w),
 
     dx = r (h - n mean(h n)),    dw = sum over rows of g n.
 
+With a residual (float32 h of x's shape, y float32), the forward writes y = h + y16, where
+y16 is the normalised row rounded to x's dtype first, and the backward rounds g to x's dtype
+before using it: exactly the unfused `h + rms_norm(x, w)` of the model's residual stream (the
+norm's output in the branch's float16, its gradient cast to float16 by the engine), in one
+pass each way instead of three (norm, add; cast, norm backward).
+
 Forward: one block per row; each thread keeps its columns (c = thread + j * THREADS) in
 registers, so x is read once: a block sum of x^2 gives r, then y is written. r is saved
 (float32, one per row) for the backward.
@@ -45,10 +51,14 @@ __device__ __forceinline__ float to_float(half_t v) { return h2f(v); }
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ void store(half_t* p, float v) { *p = f2h(v); }
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
+// v rounded to the precision of the pointer's element type (and back to float).
+__device__ __forceinline__ float round_like(const half_t*, float v) { return h2f(f2h(v)); }
+__device__ __forceinline__ float round_like(const float*, float v) { return v; }
 
+// residual: nullptr, or a float32 array of x's shape added to the row rounded to x's type.
 extern "C" __global__ void rms_norm_fwd(const x_t* __restrict__ x, const w_t* __restrict__ w,
                                         y_t* __restrict__ y, float* __restrict__ rstd,
-                                        int D, float eps) {
+                                        int D, float eps, const float* __restrict__ residual) {
     __shared__ float sh[32];
     const size_t base = (size_t)blockIdx.x * D;
     float xs[COLS];
@@ -63,7 +73,9 @@ extern "C" __global__ void rms_norm_fwd(const x_t* __restrict__ x, const w_t* __
 #pragma unroll
     for (int j = 0; j < COLS; ++j) {
         const int c = threadIdx.x + j * THREADS;
-        if (c < D) store(y + base + c, xs[j] * r * (1.f + to_float(w[c])));
+        if (c >= D) continue;
+        const float v = xs[j] * r * (1.f + to_float(w[c]));
+        store(y + base + c, residual ? residual[base + c] + round_like(x, v) : v);
     }
     if (threadIdx.x == 0) rstd[blockIdx.x] = r;
 }
@@ -71,7 +83,7 @@ extern "C" __global__ void rms_norm_fwd(const x_t* __restrict__ x, const w_t* __
 extern "C" __global__ void rms_norm_bwd(const y_t* __restrict__ gy, const x_t* __restrict__ x,
                                         const w_t* __restrict__ w, const float* __restrict__ rstd,
                                         x_t* __restrict__ gx, float* __restrict__ gw_part,
-                                        long long rows, int D) {
+                                        long long rows, int D, int round_gy) {
     __shared__ float sh[32];
     float wp[COLS], acc[COLS];
 #pragma unroll
@@ -88,7 +100,8 @@ extern "C" __global__ void rms_norm_bwd(const y_t* __restrict__ gy, const x_t* _
 #pragma unroll
         for (int j = 0; j < COLS; ++j) {
             const int c = threadIdx.x + j * THREADS;
-            const float g = c < D ? to_float(gy[base + c]) : 0.f;
+            float g = c < D ? to_float(gy[base + c]) : 0.f;
+            if (round_gy) g = round_like(x, g);  // the residual form: g as the branch's type
             n[j] = c < D ? to_float(x[base + c]) * r : 0.f;
             h[j] = g * wp[j];
             dot += h[j] * n[j];
@@ -140,22 +153,29 @@ def supports(x, out_dtype):
     return 0 < x.shape[-1] <= MAX_DIM and np.dtype(out_dtype) in DTYPES
 
 
-def forward(x, w, eps, out_dtype):
-    """y (x's shape, out_dtype) and r (float32, one per row) for CuPy x (..., D) and w (D,)."""
+def forward(x, w, eps, out_dtype, residual=None):
+    """y (x's shape, out_dtype) and r (float32, one per row) for CuPy x (..., D) and w (D,);
+    with a float32 residual of x's shape, y = residual + the row rounded to x's dtype (float32)."""
     import cupy
     x = cupy.ascontiguousarray(x)
     d = x.shape[-1]
     rows = x.size // d
+    if residual is not None:
+        if residual.dtype != np.float32 or residual.shape != x.shape or np.dtype(out_dtype) != np.float32:
+            raise ValueError("rmsnorm.forward: the residual and y must be float32 arrays of x's shape")
+        residual = cupy.ascontiguousarray(residual)
     y = cupy.empty(x.shape, out_dtype)
     rstd = cupy.empty(rows, np.float32)
     if rows:
         kernel(typed_source(x.dtype, w.dtype, y.dtype), "rms_norm_fwd")(
-            (rows,), (THREADS,), (x, cupy.ascontiguousarray(w), y, rstd, np.int32(d), np.float32(eps)))
+            (rows,), (THREADS,), (x, cupy.ascontiguousarray(w), y, rstd, np.int32(d), np.float32(eps),
+                                  np.uint64(0) if residual is None else residual))
     return y, rstd
 
 
-def backward(gy, x, w, rstd):
-    """dx (x's dtype and shape) and dw (w's dtype, (D,)) from gy (y's dtype) and the forward's x, w, r."""
+def backward(gy, x, w, rstd, round_gy=False):
+    """dx (x's dtype and shape) and dw (w's dtype, (D,)) from gy (y's dtype) and the forward's x, w, r;
+    round_gy: round gy to x's dtype first (the residual form's backward)."""
     import cupy
     gy, x, w = cupy.ascontiguousarray(gy), cupy.ascontiguousarray(x), cupy.ascontiguousarray(w)
     d = x.shape[-1]
@@ -166,7 +186,8 @@ def backward(gy, x, w, rstd):
     source = typed_source(x.dtype, w.dtype, gy.dtype)
     blocks = grid_stride_blocks(rows, 1, per_sm=8)
     part = cupy.empty((blocks, d), np.float32)
-    kernel(source, "rms_norm_bwd")((blocks,), (THREADS,), (gy, x, w, rstd, gx, part, np.int64(rows), np.int32(d)))
+    kernel(source, "rms_norm_bwd")((blocks,), (THREADS,), (gy, x, w, rstd, gx, part, np.int64(rows), np.int32(d),
+                                                          np.int32(round_gy)))
     return gx, sum_partials(source, part, w.dtype)
 
 

@@ -60,3 +60,38 @@ class RMSNorm(Function):
         if self.needs_grad[1]:
             gw = (g * n).reshape(-1, n.shape[-1]).sum(axis=0).astype(self.w_dtype, copy=False)
         return gx, gw
+
+
+class ResidualRMSNorm(Function):
+    """h + rms_norm(x, w): a residual stream h plus a normalised branch x, as one op.
+
+    Exactly the unfused pair: the normalised branch is rounded to x's dtype (RMSNorm's output),
+    then added to h in NumPy's promoted dtype. Backward: d(h + n)/dh = 1, so h's gradient is gy
+    itself; the branch receives gy cast to its output dtype (x's, what the engine's cast of the
+    unfused pair does) and goes through RMSNorm's backward (derived above). On the fast path
+    with a float32 h the whole thing is one kernel each way (kernels/rmsnorm.py, residual form).
+    """
+
+    def __init__(self, eps):
+        self.eps = eps
+
+    def forward(self, h, x, w):
+        self.fast = (use_fast("rmsnorm", x, w, dtypes=rmsnorm.DTYPES) and use_fast("rmsnorm", h, dtypes=(np.float32,))
+                     and h.shape == x.shape and rmsnorm.supports(x, np.float32))
+        if self.fast:
+            self.x, self.w = x, w
+            y, self.rstd = rmsnorm.forward(x, w, self.eps, np.float32, residual=h)
+            return y
+        self.norm = RMSNorm(self.eps)
+        self.norm.needs_grad = self.needs_grad[1:]
+        self.x_dtype = x.dtype
+        return h + self.norm.forward(x, w)
+
+    def backward(self, gy):
+        gh = gy if self.needs_grad[0] else None
+        if not (self.needs_grad[1] or self.needs_grad[2]):
+            return gh, None, None
+        if self.fast:
+            gx, gw = rmsnorm.backward(gy, self.x, self.w, self.rstd, round_gy=True)
+            return gh, gx if self.needs_grad[1] else None, gw if self.needs_grad[2] else None
+        return (gh,) + self.norm.backward(gy.astype(self.x_dtype, copy=False))
