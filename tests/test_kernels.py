@@ -331,7 +331,11 @@ def test_rope_kernel_reads_and_writes_through_strides(gpu_xp, rng):
 
 
 QK_NORM_ROPE_CASES = [  # (B, T, H, D, offset): the model's head_dim and a small one; 4 query heads, 1 KV head
-    (2, 37, 4, 256, 0), (2, 37, 1, 256, 9), (3, 20, 4, 32, 300), (1, 5, 1, 32, 0), (2, 3000, 1, 256, 0)]
+    (2, 37, 4, 256, 0), (2, 37, 1, 256, 9), (3, 20, 4, 32, 300),
+    (2, 37, 4, 20, 3),                            # D % 8 != 0: the fallback (block-per-row) kernels
+    (1, 5, 1, 32, 0), (2, 3000, 1, 256, 0),
+    (2, 1024, 4, 256, 0), (2, 1024, 1, 256, 5),   # Gemma 3 270M's q and k at T = 1024
+    (1, 9, 3, 24, 0), (1, 30, 2, 640, 0), (1, 9, 2, 1024, 0)]  # idle lanes; 2-3 and 4 groups a lane
 
 
 @pytest.mark.gpu
@@ -361,8 +365,35 @@ def test_qk_norm_rope_kernel(gpu_xp, rng, b, t, h, d, offset, w_dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["feature_stride", "unaligned"])
+@pytest.mark.parametrize("b,t,h,d", [(2, 300, 4, 256), (2, 300, 1, 256), (2, 37, 4, 20)])
+def test_qk_norm_rope_backward_gy_layouts(gpu_xp, rng, b, t, h, d, layout):
+    """gy that the vector loads cannot take (feature stride 2; a start 2 bytes past an 8-byte
+    boundary): the scalar gy path of the vector kernel (and, for D = 20, the fallback kernel)."""
+    cp = gpu_xp
+    x, w = half(rng, (b, t, h, d), 3), half(rng, d, 0.2, np.float32)
+    gy = half(rng, (b, h, t, d), 100)
+    cos, sin = (a[:t] for a in rope_tables(d, 1e4, t, cp))
+    y, rstd = qk_norm_rope.forward(cp.asarray(x), cp.asarray(w), 1e-6, cos, sin)
+    if layout == "feature_stride":
+        wide = cp.zeros((b, h, t, 2 * d), np.float16)
+        wide[..., ::2] = cp.asarray(gy)
+        gy_dev = wide[..., ::2]
+    else:
+        flat = cp.zeros(gy.size + 1, np.float16)
+        flat[1:] = cp.asarray(gy).ravel()
+        gy_dev = flat[1:].reshape(gy.shape)
+        assert gy_dev.data.ptr % 8 == 2
+    gx, gw = qk_norm_rope.backward(gy_dev, cp.asarray(x), cp.asarray(w), cos, sin, rstd)
+    _, rrstd = qk_norm_rope.reference_forward(x, w, 1e-6, cp.asnumpy(cos), cp.asnumpy(sin))
+    rgx, rgw = qk_norm_rope.reference_backward(gy, x, w, cp.asnumpy(cos), cp.asnumpy(sin), rrstd)
+    close16(gx, rgx, what="dx")
+    close16(gw, rgw, tol=1e-4, what="dw")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("w_dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("b,t,h,d,offset", QK_NORM_ROPE_CASES[:4])
+@pytest.mark.parametrize("b,t,h,d,offset", QK_NORM_ROPE_CASES[:4] + [(2, 1024, 4, 256, 0)])
 def test_qk_norm_rope_fast_equals_reference_path(gpu_xp, rng, b, t, h, d, offset, w_dtype):
     """F.qk_norm_rope with the family on (one fused Function) against the reference path (the three
     ops, fast path off), forward and backward: equal within float16 tolerance (the reference path
