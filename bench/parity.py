@@ -62,6 +62,8 @@ def build_parser(description=__doc__):
     a("--final-tolerance", type=float, default=None, help="largest relative difference of the final "
       "validation loss (default: --tolerance)")
     a("--out", default=None, help="output directory (default runs/parity-<preset>-<dtype>)")
+    a("--cuda-graphs", action="store_true", help="our side replays its micro-batches as CUDA graphs "
+      "(train.py --cuda-graphs; needs TINYGRAD3_FAST=1)")
     return p
 
 
@@ -83,7 +85,7 @@ def train_argv(args):
             "--eval-every", str(args.eval_every), "--no-progress"]
     for name in TRAIN_FLAGS:
         argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    return argv
+    return argv + (["--cuda-graphs"] if getattr(args, "cuda_graphs", False) else [])
 
 
 def relative(ours, theirs):
