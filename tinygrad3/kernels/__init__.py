@@ -12,7 +12,7 @@ One module per kernel family, each holding its CUDA source, the derivation of wh
 computes, and a NumPy function computing the same thing step for step (the kernel's
 reference in tests):
 
-    rmsnorm.py        RMSNorm forward/backward, one block per row
+    rmsnorm.py        RMSNorm forward/backward, one block per row (also h + norm(x), the residual form)
     geglu.py          gelu_tanh(gate) * up forward/backward
     cross_entropy.py  loss and gradient straight from float16 logits
     gemm.py           cuBLAS GEMMs (the linears' 2-D ones, attention's strided-batched ones),
@@ -22,8 +22,10 @@ reference in tests):
                       and keys on tensor cores, online softmax, no T x T scores, masked tiles
                       skipped (taken before `attention` when both are on and it fits the shapes)
     rope.py           rotary embedding, forward and backward in one strided kernel
-    qk_norm_rope.py   attention's q/k RMSNorm, head transpose and RoPE, one kernel each way
+    qk_norm_rope.py   attention's q/k RMSNorm, head transpose and RoPE, one kernel each way (a warp per row)
     adamw.py          the AdamW update and the float16 weight copy in one pass
+    flat_grads.py     many gradient arrays added into the optimizer's flat float32 buffer, one launch
+                      (family adamw)
 
 Each family can be switched on alone (`set_fast(True, families=("attention",))`), which is
 how bench/throughput.py --ablation measures what each one buys.
