@@ -24,6 +24,7 @@ from tinygrad3.kernels import flash_attention as flash
 from tinygrad3.kernels.cuda import PRELUDE
 
 import cuda_emulator
+from test_kernels import poison
 
 
 def close(actual, expected, tol, what=""):
@@ -262,13 +263,6 @@ GPU_CASES = CASES + [
     (4, 4, 1, 128, 128, 256, 512),     # the 32 x 128 rows' length
     (1, 4, 1, 7, 1030, 256, 512),      # generation with a KV cache: 7 queries after 1023 keys
 ]
-
-
-def poison(cp, *shapes_dtypes):
-    """Fill pool blocks of the outputs' sizes with NaN bits, so an unwritten output shows."""
-    for shape, dtype in shapes_dtypes:
-        block = cp.full(int(np.prod(shape)) * np.dtype(dtype).itemsize, 255, np.uint8)
-        del block
 
 
 @pytest.mark.gpu

@@ -13,6 +13,7 @@ import pytest
 
 import cuda_emulator
 from tinygrad3.kernels import qk_norm_rope as qk
+from tinygrad3.kernels.cuda import HELPERS
 from tinygrad3.nn_ops.rope import rope_tables
 
 HEADER = r"""
@@ -22,23 +23,12 @@ HEADER = r"""
 #define __shared__ static
 struct uint2 { unsigned x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
-
-static float block_sum(float v, float* sh) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    v = lane < (int)(blockDim.x >> 5) ? sh[lane] : 0.f;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 """
 
 
 @functools.lru_cache(maxsize=None)
 def _emulator(w_dtype):
-    return cuda_emulator.Emulator(HEADER + qk.typed_source(np.dtype(w_dtype)))
+    return cuda_emulator.Emulator(HEADER + HELPERS + qk.typed_source(np.dtype(w_dtype)))
 
 
 @pytest.fixture

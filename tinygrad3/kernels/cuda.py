@@ -22,7 +22,11 @@ __device__ __forceinline__ half_t f2h(float f) {  // round to nearest even, as N
 }
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+"""
 
+# Plain C++ on top of the conversions (block sums, the online softmax normaliser): what a CPU
+# emulation of the kernels (tests/cuda_emulator.py) can compile as it is.
+HELPERS = r"""
 // Sum of v over the block, returned to every thread. blockDim.x must be a multiple of 32;
 // sh holds 32 floats. The first barrier keeps a previous call's readers of sh safe.
 __device__ __forceinline__ float block_sum(float v, float* sh) {
@@ -68,6 +72,8 @@ __device__ __forceinline__ void block_max_sum(float& m, float& s, float* shm, fl
         online_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
 }
 """
+PRELUDE += HELPERS
+
 
 
 @functools.lru_cache(maxsize=None)
