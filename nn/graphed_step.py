@@ -9,14 +9,15 @@
 The first micro-batch of a shape runs eagerly: it compiles the kernels and fills the caches
 (RoPE tables, the vocabulary mask) that the graph will then read. The second one is captured
 (tinygrad3/cuda_graph.py) and replayed, and so is every later one: the host's work per
-micro-batch is three small copies (ids, targets, loss weight), one graph launch, and one
-launch adding the gradients into the optimizer's flat buffer.
+micro-batch is three small copies (ids, targets, loss weight) and one graph launch.
 
-Gradients. Inside the graph, backward leaves each parameter's gradient in an array the graph
-owns (its address is fixed, every replay overwrites it). After each replay they are added into
-the optimizer's flat float32 buffer (`AdamW.accumulate_grads`), so micro-batches accumulate in
-float32, as PyTorch's float32 `.grad` under autocast does. (Without graphs our fp16 gradients
-are summed over micro-batches in fp16 first: the two agree to fp16 rounding.)
+Gradients. Backward runs inside `optimizer.grads_in_buffer()`: each parameter's gradient is
+added straight into its slice of the optimizer's flat float32 buffer (a fixed address, so the
+replays add there too), by the weight GEMMs themselves (cuBLAS beta = 1, float32 output), the
+embedding's scatter-add and the norm kernels. So micro-batches accumulate in float32, as
+PyTorch's float32 `.grad` under autocast does, and no gradient array of its own is kept by the
+graph. (Without graphs our fp16 gradients are summed over micro-batches in fp16 first: the two
+agree to fp16 rounding.)
 
 The loss weight (loss scale / micro-batches) lives in a GPU scalar the graph reads, so the loss
 scaler may change it between replays without a new capture. The parameters' `.grad` must be
@@ -50,20 +51,18 @@ class GraphedMicroBatch:
             return self._captured[key].run(x, y, loss_weight)
         if key not in self._warm:
             self._warm.add(key)
-            return self._eager(x, y, loss_weight, params)
+            return self._eager(x, y, loss_weight)
         self._captured[key] = _Captured(self.loss_fn, self.optimizer, x, y)
         return self._captured[key].run(x, y, loss_weight)
 
-    def _eager(self, x, y, loss_weight, params):
-        loss = self.loss_fn(x, y)
-        (loss * loss_weight).backward()
-        self.optimizer.accumulate_grads([p.grad for p in params])
-        for p in params:
-            p.grad = None
+    def _eager(self, x, y, loss_weight):
+        with self.optimizer.grads_in_buffer():
+            loss = self.loss_fn(x, y)
+            (loss * loss_weight).backward()
         return loss.data
 
     def memory_bytes(self):
-        """GPU memory held by the captured graphs (their activations and gradient outputs)."""
+        """GPU memory held by the captured graphs (their activations and intermediates)."""
         return sum(c.graph.memory_bytes() for c in self._captured.values())
 
 
@@ -75,18 +74,15 @@ class _Captured:
         self.optimizer = optimizer
         self.x, self.y = cupy.empty_like(x), cupy.empty_like(y)
         self.weight = cupy.zeros((), np.float32)
-        params = optimizer.params
 
         def micro_batch():
-            loss = loss_fn(self.x, self.y)
-            (loss * Tensor(self.weight.astype(loss.dtype, copy=False))).backward()
-            grads = [p.grad for p in params]
-            for p in params:
-                p.grad = None
-            return loss.data, grads
+            with optimizer.grads_in_buffer():
+                loss = loss_fn(self.x, self.y)
+                (loss * Tensor(self.weight.astype(loss.dtype, copy=False))).backward()
+            return loss.data
 
         self.graph = CudaGraph(micro_batch)
-        self.loss, self.grads = self.graph.outputs
+        self.loss = self.graph.outputs
         # The eager first micro-batch left its activations cached in CuPy's pool; the graph keeps
         # its own, so hand those blocks back to the device.
         cupy.get_default_memory_pool().free_all_blocks()
@@ -97,5 +93,4 @@ class _Captured:
         self.y[...] = y
         self.weight.fill(loss_weight)
         self.graph.replay()
-        self.optimizer.accumulate_grads(self.grads)
         return self.loss

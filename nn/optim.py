@@ -21,16 +21,19 @@ refresh of the fp16 copy run as one kernel (tinygrad3/kernels/adamw.py), with th
 and the parameters' gradients are added into the flat gradient buffer with one launch
 (tinygrad3/kernels/flat_grads.py) instead of one copy per parameter.
 
-Gradients reach the flat buffer in two ways. `step` adds in the parameters' `.grad` (which the
+Gradients reach the flat buffer in three ways. `step` adds in the parameters' `.grad` (which the
 engine has summed over the micro-batches). A caller may also add gradients earlier with
-`accumulate_grads` (a CUDA graph's outputs after each replay, nn/graphed_step.py): the buffer
-is float32, so micro-batches added there accumulate in float32. `step` and `zero_grad` leave the
-buffer at zero for the next update.
+`accumulate_grads`. Or, inside `with opt.grads_in_buffer():`, backward itself adds each
+parameter's gradient into the parameter's slice of the buffer (its `grad_buffer`): the weight
+GEMMs write there in float32 (cuBLAS beta = 1), and no per-parameter gradient array is made at
+all (nn/graphed_step.py trains this way). The buffer is float32, so micro-batches added there
+accumulate in float32. `step` and `zero_grad` leave the buffer at zero for the next update.
 
 Build the optimizer AFTER loading weights: `Module.load_state_dict` and `Module.to` replace
 `.data` with new arrays, which cuts the parameters loose from the flat buffers. If that happens
 afterwards, call `opt.sync_params()` to take the new values as masters and re-bind.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -174,6 +177,20 @@ class AdamW:
         else:
             for g, start in pieces:
                 self._grad[start:start + g.size] += g.reshape(-1)
+
+    @contextlib.contextmanager
+    def grads_in_buffer(self):
+        """Within this block, backward adds the parameters' gradients straight into the flat
+        gradient buffer that the next `step` uses (each parameter's `grad_buffer` is its slice of
+        it, reshaped), in the buffer's float32 (float64), and leaves `.grad` None."""
+        previous = [param.grad_buffer for param in self._params]
+        for param, where in zip(self._params, self._slices):
+            param.grad_buffer = self._grad[where].reshape(param.shape)
+        try:
+            yield
+        finally:
+            for param, buffer in zip(self._params, previous):
+                param.grad_buffer = buffer
 
     @property
     def params(self):

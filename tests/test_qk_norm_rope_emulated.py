@@ -48,7 +48,7 @@ def emulated(monkeypatch):
 
     monkeypatch.setattr(qk, "_launch", launch)
     monkeypatch.setattr(qk, "_blocks", lambda rows, per_block, per_sm: max(1, min(-(-rows // per_block), 3)))
-    monkeypatch.setattr(qk, "_sum_partials", lambda source, part, w_dtype: part.sum(axis=0).astype(w_dtype))
+    monkeypatch.setattr(qk, "_sum_partials", lambda source, part, w_dtype, into=None: part.sum(axis=0).astype(w_dtype))
     return launched
 
 

@@ -11,6 +11,14 @@ its array is freed as soon as user code drops it, unless a backward saved it.
 `Tensor.backward` visits the Functions in reverse topological order, hands each
 one the gradient summed over all uses of its output, and then releases what the
 Function saved, so activation memory shrinks as the backward pass proceeds.
+
+Summing in place. When a value has several uses (a layer input read by the q, k and v
+projections), its gradient is a sum. By default the engine adds each new contribution to
+the sum so far. A backward may instead add its contribution into that sum itself, when the
+engine offers it (`Function.grad_target(i)`), and return `ADDED` in that input's slot: a GEMM
+then adds its product into the sum (cuBLAS beta = 1) rather than writing a new array that a
+separate pass adds. The engine offers only arrays that nothing else can see: sums it made
+itself, gradients a Function declares new (`fresh_grads`), and a leaf's `grad_buffer`.
 """
 import contextlib
 import threading
@@ -48,6 +56,18 @@ def enable_grad():
         _mode.grad_enabled = previous
 
 
+class _Added:
+    """The type of ADDED (one instance)."""
+
+    def __repr__(self):
+        return "ADDED"
+
+
+# A backward returns ADDED for input i when it has added input i's gradient into
+# grad_target(i) itself, instead of returning the gradient.
+ADDED = _Added()
+
+
 class Function:
     """One differentiable operation: `forward(*arrays) -> array`, `backward(gy) -> grads`.
 
@@ -55,7 +75,13 @@ class Function:
     not starting with an underscore is dropped once the backward has run.
     `self.needs_grad[i]` says whether input i wants a gradient, so a forward can
     skip saving what no backward will read and a backward can return None.
+
+    `fresh_grads = True` declares that backward returns new arrays that nothing else
+    refers to (not views of one another), so the engine may later add other contributions
+    into them in place.
     """
+
+    fresh_grads = False
 
     def __call__(self, *inputs):
         tensors = [x if isinstance(x, Tensor) else None for x in inputs]
@@ -71,6 +97,7 @@ class Function:
                 None if not need else (t if t._creator is None else t._creator)
                 for t, need in zip(tensors, self.needs_grad))
             self._out_grad = None
+            self._out_grad_owned = False  # may _out_grad be summed into in place?
             self._out_dtype = out.dtype
             out._creator = self
         else:
@@ -82,6 +109,17 @@ class Function:
 
     def backward(self, gy):
         raise NotImplementedError
+
+    def grad_target(self, i):
+        """During backward: an array that input i's gradient may be ADDED into in place, or None.
+
+        It has the shape of input i and holds the gradient summed so far (other uses of the
+        input, or earlier backward passes into a leaf's grad_buffer); its dtype may be wider
+        than the gradient's (a float32 buffer for float16 weights). A backward that adds its
+        gradient into it returns ADDED for that input.
+        """
+        targets = getattr(self, "_targets", None)
+        return None if targets is None else targets[i]
 
     def _release(self):
         for name in [k for k in vars(self) if not k.startswith("_")]:
@@ -97,6 +135,10 @@ class Tensor:
 
     `data` is the raw NumPy/CuPy array; `grad` is a raw array of the same shape and
     dtype once `backward` has reached this tensor (leaf tensors only).
+
+    `grad_buffer`: None, or an array of the leaf's shape (e.g. float32 for a float16
+    weight, a view into an optimizer's flat gradient buffer). When set, backward adds
+    the leaf's gradients into it, in its dtype, and leaves `grad` None.
     """
 
     __array_priority__ = 1000  # make `ndarray + Tensor` defer to Tensor.__radd__
@@ -121,6 +163,7 @@ class Tensor:
         self.data = data
         self.requires_grad = bool(requires_grad)
         self.grad = None
+        self.grad_buffer = None
         self._creator = None
 
     # ----- properties -------------------------------------------------------------
@@ -186,7 +229,7 @@ class Tensor:
         if grad.shape != self.shape:
             raise ValueError(f"gradient shape {grad.shape} does not match tensor shape {self.shape}")
         if self._creator is None:
-            self.grad = _accumulate(self.grad, grad)
+            _give_leaf(self, grad)
             if leaf_hook is not None:
                 leaf_hook(self)
             return
@@ -201,7 +244,7 @@ class Tensor:
         for fn in reversed(order):
             gy, fn._out_grad = fn._out_grad, None
             if gy is not None:  # None: no path from the root passes through this output
-                _backward_one(fn, gy)
+                _backward_one(fn, gy, fn._out_grad_owned)
             if uses is not None:
                 _count_down(fn, uses, leaf_hook)
             _drop(fn)
@@ -239,20 +282,58 @@ def _match(g, like):
     return g if g.dtype == like.dtype else g.astype(like.dtype)
 
 
-def _backward_one(fn, gy):
-    """Run one Function's backward and hand each gradient to its parent."""
+def _backward_one(fn, gy, gy_owned):
+    """Run one Function's backward and hand each gradient to its parent.
+
+    Before the call the Function learns, per input, where it may add its gradient in place
+    (grad_target): a leaf's grad_buffer, or a non-leaf's sum so far when the engine owns it.
+    After it, ownership of each handed-on gradient is decided: new arrays of a `fresh_grads`
+    Function, sums and casts the engine made, and gy itself passed through to exactly one input
+    (nothing else holds it once this backward is done) may be summed into later.
+    """
+    fn._targets = tuple(_target(parent) for parent in fn._parents)
     grads = fn.backward(gy)
     if not isinstance(grads, tuple):
         grads = (grads,)
-    for parent, g in zip(fn._parents, grads):
+    slots = {}
+    for g in grads:
+        slots[id(g)] = slots.get(id(g), 0) + 1
+    for parent, g, target in zip(fn._parents, grads, fn._targets):
         if parent is None or g is None:
             continue
+        if g is ADDED:
+            if target is None:
+                raise RuntimeError(f"{type(fn).__name__}.backward returned ADDED for an input that had no "
+                                   "grad_target")
+            continue
         if isinstance(parent, Tensor):
-            parent.grad = _accumulate(parent.grad, _match(g, parent.data))
-        else:  # a gradient has its tensor's dtype (e.g. fp16 for an fp16 branch added to an fp32 sum)
-            if g.dtype != parent._out_dtype:
-                g = g.astype(parent._out_dtype)
-            parent._out_grad = _accumulate(parent._out_grad, g)
+            _give_leaf(parent, g)
+            continue
+        owned = slots[id(g)] == 1 and (fn.fresh_grads or (g is gy and gy_owned))
+        if g.dtype != parent._out_dtype:  # a gradient has its tensor's dtype (fp16 branch of an fp32 sum)
+            g, owned = g.astype(parent._out_dtype), True
+        if parent._out_grad is None:
+            parent._out_grad, parent._out_grad_owned = g, owned
+        else:
+            parent._out_grad, parent._out_grad_owned = parent._out_grad + g, True
+
+
+def _target(parent):
+    """The array a backward may add parent's gradient into, or None."""
+    if isinstance(parent, Tensor):
+        return parent.grad_buffer
+    if parent is not None and parent._out_grad_owned:
+        return parent._out_grad
+    return None
+
+
+def _give_leaf(leaf, g):
+    """Add g to a leaf's gradient: into its grad_buffer when it has one, else into `.grad`."""
+    if leaf.grad_buffer is None:
+        leaf.grad = _accumulate(leaf.grad, _match(g, leaf.data))
+    else:
+        xp = backend.get_array_module(leaf.grad_buffer)
+        xp.add(leaf.grad_buffer, g, out=leaf.grad_buffer)
 
 
 def _leaf_uses(order):
@@ -278,6 +359,7 @@ def _drop(fn):
     """Free a Function's saved arrays and its links once its backward has run."""
     fn._release()
     del fn._parents
+    fn.__dict__.pop("_targets", None)
 
 
 def _topological_order(root):

@@ -453,8 +453,8 @@ def _blocks(rows, rows_per_block, per_sm):
     return grid_stride_blocks(rows, rows_per_block, per_sm=per_sm)
 
 
-def _sum_partials(source, part, w_dtype):
-    return rmsnorm.sum_partials(source, part, w_dtype)
+def _sum_partials(source, part, w_dtype, into=None):
+    return rmsnorm.sum_partials(source, part, w_dtype, into)
 
 
 def _address(a):
@@ -492,15 +492,16 @@ def forward(x, w, eps, cos, sin):
     return y, rstd
 
 
-def backward(gy, x, w, cos, sin, rstd):
-    """dx ((B, T, H, D) float16, dense) and dw (w's dtype) from gy (B, H, T, D), any strides."""
+def backward(gy, x, w, cos, sin, rstd, dw_into=None):
+    """dx ((B, T, H, D) float16, dense) and dw (w's dtype) from gy (B, H, T, D), any strides;
+    dw_into: a contiguous (D,) array of w's dtype that dw is added into (and returned)."""
     xp = get_array_module(x)
     x, w, cos, sin = (xp.ascontiguousarray(a) for a in (x, w, cos, sin))
     b, t, h, d = x.shape
     rows = b * t * h
     gx = xp.empty_like(x)
     if not rows:
-        return gx, xp.zeros(d, w.dtype)
+        return gx, xp.zeros(d, w.dtype) if dw_into is None else dw_into
     source = typed_source(w.dtype)
     strides = [s // gy.itemsize for s in gy.strides]
     args = (gy, x, w, cos, sin, rstd, gx)
@@ -520,7 +521,7 @@ def backward(gy, x, w, cos, sin, rstd):
         blocks = _blocks(rows, 1, 8)
         part = xp.empty((blocks, d), np.float32)
         _launch(source, "qk_norm_rope_bwd", blocks, THREADS, args + (part,) + tail)
-    return gx, _sum_partials(source, part, w.dtype)
+    return gx, _sum_partials(source, part, w.dtype, dw_into)
 
 
 # ----- NumPy reference: rmsnorm's and rope's references, with u and g left in float32 ----------

@@ -83,7 +83,7 @@ extern "C" __global__ void rms_norm_fwd(const x_t* __restrict__ x, const w_t* __
 extern "C" __global__ void rms_norm_bwd(const y_t* __restrict__ gy, const x_t* __restrict__ x,
                                         const w_t* __restrict__ w, const float* __restrict__ rstd,
                                         x_t* __restrict__ gx, float* __restrict__ gw_part,
-                                        long long rows, int D, int round_gy) {
+                                        long long rows, int D, int round_gy, int add_gx) {
     __shared__ float sh[32];
     float wp[COLS], acc[COLS];
 #pragma unroll
@@ -111,7 +111,11 @@ extern "C" __global__ void rms_norm_bwd(const y_t* __restrict__ gy, const x_t* _
 #pragma unroll
         for (int j = 0; j < COLS; ++j) {
             const int c = threadIdx.x + j * THREADS;
-            if (c < D) store(gx + base + c, r * (h[j] - n[j] * mean));
+            if (c >= D) continue;
+            const float v = r * (h[j] - n[j] * mean);
+            // add_gx: gx holds another use's gradient; add ours rounded to x's type first, which is
+            // exactly the engine's sum of the two separate gradients
+            store(gx + base + c, add_gx ? to_float(gx[base + c]) + round_like(x, v) : v);
         }
     }
 #pragma unroll
@@ -121,11 +125,12 @@ extern "C" __global__ void rms_norm_bwd(const y_t* __restrict__ gy, const x_t* _
     }
 }
 
-// dw[c] = sum over b < parts of gw_part[b][c]. A block of (32, DW_LANES) threads takes 32
-// columns: each of the DW_LANES lanes of a column adds the parts lane, lane + DW_LANES, ...
-// (a warp reads 32 adjacent floats of one part), then lane 0 adds the lanes' sums.
+// dw[c] = sum over b < parts of gw_part[b][c] (add_dw: dw[c] += that sum, rounded to w's type
+// first). A block of (32, DW_LANES) threads takes 32 columns: each of the DW_LANES lanes of a
+// column adds the parts lane, lane + DW_LANES, ... (a warp reads 32 adjacent floats of one
+// part), then lane 0 adds the lanes' sums.
 extern "C" __global__ void rms_norm_dw(const float* __restrict__ gw_part, w_t* __restrict__ dw,
-                                       int parts, int D) {
+                                       int parts, int D, int add_dw) {
     __shared__ float sh[DW_LANES][32];
     const int c = blockIdx.x * 32 + threadIdx.x;
     float s = 0.f;
@@ -135,7 +140,7 @@ extern "C" __global__ void rms_norm_dw(const float* __restrict__ gw_part, w_t* _
     __syncthreads();
     if (threadIdx.y == 0 && c < D) {
         for (int k = 1; k < DW_LANES; ++k) s += sh[k][threadIdx.x];
-        store(dw + c, s);
+        store(dw + c, add_dw ? to_float(dw[c]) + round_like(dw, s) : s);
     }
 }
 """
@@ -173,31 +178,40 @@ def forward(x, w, eps, out_dtype, residual=None):
     return y, rstd
 
 
-def backward(gy, x, w, rstd, round_gy=False):
+def accepts_target(target, like):
+    """True when the kernels can add into `target`: a C-contiguous CuPy array of like's dtype and shape."""
+    return (target is not None and type(target) is type(like) and target.dtype == like.dtype
+            and target.shape == like.shape and target.flags.c_contiguous)
+
+
+def backward(gy, x, w, rstd, round_gy=False, gx_into=None, dw_into=None):
     """dx (x's dtype and shape) and dw (w's dtype, (D,)) from gy (y's dtype) and the forward's x, w, r;
-    round_gy: round gy to x's dtype first (the residual form's backward)."""
+    round_gy: round gy to x's dtype first (the residual form's backward). gx_into / dw_into: arrays
+    that `accepts_target` took, which dx / dw are added into (and returned) instead of new arrays."""
     import cupy
     gy, x, w = cupy.ascontiguousarray(gy), cupy.ascontiguousarray(x), cupy.ascontiguousarray(w)
     d = x.shape[-1]
     rows = x.size // d
-    gx = cupy.empty_like(x)
+    gx = cupy.empty_like(x) if gx_into is None else gx_into
     if not rows:
-        return gx, cupy.zeros(d, w.dtype)
+        return gx, cupy.zeros(d, w.dtype) if dw_into is None else dw_into
     source = typed_source(x.dtype, w.dtype, gy.dtype)
     blocks = grid_stride_blocks(rows, 1, per_sm=8)
     part = cupy.empty((blocks, d), np.float32)
     kernel(source, "rms_norm_bwd")((blocks,), (THREADS,), (gy, x, w, rstd, gx, part, np.int64(rows), np.int32(d),
-                                                          np.int32(round_gy)))
-    return gx, sum_partials(source, part, w.dtype)
+                                                          np.int32(round_gy), np.int32(gx_into is not None)))
+    return gx, sum_partials(source, part, w.dtype, dw_into)
 
 
-def sum_partials(source, part, w_dtype):
+def sum_partials(source, part, w_dtype, into=None):
     """dw (D,), in w_dtype: per-block partial sums (blocks, D) added up over blocks by the
-    rms_norm_dw kernel of `source` (a typed_source, or one that starts with it)."""
+    rms_norm_dw kernel of `source` (a typed_source, or one that starts with it); with `into`
+    (a contiguous (D,) array of w_dtype) the sum is added into it instead."""
     import cupy
     blocks, d = part.shape
-    dw = cupy.empty(d, w_dtype)
-    kernel(source, "rms_norm_dw")((-(-d // 32),), (32, DW_LANES), (part, dw, np.int32(blocks), np.int32(d)))
+    dw = cupy.empty(d, w_dtype) if into is None else into
+    kernel(source, "rms_norm_dw")((-(-d // 32),), (32, DW_LANES), (part, dw, np.int32(blocks), np.int32(d),
+                                                                   np.int32(into is not None)))
     return dw
 
 

@@ -1,7 +1,9 @@
 """Linear (a GEMM against a PyTorch-layout weight) and embedding (a row gather)."""
+import numpy as np
+
 from ..backend import get_array_module, scatter_add
 from ..kernels import gemm, use_fast
-from ..tensor import Function
+from ..tensor import ADDED, Function
 from .common import compute_dtype
 
 
@@ -13,6 +15,8 @@ class Linear(Function):
     CuPy products call cuBLAS through kernels/gemm.py (the same GEMM, but one that CUDA-graph
     capture accepts); otherwise `@`.
     """
+
+    fresh_grads = True  # both gradients are new GEMM outputs
 
     def forward(self, x, w):
         x2 = x.reshape(-1, x.shape[-1])
@@ -29,21 +33,43 @@ class Linear(Function):
         dL/dx[n,i] = sum_o g[n,o] W[o,i]  ->  dX = G W
         dL/dW[o,i] = sum_n g[n,o] x[n,i]  ->  dW = G^T X
         (the sum over n also sums over every flattened leading axis).
+
+        When the engine offers a target for x's or W's gradient (the sum of x's other uses, or
+        a float32 buffer for W), the product is added into it: on the fast path by the GEMM
+        itself (cuBLAS beta = 1), so no separate pass adds the two.
         """
         g = gy.reshape(-1, gy.shape[-1])
         fast = self.fast and g.dtype == self.w_dtype
         gx = gw = None
         if self.needs_grad[0]:
-            gx = gemm.mm(g, self.w) if fast else g @ self.w
-            gx = gx.reshape(*self.lead, -1).astype(self.x_dtype, copy=False)
+            gx = _product(g, self.w, False, fast, self.grad_target(0), self.x_dtype)
+            gx = gx if gx is ADDED else gx.reshape(*self.lead, -1)
         if self.needs_grad[1]:
-            gw = gemm.mm(g, self.x2, trans_a=True) if fast else g.T @ self.x2
-            gw = gw.astype(self.w_dtype, copy=False)
+            gw = _product(g, self.x2, True, fast, self.grad_target(1), self.w_dtype)
         return gx, gw
+
+
+def _product(a, b, trans_a, fast, target, dtype):
+    """op(a) @ b added into `target` (then ADDED), or as a new array of `dtype`.
+
+    A target is used only when it is C-contiguous, so that its 2-D view is the array itself.
+    """
+    if target is not None and target.flags.c_contiguous:
+        t2 = target.reshape(-1, target.shape[-1])
+        if fast and target.dtype in (np.float16, np.float32):
+            gemm.mm(a, b, trans_a=trans_a, out=t2)
+        else:
+            t2 += a.T @ b if trans_a else a @ b
+        return ADDED
+    if fast:
+        return gemm.mm(a, b, trans_a=trans_a)
+    return (a.T @ b if trans_a else a @ b).astype(dtype, copy=False)
 
 
 class Embedding(Function):
     """out[...] = W[ids[...]]: one row of W per id."""
+
+    fresh_grads = True
 
     def forward(self, ids, w):
         self.ids = ids if self.needs_grad[1] else None
@@ -54,9 +80,14 @@ class Embedding(Function):
         """Each output row is a copy of one row of W, so row r of dW is the sum of the
         output gradients of every position whose id is r (zero for unused rows). That
         is a scatter-add: repeated ids must accumulate, not overwrite. It accumulates in
-        float32 (or float64) so that many float16 contributions do not lose precision.
+        float32 (or float64) so that many float16 contributions do not lose precision;
+        into the engine's target when it offers one of that dtype (a float32 gradient
+        buffer), so no zero-filled (V, D) array is made at all.
         """
         xp = get_array_module(gy)
-        acc = xp.zeros(self.w_shape, dtype=compute_dtype(self.w_dtype))
+        acc_dtype = compute_dtype(self.w_dtype)
+        target = self.grad_target(1)
+        added = target is not None and target.dtype == acc_dtype and target.flags.c_contiguous
+        acc = target if added else xp.zeros(self.w_shape, dtype=acc_dtype)
         scatter_add(acc, self.ids.reshape(-1), gy.reshape(-1, self.w_shape[-1]).astype(acc.dtype, copy=False))
-        return None, acc.astype(self.w_dtype, copy=False)
+        return None, ADDED if added else acc.astype(self.w_dtype, copy=False)

@@ -20,7 +20,8 @@ dZ_c = 0 whatever the factor).
 
 Gradients of the GEMM (derived in nn_ops/dense.py): dX_c = dZ_c W for the block's rows, and
 dW = sum_c dZ_c^T X_c, summed over blocks in float32 (float64 for float64) and rounded to W's
-dtype once at the end (on the fast path each block's GEMM adds into the float32 sum itself).
+dtype once at the end (on the fast path each block's GEMM adds into the float32 sum itself). When
+the engine offers a float32 target for dW (a gradient buffer), the blocks add into it directly.
 
 A padded vocabulary (valid_vocab < V: W's last rows are unused ids) is handled by
 CrossEntropy: those logits count as -inf, so they get probability 0 and gradient 0, and W's
@@ -28,7 +29,7 @@ padding rows get zero gradient, as adding a large negative mask would give, with
 """
 from ..backend import get_array_module
 from ..kernels import gemm, use_fast
-from ..tensor import Function
+from ..tensor import ADDED, Function
 from .common import compute_dtype
 from .loss import CrossEntropy
 
@@ -85,7 +86,10 @@ class LinearCrossEntropy(Function):
         xp, x2, w = get_array_module(gy), self.x2, self.w
         c = compute_dtype(x2.dtype)
         gx = xp.empty(x2.shape, x2.dtype) if self.needs_grad[0] else None
-        gw = xp.zeros(w.shape, compute_dtype(w.dtype)) if self.needs_grad[1] else None
+        gw = self.grad_target(1) if self.needs_grad[1] else None
+        added = gw is not None and gw.dtype == c and gw.flags.c_contiguous
+        if self.needs_grad[1] and not added:
+            gw = xp.zeros(w.shape, c)
         for (start, stop), ce in zip(self.bounds, self.blocks):
             ce.logits = self._logits(x2, w, start, stop)
             gz, _ = ce.backward(gy * (ce.denom / self.count))
@@ -97,4 +101,4 @@ class LinearCrossEntropy(Function):
                 gw += gz.astype(c).T @ x2[start:stop].astype(c)
             del ce.logits, gz
         return (None if gx is None else gx.reshape(self.x_shape),
-                None if gw is None else gw.astype(self.w_dtype, copy=False), None)
+                ADDED if added else None if gw is None else gw.astype(self.w_dtype, copy=False), None)

@@ -3,7 +3,7 @@ import numpy as np
 
 from ..backend import get_array_module
 from ..kernels import rmsnorm, use_fast
-from ..tensor import Function
+from ..tensor import ADDED, Function
 from .common import compute_dtype
 
 
@@ -15,6 +15,8 @@ class RMSNorm(Function):
     given: a float32 x normalised straight to float16 is rounded once, exactly as the
     float32 result followed by a cast.
     """
+
+    fresh_grads = True  # dx and dw are new arrays
 
     def __init__(self, eps, out_dtype=None):
         self.eps = eps
@@ -47,8 +49,7 @@ class RMSNorm(Function):
         enters the same float32 math; dx is cast to x's dtype and dw to w's.
         """
         if self.fast:
-            gx, gw = rmsnorm.backward(gy, self.x, self.w, self.rstd)
-            return gx if self.needs_grad[0] else None, gw if self.needs_grad[1] else None
+            return _fast_backward(self, gy, 0)
         c = self.rstd.dtype
         g = gy.astype(c, copy=False)
         n = self.x.astype(c, copy=False) * self.rstd
@@ -92,6 +93,16 @@ class ResidualRMSNorm(Function):
         if not (self.needs_grad[1] or self.needs_grad[2]):
             return gh, None, None
         if self.fast:
-            gx, gw = rmsnorm.backward(gy, self.x, self.w, self.rstd, round_gy=True)
-            return gh, gx if self.needs_grad[1] else None, gw if self.needs_grad[2] else None
+            return (gh,) + _fast_backward(self, gy, 1, round_gy=True)
         return (gh,) + self.norm.backward(gy.astype(self.x_dtype, copy=False))
+
+
+def _fast_backward(fn, gy, first, round_gy=False):
+    """(dx, dw) of the fused kernel for fn's inputs first (x) and first + 1 (w). Where the engine
+    offers a target the kernel can write (the residual stream's gradient from its other use, a
+    float32 weight-gradient buffer), the kernel adds into it and the slot says ADDED."""
+    into = [fn.grad_target(first + i) if fn.needs_grad[first + i] else None for i in (0, 1)]
+    into = [t if rmsnorm.accepts_target(t, like) else None for t, like in zip(into, (fn.x, fn.w))]
+    gx, gw = rmsnorm.backward(gy, fn.x, fn.w, fn.rstd, round_gy=round_gy, gx_into=into[0], dw_into=into[1])
+    return tuple(None if not fn.needs_grad[first + i] else ADDED if into[i] is not None else g
+                 for i, g in enumerate((gx, gw)))

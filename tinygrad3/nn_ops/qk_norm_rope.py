@@ -1,7 +1,7 @@
 """Attention's q/k RMSNorm, head transpose and RoPE fused (the fast path of F.qk_norm_rope)."""
 from ..backend import get_array_module
-from ..kernels import qk_norm_rope, use_fast
-from ..tensor import Function
+from ..kernels import qk_norm_rope, rmsnorm, use_fast
+from ..tensor import ADDED, Function
 from .rope import rope_tables
 
 
@@ -40,5 +40,7 @@ class QKNormRoPE(Function):
         dL/dx = r (h - n mean(h n)) and dL/dw = sum over rows of g n.
         The kernel does both steps for a row in registers: g is never written out.
         """
-        gx, gw = qk_norm_rope.backward(gy, self.x, self.w, self.cos, self.sin, self.rstd)
-        return gx if self.needs_grad[0] else None, gw if self.needs_grad[1] else None
+        into = self.grad_target(1) if self.needs_grad[1] else None
+        into = into if rmsnorm.accepts_target(into, self.w) else None  # w's float32 gradient buffer
+        gx, gw = qk_norm_rope.backward(gy, self.x, self.w, self.cos, self.sin, self.rstd, dw_into=into)
+        return gx if self.needs_grad[0] else None, None if not self.needs_grad[1] else ADDED if into is not None else gw
