@@ -6,7 +6,13 @@
 Shapes: Hq = 4 query heads, Hkv = 1 kv head, D = 256, scale 256**-0.5, for (B, T) = (16, 1024)
 and (32, 128), with window 512 (the sliding-window layers) and none (the full-attention layers).
 Sides, all float16 in and out:
-  flash_attention  our fused kernels (tinygrad3/kernels/flash_attention.py)
+  flash_attention  our fused kernels (tinygrad3/kernels/flash_attention.py), O and dO (B, Hq, T, D)
+  flash +T         the same plus what the model paid for that layout before out_layout="bthd": O
+                   transposed into a (B, T, Hq, D) copy for o_proj (kept, as o_proj saves it), and
+                   dO arriving as the transposed view of a (B, T, Hq, D) gradient (the kernels'
+                   backward copies it)
+  flash bthd       the kernels with O and dO in (B, T, Hq, D) (out_layout="bthd"): what the model
+                   runs now, no copies
   attention        our cuBLAS GEMMs + fused masked softmax (tinygrad3/kernels/attention.py)
   torch sdpa       torch.nn.functional.scaled_dot_product_attention (is_causal=True; with a
                    window, an explicit boolean mask, which rules out torch's flash backend);
@@ -22,6 +28,7 @@ Peak extra memory: the most bytes held at once during one fwd+bwd beyond the inp
 torch.cuda.max_memory_allocated for torch.
 """
 import argparse
+import functools
 import os
 import sys
 
@@ -51,16 +58,30 @@ def median_ms(run, warmup, repeats, start, end, elapsed):
     return float(np.median(times))
 
 
-def ours(cp, family, b, t, window, args):
-    """fwd ms, fwd+bwd ms, peak extra bytes of one of our families."""
+def ours(cp, side, b, t, window, args):
+    """fwd ms, fwd+bwd ms, peak extra bytes of one of our sides."""
     rng = np.random.default_rng(0)
     q = cp.asarray(rng.standard_normal((b, HQ, t, D)).astype(np.float16))
     k, v = (cp.asarray(rng.standard_normal((b, HKV, t, D)).astype(np.float16)) for _ in range(2))
     gy = cp.asarray(rng.standard_normal((b, HQ, t, D)).astype(np.float16))
+    gy_bthd = cp.ascontiguousarray(gy.transpose(0, 2, 1, 3))
     scale = D ** -0.5
-    if family == "flash_attention":
+    if side == "flash_attention":
         forward = lambda: flash_attention.forward(q, k, v, scale, window, 0)  # noqa: E731
         both = lambda: flash_attention.backward(gy, q, k, v, *forward(), scale, window, 0)  # noqa: E731
+    elif side == "flash +T":
+        def forward():
+            out, lse = flash_attention.forward(q, k, v, scale, window, 0)
+            return cp.ascontiguousarray(out.transpose(0, 2, 1, 3)), out, lse
+
+        def both():
+            copy, out, lse = forward()   # the copy lives on through the backward, as o_proj's input
+            return flash_attention.backward(gy_bthd.transpose(0, 2, 1, 3), q, k, v, out, lse, scale, window, 0), copy
+    elif side == "flash bthd":
+        forward = lambda: flash_attention.forward(q, k, v, scale, window, 0, "bthd")  # noqa: E731
+
+        def both():
+            return flash_attention.backward(gy_bthd, q, k, v, *forward(), scale, window, 0, out_layout="bthd")
     else:
         forward = lambda: attention.forward(q, k, v, scale, window, 0)  # noqa: E731
         both = lambda: attention.backward(gy, q, k, v, forward()[1], scale, window, 0)  # noqa: E731
@@ -148,8 +169,8 @@ def main():
     for row in args.rows:
         b, t = ROWS[row]
         for window in WINDOWS:
-            sides = [("flash_attention", lambda: ours(cp, "flash_attention", b, t, window, args)),
-                     ("attention", lambda: ours(cp, "attention", b, t, window, args))]
+            sides = [(side, functools.partial(ours, cp, side, b, t, window, args))
+                     for side in ("flash_attention", "flash +T", "flash bthd", "attention")]
             if torch is not None:
                 sides.append(("torch sdpa", lambda: torch_sdpa(torch, b, t, window, args)))
             for side, measure in sides:

@@ -62,12 +62,15 @@ class Gemma3Attention(Module):
         offset = 0 if cache is None else cache.position
         q = self.rotated_heads(x, self.q_proj, self.num_heads, self.q_norm, offset)
         k = self.rotated_heads(x, self.k_proj, self.num_kv_heads, self.k_norm, offset)
+        # (B, T, Hkv, D) -> (B, Hkv, T, D): a view, and with one kv head still contiguous (no copy).
         v = self.heads(x, self.v_proj, self.num_kv_heads).transpose(0, 2, 1, 3)
         if cache is None:
-            y = F.attention(q, k, v, self.scale, window=self.window)
+            # The output straight in (B, T, Hq, D), so the reshape for o_proj is a view: no transpose
+            # copy of it forward nor of its gradient backward (the flash kernels write and read it there).
+            y = F.attention(q, k, v, self.scale, window=self.window, out_layout="bthd")
         else:
-            y = cache.attend(self, q, k, v)
-        return self.o_proj(y.transpose(0, 2, 1, 3).reshape(B, T, self.num_heads * self.head_dim))
+            y = cache.attend(self, q, k, v).transpose(0, 2, 1, 3)
+        return self.o_proj(y.reshape(B, T, self.num_heads * self.head_dim))
 
 
 class Gemma3MLP(Module):

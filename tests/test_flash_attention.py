@@ -5,6 +5,8 @@ recompute and Drow identity) against the engine's reference attention, forward a
 in float64 (to rounding), float32 and float16; the tile ranges it visits against a brute-force
 mask; `supports`; and the CUDA source itself, run by the CPU emulator in tests/cuda_emulator.py
 (tensor-core fragments, shared-memory tiles, cp.async pipelining) against the reference.
+Both layouts of O and dO: (B, Hq, Tq, D) and out_layout="bthd", (B, Tq, Hq, D), whose results
+must be the first's transposed, to the bit.
 On a GPU (`gpu` marker): the kernels against the reference on random float16 inputs, the
 Gemma 3 270M shapes included, and the Attention Function with the family on against the
 reference path.
@@ -148,6 +150,47 @@ def test_window_skips_most_tiles():
     assert max(visits) == 9 and sum(visits) == 1 + 2 + 3 + 4 + 5 + 6 + 7 + 8 + 9 * 8
 
 
+def bthd(x):
+    """An output or output gradient (B, Hq, Tq, D) as a contiguous (B, Tq, Hq, D) array."""
+    return np.ascontiguousarray(backend.to_numpy(x).transpose(0, 2, 1, 3))
+
+
+@pytest.mark.parametrize("b,hq,hkv,tq,tk,d,window", CASES)
+def test_reference_bthd_is_bhtd_transposed(rng, b, hq, hkv, tq, tk, d, window):
+    """out_layout="bthd" only moves O and dO: the same numbers, O transposed, the same gradients."""
+    q, k, v, gy = inputs(rng, b, hq, hkv, tq, tk, d)
+    scale, offset = d ** -0.5, tk - tq
+    out, lse = flash.reference_forward(q, k, v, scale, window, offset)
+    out_t, lse_t = flash.reference_forward(q, k, v, scale, window, offset, "bthd")
+    assert out_t.shape == (b, tq, hq, d) and out_t.flags.c_contiguous
+    np.testing.assert_array_equal(out_t, bthd(out))
+    np.testing.assert_array_equal(lse_t, lse)
+    grads = flash.reference_backward(gy, q, k, v, out, lse, scale, window, offset)
+    grads_t = flash.reference_backward(bthd(gy), q, k, v, out_t, lse_t, scale, window, offset, "bthd")
+    for name, ours, theirs in zip("qkv", grads_t, grads):
+        np.testing.assert_array_equal(ours, theirs, err_msg=f"d{name}")
+
+
+def test_layout_errors(rng):
+    q, k, v, gy = inputs(rng, 1, 2, 1, 3, 3, 16)
+    with pytest.raises(ValueError, match="out_layout"):
+        flash.reference_forward(q, k, v, 0.25, None, 0, "tbhd")
+    with pytest.raises(ValueError, match="out_layout"):
+        flash.forward(q, k, v, 0.25, None, 0, "BTHD")
+    out, lse = flash.reference_forward(q, k, v, 0.25, None, 0)
+    with pytest.raises(ValueError, match="bthd"):  # a bhtd gradient given as bthd
+        flash.backward(gy, q, k, v, out, lse, 0.25, None, 0, out_layout="bthd")
+
+
+def test_model_v_reaches_the_kernels_without_a_copy(xp, rng):
+    """With one kv head the model's v, (B, T, 1, D) -> (B, 1, T, D), is a transposed view that is
+    still C-contiguous (an axis of length 1 has no stride to speak of), so the kernels' inputs'
+    ascontiguousarray leaves it as is."""
+    x = xp.asarray(rng.standard_normal((2, 9, 256)).astype(np.float16))
+    v = Tensor(x).reshape(2, 9, 1, 256).transpose(0, 2, 1, 3).data
+    assert v.flags.c_contiguous and xp.shares_memory(xp.ascontiguousarray(v), x)
+
+
 def test_supports():
     h = lambda *shape, dtype=np.float16: np.zeros(shape, dtype)  # noqa: E731
     assert flash.supports(h(2, 4, 8, 256), h(2, 1, 8, 256), h(2, 1, 8, 256), 512, 0)
@@ -255,6 +298,56 @@ def test_emulated_backward_computes_only_what_is_needed(emulated, rng):
     assert gq is None and gv is None and gk.shape == k.shape
 
 
+# The layout (B, Tq, Hq, D) of O and dO: batches, several heads, grouped K/V, windows, queries
+# after earlier keys, the 8-warp dK/dV split (D = 256)
+BTHD_CASES = [
+    (2, 4, 1, 37, 37, 16, 8),
+    (2, 4, 2, 5, 40, 32, 16),
+    (1, 4, 2, 130, 130, 32, None),
+    (2, 2, 1, 70, 70, 64, 3),
+    (2, 4, 1, 40, 72, 256, 24),
+    (2, 2, 1, 1, 100, 256, None),
+]
+
+
+@pytest.mark.parametrize("deferred,reverse", [(True, False), (False, True)])
+@pytest.mark.parametrize("b,hq,hkv,tq,tk,d,window", BTHD_CASES)
+def test_emulated_bthd_matches_bhtd(emulated, rng, b, hq, hkv, tq, tk, d, window, deferred, reverse):
+    """The kernels with O and dO in (B, Tq, Hq, D): the bhtd results to the bit (only addresses
+    change), and the reference attention of the engine to float16 rounding."""
+    emulated.update(deferred=deferred, reverse=reverse)
+    q, k, v, gy = inputs(rng, b, hq, hkv, tq, tk, d, gy_scale=100)
+    scale, offset = d ** -0.5, tk - tq
+    out, lse = flash.forward(q, k, v, scale, window, offset)
+    out_t, lse_t = flash.forward(q, k, v, scale, window, offset, "bthd")
+    assert out_t.shape == (b, tq, hq, d)
+    np.testing.assert_array_equal(out_t, bthd(out))
+    np.testing.assert_array_equal(lse_t, lse)
+    grads = flash.backward(gy, q, k, v, out, lse, scale, window, offset)
+    grads_t = flash.backward(bthd(gy), q, k, v, out_t, lse_t, scale, window, offset, out_layout="bthd")
+    for name, ours, theirs in zip("qkv", grads_t, grads):
+        np.testing.assert_array_equal(ours, theirs, err_msg=f"d{name}")
+    ref_out, ref_grads = engine(q, k, v, gy, scale, window, offset)
+    close(out_t, bthd(ref_out), 4e-3, "out")
+    for name, ours, theirs in zip("qkv", grads_t, ref_grads):
+        close(ours, theirs, 4e-3, f"d{name}")
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_emulated_bthd_queries_before_the_last_keys(emulated, rng, window):
+    """q_offset < Tk - Tq in the bthd layout, against the reference (in that layout)."""
+    q, k, v, gy = inputs(rng, 2, 4, 2, 20, 200, 32, gy_scale=100)
+    gy = bthd(gy)
+    out, lse = flash.forward(q, k, v, 0.3, window, 30, "bthd")
+    ro, rlse = flash.reference_forward(q, k, v, 0.3, window, 30, "bthd")
+    close(out, ro, 2e-3, "out")
+    grads = flash.backward(gy, q, k, v, out, lse, 0.3, window, 30, out_layout="bthd")
+    ref = flash.reference_backward(gy, q, k, v, ro, rlse, 0.3, window, 30, "bthd")
+    for name, ours, theirs in zip("qkv", grads, ref):
+        close(ours, theirs, 4e-3, f"d{name}")
+    assert not grads[1][:, :, 50:].any() and not grads[2][:, :, 50:].any()
+
+
 # ----- GPU: the kernels against the reference; the fast path against the reference path -------
 
 GPU_CASES = CASES + [
@@ -282,6 +375,34 @@ def test_flash_kernels(gpu_xp, rng, b, hq, hkv, tq, tk, d, window):
     for name, ours, ref in zip("qkv", grads, flash.reference_backward(gy, q, k, v, ro, rlse, scale, window, offset)):
         assert ours.dtype == np.float16, name
         close(ours, ref, 4e-3, f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,hq,hkv,tq,tk,d,window", GPU_CASES + [(3, 4, 1, 1024, 1024, 256, 512)])
+def test_flash_kernels_bthd(gpu_xp, rng, b, hq, hkv, tq, tk, d, window):
+    """O and dO in (B, Tq, Hq, D): against the reference in that layout, and to the bit against
+    the kernels in (B, Hq, Tq, D)."""
+    cp = gpu_xp
+    q, k, v, gy = inputs(rng, b, hq, hkv, tq, tk, d, gy_scale=100)
+    gy_t = bthd(gy)
+    scale, offset = d ** -0.5, tk - tq
+    qkv = [cp.asarray(a) for a in (q, k, v)]
+    poison(cp, (q.shape, np.float16), (q.shape[:3], np.float32))
+    out, lse = flash.forward(*qkv, scale, window, offset, "bthd")
+    ro, rlse = flash.reference_forward(q, k, v, scale, window, offset, "bthd")
+    assert out.shape == (b, tq, hq, d) and out.flags.c_contiguous
+    close(out, ro, 2e-3, "out")
+    close(lse, rlse, 1e-5, "lse")
+    poison(cp, (q.shape, np.float16), (k.shape, np.float16), (v.shape, np.float16))
+    grads = flash.backward(cp.asarray(gy_t), *qkv, out, lse, scale, window, offset, out_layout="bthd")
+    ref = flash.reference_backward(gy_t, q, k, v, ro, rlse, scale, window, offset, "bthd")
+    for name, ours, theirs in zip("qkv", grads, ref):
+        close(ours, theirs, 4e-3, f"d{name}")
+    out_h, lse_h = flash.forward(*qkv, scale, window, offset)
+    np.testing.assert_array_equal(backend.to_numpy(out), bthd(out_h))
+    grads_h = flash.backward(cp.asarray(gy), *qkv, out_h, lse_h, scale, window, offset)
+    for name, ours, theirs in zip("qkv", grads, grads_h):
+        np.testing.assert_array_equal(backend.to_numpy(ours), backend.to_numpy(theirs), err_msg=f"d{name}")
 
 
 @pytest.mark.gpu
@@ -322,6 +443,38 @@ def test_flash_fast_path_equals_reference_path(gpu_xp, rng, b, hq, hkv, tq, tk, 
     with fast(True, families=("flash_attention",)):
         kernel, out, grads = run()
     assert kernel is flash
+    close(out, ref_out, 4e-3, "out")
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert g.dtype == np.float16 and g.shape == rg.shape, name
+        close(g, rg, 5e-3, f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("families", [("flash_attention",), ("attention",)])
+@pytest.mark.parametrize("b,hq,hkv,tq,tk,d,window", [(2, 4, 1, 37, 37, 16, 8), (1, 4, 2, 5, 40, 32, None),
+                                                      (2, 4, 1, 1024, 1024, 256, 512),
+                                                      (2, 4, 1, 1024, 1024, 256, None)])
+def test_fast_path_bthd_equals_reference_path(gpu_xp, rng, families, b, hq, hkv, tq, tk, d, window):
+    """F.attention(..., out_layout="bthd") on a fast family against the reference path in the
+    same layout, forward and gradients; v a transposed view as the model gives it."""
+    cp = gpu_xp
+    q, k, _, gy = (cp.asarray(a) for a in inputs(rng, b, hq, hkv, tq, tk, d))
+    gy = cp.ascontiguousarray(gy.transpose(0, 2, 1, 3))
+    v = cp.asarray(rng.standard_normal((b, tk, hkv, d)).astype(np.float16)).transpose(0, 2, 1, 3)
+
+    def run():
+        tensors = [Tensor(a, requires_grad=True) for a in (q, k, v)]
+        out = F.attention(*tensors, d ** -0.5, window=window, q_offset=tk - tq, out_layout="bthd")
+        kernel = out._creator.kernel
+        out.backward(gy)
+        return kernel, out.data, [t.grad for t in tensors]
+
+    with fast(False):
+        _, ref_out, ref_grads = run()
+    with fast(True, families=families):
+        kernel, out, grads = run()
+    assert kernel is (flash if families == ("flash_attention",) else attention)
+    assert out.shape == (b, tq, hq, d) and out.flags.c_contiguous
     close(out, ref_out, 4e-3, "out")
     for name, g, rg in zip("qkv", grads, ref_grads):
         assert g.dtype == np.float16 and g.shape == rg.shape, name

@@ -318,6 +318,21 @@ def test_attention_partial_gradients(xp, rng):
         assert all(t.grad is None for j, t in enumerate(one) if j != i)
 
 
+@pytest.mark.parametrize("window, q_offset, tk", [(None, None, 5), (3, None, 5), (2, 1, 6), (None, 3, 7)])
+def test_attention_bthd(xp, torch, rng, window, q_offset, tk):
+    """out_layout="bthd": the output (B, Tq, Hq, D), contiguous, the default one transposed."""
+    arrays = attention_inputs(rng, 2, 4, 2, 3, 3, tk=tk)
+    fn = lambda q, k, v: F.attention(q, k, v, 0.5, window=window, q_offset=q_offset, out_layout="bthd")  # noqa: E731
+    check_grad(xp, fn, arrays)
+    theirs = torch_attention(torch, 0.5, window, q_offset)
+    compare_with_torch(torch, xp, fn, lambda q, k, v: theirs(q, k, v).transpose(1, 2), arrays)
+    q, k, v = (Tensor(xp.asarray(a)) for a in arrays)
+    out = fn(q, k, v).data
+    assert out.shape == (2, 3, 4, 3) and out.flags.c_contiguous
+    default = host(F.attention(q, k, v, 0.5, window=window, q_offset=q_offset))
+    np.testing.assert_array_equal(to_numpy(out), default.transpose(0, 2, 1, 3))
+
+
 def test_attention_errors(xp, rng):
     q, k, v = (Tensor(xp.asarray(a)) for a in attention_inputs(rng, 1, 3, 2, 4, 2))
     with pytest.raises(ValueError, match="multiple"):
@@ -325,6 +340,9 @@ def test_attention_errors(xp, rng):
     q, k, v = (Tensor(xp.asarray(a)) for a in attention_inputs(rng, 1, 2, 1, 4, 2, tk=3))
     with pytest.raises(ValueError, match="only 3"):
         F.attention(q, k, v, 1.0)
+    q, k, v = (Tensor(xp.asarray(a)) for a in attention_inputs(rng, 1, 2, 1, 4, 2))
+    with pytest.raises(ValueError, match="out_layout"):
+        F.attention(q, k, v, 1.0, out_layout="BTHD")
 
 
 # ----- linear and rms_norm with one input frozen -------------------------------------------

@@ -99,13 +99,16 @@ def qk_norm_rope(x, weight, eps, base, offset=0):
     return rope(rms_norm(x, weight, eps).transpose(0, 2, 1, 3), base, offset)
 
 
-def attention(q, k, v, scale, window=None, q_offset=None):
+def attention(q, k, v, scale, window=None, q_offset=None, out_layout="bhtd"):
     """Causal softmax attention: q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D) -> (B, Hq, Tq, D).
 
     Hq must be a multiple of Hkv; query head h uses kv head h // (Hq / Hkv). Query i sits at
     absolute position q_offset + i (default Tk - Tq: the queries are the last Tq positions,
     as in KV-cache generation) and sees keys j <= its position; with `window=W` only keys
     with position - W < j. Scores and softmax in float32; output in q's dtype.
+    out_layout="bthd" returns the output as a contiguous (B, Tq, Hq, D) array instead (the same
+    values, transposed), ready to reshape into (B, Tq, Hq*D) for the output projection; the
+    flash kernels write it there directly, with no transpose either way.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention: q, k, v must be (B, H, T, D), got {q.shape}, {k.shape}, {v.shape}")
@@ -120,7 +123,10 @@ def attention(q, k, v, scale, window=None, q_offset=None):
                          f"0..{q_offset + tq - 1}, but there are only {tk}")
     if window is not None and window < 1:
         raise ValueError(f"attention window must be >= 1, got {window}")
-    return Attention(scale, window, q_offset)(q, k, v)
+    if out_layout not in ("bhtd", "bthd"):
+        raise ValueError(f'attention: out_layout must be "bhtd" (B, Hq, Tq, D) or "bthd" (B, Tq, Hq, D), '
+                         f"got {out_layout!r}")
+    return Attention(scale, window, q_offset, out_layout)(q, k, v)
 
 
 def gelu_tanh(x):

@@ -4,6 +4,14 @@ Shapes as F.attention: q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D), float16; query
 head h // G, G = Hq / Hkv. Query row i sits at absolute position pos = q_offset + i and sees keys
 j with lo <= j <= pos, lo = max(0, pos - window + 1) with a window, else 0. S = scale Q K^T.
 
+The output O and its gradient dO are (B, Hq, Tq, D) too, or with out_layout="bthd" (B, Tq, Hq, D),
+the layout the output projection wants (reshaped to (B, Tq, Hq D) for free): the forward writes O
+there and the backward reads O and dO there, so the model needs no transpose copy either way. Every
+kernel touches O and dO one row (query position) of one head at a time, so the layout is only an
+address: row t of head h of batch b starts at b Hq Tq D + h ohs + t ots halves, (ohs, ots) =
+(Tq D, D) or (D, Hq D), passed as kernel arguments (o_head in SOURCE). All else (Q, K, V, L, Drow,
+dQ, dK, dV) stays (B, H, T, .).
+
 What the `attention` family (attention.py) does with cuBLAS, S and P = softmax(S) as whole
 (G Tq x Tk) matrices in memory, is done here tile by tile in on-chip memory: a block takes a
 tile of queries and streams the key tiles past it, or a tile of keys and streams the query
@@ -230,15 +238,16 @@ __device__ __forceinline__ bool all_visible(int i0, int rows, int j0, int keys, 
            (window <= 0 || j0 > q_offset + i0 + rows - 1 - window);
 }
 
-// Rows [row0, row0 + ROWS) of a row-major (n, D) float16 matrix into a padded shared tile,
-// asynchronously; rows at or past n become zeros (so a partial tile adds nothing, not NaN).
+// Rows [row0, row0 + ROWS) of an (n, D) float16 matrix whose rows start `stride` halves apart
+// (HEAD_DIM: row-major) into a padded shared tile, asynchronously; rows at or past n become zeros
+// (so a partial tile adds nothing, not NaN).
 template <int ROWS, int NTHREADS>
-__device__ __forceinline__ void load_tile(half_t* dst, const half_t* src, int row0, int n) {
+__device__ __forceinline__ void load_tile(half_t* dst, const half_t* src, int row0, int n, int stride) {
     constexpr int CHUNKS = HEAD_DIM / 8;
     for (int c = threadIdx.x; c < ROWS * CHUNKS; c += NTHREADS) {
         const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
         const bool valid = row0 + r < n;
-        cp_async16(dst + r * SROW + col, src + (size_t)(valid ? row0 + r : 0) * HEAD_DIM + col, valid);
+        cp_async16(dst + r * SROW + col, src + (size_t)(valid ? row0 + r : 0) * stride + col, valid);
     }
 }
 
@@ -304,14 +313,23 @@ __device__ __forceinline__ void stage(half_t* dst, const float c[][4], float f0,
     }
 }
 
-// Copies rows [0, rows) of a shared tile to a row-major (., D) global matrix at `dst`,
-// 16 bytes at a time, with `nthreads` threads starting at thread `first`.
-__device__ __forceinline__ void store_rows(half_t* dst, const half_t* src, int rows, int first, int nthreads) {
+// Copies rows [0, rows) of a shared tile to a global (., D) matrix at `dst` whose rows start
+// `stride` halves apart, 16 bytes at a time, with `nthreads` threads starting at thread `first`.
+__device__ __forceinline__ void store_rows(half_t* dst, const half_t* src, int rows, int first, int nthreads,
+                                           int stride) {
     constexpr int CHUNKS = HEAD_DIM / 8;
     for (int c = first; c < rows * CHUNKS; c += nthreads) {
         const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
-        *(chunk16*)(dst + (size_t)r * HEAD_DIM + col) = *(const chunk16*)(src + r * SROW + col);
+        *(chunk16*)(dst + (size_t)r * stride + col) = *(const chunk16*)(src + r * SROW + col);
     }
+}
+
+// O and dO share one layout, (B, Hq, Tq, D) or (B, Tq, Hq, D), given to the kernels as two
+// strides in halves: row t of head h of batch b starts at b Hq Tq D + h ohs + t ots, with
+// (ohs, ots) = (Tq D, D) in the first layout and (D, Hq D) in the second (a batch is Hq Tq D
+// halves in both). Q, K, V, L, Drow and the gradients dQ, dK, dV are always (B, H, T, .).
+__device__ __forceinline__ size_t o_head(int b, int h, int hq, int tq, int ohs) {
+    return (size_t)b * hq * tq * HEAD_DIM + (size_t)h * ohs;
 }
 
 // Max and sum over the 4 lanes that share a row of an accumulator tile.
@@ -335,7 +353,7 @@ __device__ __forceinline__ float quad_sum(float x) {
 extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1)
 flash_fwd(const half_t* __restrict__ q, const half_t* __restrict__ k, const half_t* __restrict__ v,
           half_t* __restrict__ o, float* __restrict__ lse, int hq, int hkv, int tq, int tk, int q_offset,
-          int window, float scale) {
+          int window, float scale, int ohs, int ots) {
     extern __shared__ __align__(16) unsigned char smem[];
     half_t* sq = (half_t*)smem;
     half_t* sk = sq + FWD_BQ * SROW;
@@ -343,7 +361,7 @@ flash_fwd(const half_t* __restrict__ q, const half_t* __restrict__ k, const half
     const int h = blockIdx.x, b = blockIdx.y, tile = gridDim.z - 1 - blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int i0 = tile * FWD_BQ;
-    const size_t qrow0 = (size_t)(b * hq + h) * tq;                  // row of (b, h, 0) in q, o, lse
+    const size_t qrow0 = (size_t)(b * hq + h) * tq;                  // row of (b, h, 0) in q, lse
     const size_t krow0 = (size_t)(b * hkv + h / (hq / hkv)) * tk;    // row of (b, kv head, 0) in k, v
     const half_t* kb = k + krow0 * HEAD_DIM;
     const half_t* vb = v + krow0 * HEAD_DIM;
@@ -353,11 +371,11 @@ flash_fwd(const half_t* __restrict__ q, const half_t* __restrict__ k, const half
     const int jhi = q_offset + min(i0 + FWD_BQ, tq) - 1;
     const int jt0 = jlo / FWD_BK, jt1 = jhi / FWD_BK;
 
-    load_tile<FWD_BQ, FWD_THREADS>(sq, q + qrow0 * HEAD_DIM, i0, tq);
+    load_tile<FWD_BQ, FWD_THREADS>(sq, q + qrow0 * HEAD_DIM, i0, tq, HEAD_DIM);
     cp_async_commit();
-    load_tile<FWD_BK, FWD_THREADS>(sk, kb, jt0 * FWD_BK, tk);
+    load_tile<FWD_BK, FWD_THREADS>(sk, kb, jt0 * FWD_BK, tk, HEAD_DIM);
     cp_async_commit();
-    load_tile<FWD_BK, FWD_THREADS>(sv, vb, jt0 * FWD_BK, tk);
+    load_tile<FWD_BK, FWD_THREADS>(sv, vb, jt0 * FWD_BK, tk, HEAD_DIM);
     cp_async_commit();
 
     const float c = scale * LOG2E;
@@ -377,7 +395,7 @@ flash_fwd(const half_t* __restrict__ q, const half_t* __restrict__ k, const half
         for (int n = 0; n < FWD_BK / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
         mma_abt<FWD_BK / 8, HEAD_DIM / 16>(s, sq + warp * 16 * SROW, sk, lane);
         __syncthreads();      // every warp is done with K(j)
-        if (jt < jt1) load_tile<FWD_BK, FWD_THREADS>(sk, kb, j0 + FWD_BK, tk);
+        if (jt < jt1) load_tile<FWD_BK, FWD_THREADS>(sk, kb, j0 + FWD_BK, tk, HEAD_DIM);
         cp_async_commit();    // (an empty group on the last tile keeps the wait counts right)
 
         // Scores in base 2, -inf where masked (tiles inside the mask skip the test).
@@ -421,7 +439,7 @@ flash_fwd(const half_t* __restrict__ q, const half_t* __restrict__ k, const half
         __syncthreads();
         mma_pb<HEAD_DIM / 8, FWD_BK / 16>(acc, s, sv, lane);
         __syncthreads();      // every warp is done with V(j)
-        if (jt < jt1) load_tile<FWD_BK, FWD_THREADS>(sv, vb, j0 + FWD_BK, tk);
+        if (jt < jt1) load_tile<FWD_BK, FWD_THREADS>(sv, vb, j0 + FWD_BK, tk, HEAD_DIM);
         cp_async_commit();
     }
 
@@ -434,18 +452,23 @@ flash_fwd(const half_t* __restrict__ q, const half_t* __restrict__ k, const half
     stage<HEAD_DIM / 8>(so, acc, 1.f / l[0], 1.f / l[1], lane);
     __syncwarp();
     const int rows = min(16, tq - (i0 + warp * 16));
-    if (rows > 0) store_rows(o + (qrow0 + i0 + warp * 16) * HEAD_DIM, so, rows, lane, 32);
+    if (rows > 0) store_rows(o + o_head(b, h, hq, tq, ohs) + (size_t)(i0 + warp * 16) * ots, so, rows, lane, 32,
+                             ots);
 }
 
 // ----- backward: Drow = rowsum(dO * O) ----------------------------------------------------------
-// One warp per row of the (rows, D) matrices gy and o.
+// One warp per entry r = (b Hq + h) Tq + t of drow (B, Hq, Tq), reading row t of head h of batch
+// b of gy and o (layout: o_head).
 extern "C" __global__ void flash_bwd_drow(const half_t* __restrict__ gy, const half_t* __restrict__ o,
-                                          float* __restrict__ drow, long long rows) {
+                                          float* __restrict__ drow, long long rows, int hq, int tq, int ohs,
+                                          int ots) {
     const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (r >= rows) return;   // the whole warp leaves together
+    const long long bh = r / tq;
+    const size_t row = o_head((int)(bh / hq), (int)(bh % hq), hq, tq, ohs) + (size_t)(r % tq) * ots;
     float s = 0.f;
-    for (int c = lane; c < HEAD_DIM; c += 32) s += h2f(gy[r * HEAD_DIM + c]) * h2f(o[r * HEAD_DIM + c]);
+    for (int c = lane; c < HEAD_DIM; c += 32) s += h2f(gy[row + c]) * h2f(o[row + c]);
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
     if (lane == 0) drow[r] = s;
 }
@@ -460,7 +483,8 @@ extern "C" __global__ void flash_bwd_drow(const half_t* __restrict__ gy, const h
 extern "C" __global__ void __launch_bounds__(DQ_THREADS, 1)
 flash_bwd_dq(const half_t* __restrict__ q, const half_t* __restrict__ k, const half_t* __restrict__ v,
              const half_t* __restrict__ gy, const float* __restrict__ lse, const float* __restrict__ drow,
-             half_t* __restrict__ dq, int hq, int hkv, int tq, int tk, int q_offset, int window, float scale) {
+             half_t* __restrict__ dq, int hq, int hkv, int tq, int tk, int q_offset, int window, float scale,
+             int ohs, int ots) {
     extern __shared__ __align__(16) unsigned char smem[];
     half_t* sq = (half_t*)smem;
     half_t* sdo = sq + DQ_BQ * SROW;
@@ -477,11 +501,11 @@ flash_bwd_dq(const half_t* __restrict__ q, const half_t* __restrict__ k, const h
     const int jhi = q_offset + min(i0 + DQ_BQ, tq) - 1;
     const int jt0 = jlo / DQ_BK, jt1 = jhi / DQ_BK;
 
-    load_tile<DQ_BQ, DQ_THREADS>(sq, q + qrow0 * HEAD_DIM, i0, tq);
-    load_tile<DQ_BQ, DQ_THREADS>(sdo, gy + qrow0 * HEAD_DIM, i0, tq);
-    load_tile<DQ_BK, DQ_THREADS>(sk, kb, jt0 * DQ_BK, tk);
+    load_tile<DQ_BQ, DQ_THREADS>(sq, q + qrow0 * HEAD_DIM, i0, tq, HEAD_DIM);
+    load_tile<DQ_BQ, DQ_THREADS>(sdo, gy + o_head(b, h, hq, tq, ohs), i0, tq, ots);
+    load_tile<DQ_BK, DQ_THREADS>(sk, kb, jt0 * DQ_BK, tk, HEAD_DIM);
     cp_async_commit();
-    load_tile<DQ_BK, DQ_THREADS>(sv, vb, jt0 * DQ_BK, tk);
+    load_tile<DQ_BK, DQ_THREADS>(sv, vb, jt0 * DQ_BK, tk, HEAD_DIM);
     cp_async_commit();
 
     const float c = scale * LOG2E;
@@ -523,9 +547,9 @@ flash_bwd_dq(const half_t* __restrict__ q, const half_t* __restrict__ k, const h
             for (int e = 0; e < 4; ++e) p[n][e] = p[n][e] * (dp[n][e] - dr[e >> 1]) * scale;   // dS
         mma_pb<HEAD_DIM / 8, DQ_BK / 16>(acc, p, sk, lane);
         __syncthreads();      // every warp is done with K(j) and V(j)
-        if (jt < jt1) load_tile<DQ_BK, DQ_THREADS>(sk, kb, j0 + DQ_BK, tk);
+        if (jt < jt1) load_tile<DQ_BK, DQ_THREADS>(sk, kb, j0 + DQ_BK, tk, HEAD_DIM);
         cp_async_commit();
-        if (jt < jt1) load_tile<DQ_BK, DQ_THREADS>(sv, vb, j0 + DQ_BK, tk);
+        if (jt < jt1) load_tile<DQ_BK, DQ_THREADS>(sv, vb, j0 + DQ_BK, tk, HEAD_DIM);
         cp_async_commit();
     }
 
@@ -533,16 +557,16 @@ flash_bwd_dq(const half_t* __restrict__ q, const half_t* __restrict__ k, const h
     stage<HEAD_DIM / 8>(so, acc, 1.f, 1.f, lane);
     __syncwarp();
     const int rows = min(16, tq - (i0 + warp * 16));
-    if (rows > 0) store_rows(dq + (qrow0 + i0 + warp * 16) * HEAD_DIM, so, rows, lane, 32);
+    if (rows > 0) store_rows(dq + (qrow0 + i0 + warp * 16) * HEAD_DIM, so, rows, lane, 32, HEAD_DIM);
 }
 
 // The Q and dO tiles and the L and Drow entries of query rows [i0, i0 + KV_BQ) of head h.
 __device__ __forceinline__ void load_step(half_t* sq, half_t* sdo, float* sl, float* sd, const half_t* q,
                                           const half_t* gy, const float* lse, const float* drow, int b, int hq,
-                                          int tq, int h, int i0) {
+                                          int tq, int ohs, int ots, int h, int i0) {
     const size_t qrow0 = (size_t)(b * hq + h) * tq;
-    load_tile<KV_BQ, KV_THREADS>(sq, q + qrow0 * HEAD_DIM, i0, tq);
-    load_tile<KV_BQ, KV_THREADS>(sdo, gy + qrow0 * HEAD_DIM, i0, tq);
+    load_tile<KV_BQ, KV_THREADS>(sq, q + qrow0 * HEAD_DIM, i0, tq, HEAD_DIM);
+    load_tile<KV_BQ, KV_THREADS>(sdo, gy + o_head(b, h, hq, tq, ohs), i0, tq, ots);
     load_row_stats<KV_BQ, KV_THREADS>(sl, lse + qrow0, i0, tq);
     load_row_stats<KV_BQ, KV_THREADS>(sd, drow + qrow0, i0, tq);
 }
@@ -563,7 +587,7 @@ extern "C" __global__ void __launch_bounds__(KV_THREADS, 1)
 flash_bwd_dkdv(const half_t* __restrict__ q, const half_t* __restrict__ k, const half_t* __restrict__ v,
                const half_t* __restrict__ gy, const float* __restrict__ lse, const float* __restrict__ drow,
                half_t* __restrict__ dk, half_t* __restrict__ dv, int hq, int hkv, int tq, int tk,
-               int q_offset, int window, float scale) {
+               int q_offset, int window, float scale, int ohs, int ots) {
     extern __shared__ __align__(16) unsigned char smem[];
     half_t* sk = (half_t*)smem;
     half_t* sv = sk + KV_BK * SROW;
@@ -592,8 +616,8 @@ flash_bwd_dkdv(const half_t* __restrict__ q, const half_t* __restrict__ k, const
     const int steps = group * tiles;   // (query head, query tile) pairs, head by head
 
     if (steps > 0) {
-        load_tile<KV_BK, KV_THREADS>(sk, k + krow0 * HEAD_DIM, j0, tk);
-        load_tile<KV_BK, KV_THREADS>(sv, v + krow0 * HEAD_DIM, j0, tk);
+        load_tile<KV_BK, KV_THREADS>(sk, k + krow0 * HEAD_DIM, j0, tk, HEAD_DIM);
+        load_tile<KV_BK, KV_THREADS>(sv, v + krow0 * HEAD_DIM, j0, tk, HEAD_DIM);
     }
     const float c = scale * LOG2E;
     const int key = j0 + slice * 16 + (lane >> 2), col = (lane & 3) * 2;   // rows key, key + 8
@@ -605,7 +629,7 @@ flash_bwd_dkdv(const half_t* __restrict__ q, const half_t* __restrict__ k, const
 
     // Step s works on query tile it0 + s % tiles of query head kvh * group + s / tiles, in buffer
     // s & 1; the tiles of step s + 1 are loaded while step s runs.
-    if (steps > 0) load_step(sq, sdo, sl, sd, q, gy, lse, drow, b, hq, tq, kvh * group, it0 * KV_BQ);
+    if (steps > 0) load_step(sq, sdo, sl, sd, q, gy, lse, drow, b, hq, tq, ohs, ots, kvh * group, it0 * KV_BQ);
     cp_async_commit();
     int h = kvh * group, it = it0;   // of the current step
     for (int step = 0; step < steps; ++step) {
@@ -613,7 +637,7 @@ flash_bwd_dkdv(const half_t* __restrict__ q, const half_t* __restrict__ k, const
         const int nh = it + 1 - it0 < tiles ? h : h + 1, nit = it + 1 - it0 < tiles ? it + 1 : it0;
         if (step + 1 < steps)
             load_step(sq + (buf ^ 1) * KV_BQ * SROW, sdo + (buf ^ 1) * KV_BQ * SROW, sl + (buf ^ 1) * KV_BQ,
-                      sd + (buf ^ 1) * KV_BQ, q, gy, lse, drow, b, hq, tq, nh, nit * KV_BQ);
+                      sd + (buf ^ 1) * KV_BQ, q, gy, lse, drow, b, hq, tq, ohs, ots, nh, nit * KV_BQ);
         cp_async_commit();
         cp_async_wait<1>();   // this step's tiles (and K, V) have landed
         __syncthreads();
@@ -679,8 +703,8 @@ flash_bwd_dkdv(const half_t* __restrict__ q, const half_t* __restrict__ k, const
     stage<KV_DP / 8>(sv + slice * 16 * SROW + part * KV_DP, adv, 1.f, 1.f, lane);
     __syncthreads();
     const int rows = min(KV_BK, tk - j0);
-    store_rows(dk + (krow0 + j0) * HEAD_DIM, sk, rows, threadIdx.x, KV_THREADS);
-    store_rows(dv + (krow0 + j0) * HEAD_DIM, sv, rows, threadIdx.x, KV_THREADS);
+    store_rows(dk + (krow0 + j0) * HEAD_DIM, sk, rows, threadIdx.x, KV_THREADS, HEAD_DIM);
+    store_rows(dv + (krow0 + j0) * HEAD_DIM, sv, rows, threadIdx.x, KV_THREADS, HEAD_DIM);
 }
 """
 
@@ -731,28 +755,51 @@ def _window(window, tk):
     return 0 if window is None or window >= tk else window
 
 
-def forward(q, k, v, scale, window, q_offset):
-    """(O, L): the output (B, Hq, Tq, D) float16 and the row logsumexp (B, Hq, Tq) float32."""
+LAYOUTS = ("bhtd", "bthd")
+
+
+def out_shape(b, h, t, d, out_layout):
+    """Shape of O (and dO) in `out_layout`: "bhtd" (B, Hq, Tq, D) or "bthd" (B, Tq, Hq, D)."""
+    if out_layout not in LAYOUTS:
+        raise ValueError(f"out_layout must be one of {LAYOUTS}, got {out_layout!r}")
+    return (b, h, t, d) if out_layout == "bhtd" else (b, t, h, d)
+
+
+def _o_strides(hq, tq, d, out_layout):
+    """The kernels' (ohs, ots): halves from one head of O and dO to the next and from one row
+    (query position) to the next; see o_head in SOURCE."""
+    return _ints(tq * d, d) if out_layout == "bhtd" else _ints(d, hq * d)
+
+
+def forward(q, k, v, scale, window, q_offset, out_layout="bhtd"):
+    """(O, L): the output float16, (B, Hq, Tq, D), or (B, Tq, Hq, D) with out_layout="bthd"
+    (written there directly), and the row logsumexp (B, Hq, Tq) float32."""
     xp = backend.get_array_module(q)
     q, k, v = (xp.ascontiguousarray(a) for a in (q, k, v))
     (b, hq, tq, d), (hkv, tk) = q.shape, k.shape[1:3]
-    out = xp.empty(q.shape, np.float16)
+    out = xp.empty(out_shape(b, hq, tq, d, out_layout), np.float16)
     lse = xp.empty((b, hq, tq), np.float32)
     _launch(d, "flash_fwd", (hq, b, -(-tq // FWD_BQ)), FWD_THREADS,
-            (q, k, v, out, lse) + _ints(hq, hkv, tq, tk, q_offset, _window(window, tk)) + (np.float32(scale),))
+            (q, k, v, out, lse) + _ints(hq, hkv, tq, tk, q_offset, _window(window, tk)) + (np.float32(scale),)
+            + _o_strides(hq, tq, d, out_layout))
     return out, lse
 
 
-def backward(gy, q, k, v, out, lse, scale, window, q_offset, needs_grad=(True, True, True)):
+def backward(gy, q, k, v, out, lse, scale, window, q_offset, needs_grad=(True, True, True), out_layout="bhtd"):
     """(dQ, dK, dV) float16, None where `needs_grad` says no gradient is wanted; out and lse are
-    the forward's. Arrays of any layout (the kernels read C-contiguous copies)."""
+    the forward's, gy and out in its `out_layout`. Arrays of any strides (the kernels read
+    C-contiguous copies: no copy for the usual contiguous inputs)."""
     xp = backend.get_array_module(q)
     gy, q, k, v, out = (xp.ascontiguousarray(a) for a in (gy, q, k, v, out))
     (b, hq, tq, d), (hkv, tk) = q.shape, k.shape[1:3]
-    sizes = _ints(hq, hkv, tq, tk, q_offset, _window(window, tk)) + (np.float32(scale),)
+    if gy.shape != out_shape(b, hq, tq, d, out_layout) or out.shape != gy.shape:
+        raise ValueError(f"flash backward: gy {gy.shape} and out {out.shape} are not {out_layout} for q {q.shape}")
+    strides = _o_strides(hq, tq, d, out_layout)
+    sizes = _ints(hq, hkv, tq, tk, q_offset, _window(window, tk)) + (np.float32(scale),) + strides
     drow = xp.empty(lse.shape, np.float32)
     rows = b * hq * tq
-    _launch(d, "flash_bwd_drow", (-(-rows // DROW_ROWS),), 32 * DROW_ROWS, (gy, out, drow, np.int64(rows)))
+    _launch(d, "flash_bwd_drow", (-(-rows // DROW_ROWS),), 32 * DROW_ROWS,
+            (gy, out, drow, np.int64(rows)) + _ints(hq, tq) + strides)
     gq = gk = gv = None
     if needs_grad[0]:
         gq = xp.empty(q.shape, np.float16)
@@ -811,16 +858,22 @@ def _kv_heads(x, hq):
     return x[:, np.arange(hq) // (hq // x.shape[1])]
 
 
-def reference_forward(q, k, v, scale, window, q_offset):
+def _as_bhtd(x, out_layout):
+    """O or dO in `out_layout` viewed as (B, Hq, Tq, D) (the kernels' o_head strides)."""
+    return x if out_layout == "bhtd" else x.transpose(0, 2, 1, 3)
+
+
+def reference_forward(q, k, v, scale, window, q_offset, out_layout="bhtd"):
     """(O, L) as flash_fwd computes them: per query tile, the online softmax over its visible
-    key tiles, in base 2."""
+    key tiles, in base 2; O written in `out_layout` as the kernel writes it."""
     c = _compute_dtype(q.dtype)
     rnd = lambda x: x.astype(q.dtype).astype(c)  # noqa: E731  (an operand of a float16 product)
     (b, hq, tq, d), tk = q.shape, k.shape[2]
     kh, vh = _kv_heads(k, hq), _kv_heads(v, hq)
     log2e = c.type(np.log2(np.e))
     cs = c.type(scale) * log2e
-    out = np.empty(q.shape, q.dtype)
+    result = np.empty(out_shape(b, hq, tq, d, out_layout), q.dtype)
+    out = _as_bhtd(result, out_layout)   # a view: tiles land in the layout's rows
     lse = np.empty((b, hq, tq), c)
     for i0 in range(0, tq, FWD_BQ):
         i1 = min(i0 + FWD_BQ, tq)
@@ -841,11 +894,12 @@ def reference_forward(q, k, v, scale, window, q_offset):
             m = m_new
         out[:, :, i0:i1] = (acc * (1 / l)[..., None]).astype(q.dtype)
         lse[:, :, i0:i1] = (m + np.log2(l)) / log2e
-    return out, lse
+    return result, lse
 
 
-def reference_backward(gy, q, k, v, out, lse, scale, window, q_offset):
-    """(dQ, dK, dV) as the three backward kernels compute them."""
+def reference_backward(gy, q, k, v, out, lse, scale, window, q_offset, out_layout="bhtd"):
+    """(dQ, dK, dV) as the three backward kernels compute them; gy and out in `out_layout`."""
+    gy, out = _as_bhtd(gy, out_layout), _as_bhtd(out, out_layout)
     c = _compute_dtype(q.dtype)
     rnd = lambda x: x.astype(q.dtype).astype(c)  # noqa: E731
     (b, hq, tq, d), (hkv, tk) = q.shape, k.shape[1:3]

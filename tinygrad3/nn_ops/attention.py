@@ -28,23 +28,33 @@ class Attention(Function):
     Q (B, Hq, Tq, D) is viewed as (B, Hkv, G*Tq, D) with G = Hq / Hkv: the G query heads
     that share a kv head become rows of one matrix, so a single batched matmul per kv
     head serves them all and K, V are never repeated.
+
+    O is (B, Hq, Tq, D), or (B, Tq, Hq, D) with out_layout="bthd": the flash kernels write and
+    read it there directly; the other paths compute (B, Hq, Tq, D) and transpose it into a
+    contiguous copy (and the incoming gradient back, a view).
     """
 
-    def __init__(self, scale, window, q_offset):
-        self.scale, self.window, self.q_offset = scale, window, q_offset
+    def __init__(self, scale, window, q_offset, out_layout="bhtd"):
+        self.scale, self.window, self.q_offset, self.out_layout = scale, window, q_offset, out_layout
+
+    def _in_layout(self, out):
+        """The (B, Hq, Tq, D) output in out_layout."""
+        if self.out_layout == "bhtd":
+            return out
+        return get_array_module(out).ascontiguousarray(out.transpose(0, 2, 1, 3))
 
     def forward(self, q, k, v):
         if use_fast("flash_attention", q, k, v) and flash.supports(q, k, v, self.window, self.q_offset):
             # fused flash kernels: saves the output and the row logsumexp, no T x T matrix
             self.kernel = flash
-            out, self.lse = flash.forward(q, k, v, self.scale, self.window, self.q_offset)
+            out, self.lse = flash.forward(q, k, v, self.scale, self.window, self.q_offset, self.out_layout)
             self.q, self.k, self.v, self.out = q, k, v, out
             return out
         if use_fast("attention", q, k, v):  # tensor-core GEMMs + fused masked softmax, saves P
             self.kernel = fused
             out, self.p = fused.forward(q, k, v, self.scale, self.window, self.q_offset)
             self.q, self.k, self.v = q, k, v
-            return out
+            return self._in_layout(out)
         self.kernel = None
         xp, c = get_array_module(q), compute_dtype(q.dtype)
         b, hq, tq, d = q.shape
@@ -61,7 +71,8 @@ class Attention(Function):
         self.k = k if self.needs_grad[0] else None
         self.v = v if self.needs_grad[0] or self.needs_grad[1] else None
         self.dtypes = q.dtype, k.dtype, v.dtype
-        return xp.matmul(self.p, v.astype(c, copy=False)).reshape(b, hq, tq, -1).astype(q.dtype, copy=False)
+        out = xp.matmul(self.p, v.astype(c, copy=False)).reshape(b, hq, tq, -1).astype(q.dtype, copy=False)
+        return self._in_layout(out)
 
     def backward(self, gy):
         """With S = scale Q K^T (masked entries fixed at -inf), P = softmax(S), O = P V:
@@ -77,7 +88,9 @@ class Attention(Function):
         """
         if self.kernel is flash:
             return flash.backward(gy, self.q, self.k, self.v, self.out, self.lse, self.scale, self.window,
-                                  self.q_offset, self.needs_grad)
+                                  self.q_offset, self.needs_grad, self.out_layout)
+        if self.out_layout == "bthd":
+            gy = gy.transpose(0, 2, 1, 3)   # back to (B, Hq, Tq, D)
         if self.kernel is fused:
             return fused.backward(gy, self.q, self.k, self.v, self.p, self.scale, self.window,
                                   self.q_offset, self.needs_grad)
