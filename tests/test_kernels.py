@@ -220,6 +220,27 @@ def test_rmsnorm_dw_over_more_rows_than_blocks(gpu_xp, rng, d, w_dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype,w_dtype,y_dtype", RMSNORM_DTYPES)
+@pytest.mark.parametrize("round_gy", [False, True])
+def test_rmsnorm_backward_adds_into_targets(gpu_xp, rng, x_dtype, w_dtype, y_dtype, round_gy):
+    """gx_into / dw_into: the kernels add dx and dw into the given arrays, bit for bit what the
+    engine's separate sum gives (the new value rounded to the array's dtype, then added)."""
+    cp = gpu_xp
+    rows, d = 300, 640
+    x, w, gy = half(rng, (rows, d), 3, x_dtype), half(rng, d, 0.2, w_dtype), half(rng, (rows, d), 100, y_dtype)
+    x, w, gy = cp.asarray(x), cp.asarray(w), cp.asarray(gy)
+    _, rstd = rmsnorm.forward(x, w, 1e-6, y_dtype)
+    gx, gw = rmsnorm.backward(gy, x, w, rstd, round_gy=round_gy)
+    before_x = cp.asarray(half(rng, (rows, d), 5, x_dtype))
+    before_w = cp.asarray(half(rng, d, 5, w_dtype))
+    into_x, into_w = before_x.copy(), before_w.copy()
+    out_x, out_w = rmsnorm.backward(gy, x, w, rstd, round_gy=round_gy, gx_into=into_x, dw_into=into_w)
+    assert out_x is into_x and out_w is into_w
+    np.testing.assert_array_equal(cp.asnumpy(into_x), cp.asnumpy(before_x + gx))
+    np.testing.assert_array_equal(cp.asnumpy(into_w), cp.asnumpy(before_w + gw))
+
+
+@pytest.mark.gpu
 def test_rmsnorm_kernel_no_rows(gpu_xp):
     cp = gpu_xp
     x, w = cp.zeros((0, 64), np.float32), cp.ones(64, np.float16)
