@@ -170,3 +170,28 @@ def test_embedding_kernel(gpu_xp, rng, v, n, d, gy_off, gy_dtype, id_dtype):
     embedding.embedding_backward(cp.asarray(ids), gy_dev, out)
     close(out, embedding.reference_backward(ids, gy, out0.copy()), tol=1e-4)
     check()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("w_dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
+def test_embedding_fast_equals_reference_path(gpu_xp, rng, monkeypatch, w_dtype, id_dtype):
+    cp = gpu_xp
+    launched = []
+    launch = embedding._launch
+    monkeypatch.setattr(embedding, "_launch", lambda *a: (launched.append(a[0]), launch(*a)))
+    ids = cp.asarray(rng.integers(0, 300, (4, 256)).astype(id_dtype))
+    w = cp.asarray(rng.standard_normal((300, 640)).astype(w_dtype))
+    gy = cp.asarray((3 * rng.standard_normal((4, 256, 640))).astype(w_dtype))
+
+    def grad():
+        t = Tensor(w, requires_grad=True)
+        F.embedding(ids, t).backward(gy)
+        return t.grad
+
+    with fast(False):
+        expected = grad()
+    with fast(True, families=("embedding",)):
+        got = grad()
+    assert launched and got.dtype == expected.dtype == w_dtype
+    close(got, backend.to_numpy(expected).astype(np.float64), tol=2e-3 if w_dtype == np.float16 else 1e-5)
