@@ -20,6 +20,7 @@ from .. import backend
 from .cuda import grid_stride_blocks, kernel
 
 THREADS = 256
+PER_SM = 8  # blocks per SM: the grid's cap, which __launch_bounds__ makes sure fit at once
 ID_TYPES = {np.dtype(np.int32): ("i32", "int"), np.dtype(np.int64): ("i64", "long long")}
 GY_TYPES = {np.dtype(np.float16): ("f16", "half_t"), np.dtype(np.float32): ("f32", "float")}
 
@@ -78,14 +79,14 @@ __device__ __forceinline__ void add_rows(const I* __restrict__ ids, const G* __r
 """
 
 ENTRY = r"""
-extern "C" __global__ void __launch_bounds__({threads}) embedding_bwd_{g}_{i}(const {I}* __restrict__ ids,
+extern "C" __global__ void __launch_bounds__({threads}, {per_sm}) embedding_bwd_{g}_{i}(const {I}* __restrict__ ids,
         const {G}* __restrict__ gy, float* __restrict__ out, long long n, long long v, int d, int vec) {{
     if (vec) add_rows<true>(ids, gy, out, n, v, d);
     else add_rows<false>(ids, gy, out, n, v, d);
 }}
 """
 
-SOURCE += "".join(ENTRY.format(threads=THREADS, g=g, G=G, i=i, I=I)
+SOURCE += "".join(ENTRY.format(threads=THREADS, per_sm=PER_SM, g=g, G=G, i=i, I=I)
                   for g, G in GY_TYPES.values() for i, I in ID_TYPES.values())
 
 
@@ -113,7 +114,7 @@ def _launch(name, blocks, args):
 
 
 def _blocks(rows):
-    return grid_stride_blocks(rows, THREADS // 32, per_sm=8)
+    return grid_stride_blocks(rows, THREADS // 32, per_sm=PER_SM)
 
 
 def _address(a):
