@@ -7,6 +7,7 @@ its family instead; any other input (NumPy, float32, float64) still takes the re
 RMSNorm's kernels also take float32 x and w and write float32 or float16 y, as the model's
 float32 residual stream and float32 norm weights need. The AdamW kernel works on the
 optimizer's float32 flat buffers (nn/optim.py asks `use_fast` with `dtypes=(np.float32,)`).
+The embedding kernel adds float16 or float32 output gradients into a float32 accumulator.
 
 One module per kernel family, each holding its CUDA source, the derivation of what it
 computes, and a NumPy function computing the same thing step for step (the kernel's
@@ -26,6 +27,8 @@ reference in tests):
     adamw.py          the AdamW update and the float16 weight copy in one pass
     flat_grads.py     many gradient arrays added into the optimizer's flat float32 buffer, one launch
                       (family adamw)
+    embedding.py      the embedding's weight gradient: gy rows added into a float32 accumulator at
+                      their ids (a warp per row, 16-byte atomics)
 
 Each family can be switched on alone (`set_fast(True, families=("attention",))`), which is
 how bench/throughput.py --ablation measures what each one buys.
@@ -38,7 +41,7 @@ import numpy as np
 from .. import backend
 
 FAMILIES = ("rmsnorm", "geglu", "cross_entropy", "attention", "flash_attention", "rope", "qk_norm_rope", "adamw",
-            "gemm")
+            "gemm", "embedding")
 
 _on = frozenset(FAMILIES) if os.environ.get("TINYGRAD3_FAST", "").strip() not in ("", "0") else frozenset()
 

@@ -2,7 +2,7 @@
 import numpy as np
 
 from ..backend import get_array_module, scatter_add
-from ..kernels import gemm, use_fast
+from ..kernels import embedding, gemm, use_fast
 from ..tensor import ADDED, Function
 from .common import compute_dtype
 
@@ -89,5 +89,13 @@ class Embedding(Function):
         target = self.grad_target(1)
         added = target is not None and target.dtype == acc_dtype and target.flags.c_contiguous
         acc = target if added else xp.zeros(self.w_shape, dtype=acc_dtype)
-        scatter_add(acc, self.ids.reshape(-1), gy.reshape(-1, self.w_shape[-1]).astype(acc.dtype, copy=False))
+        _add_rows(acc, self.ids.reshape(-1), gy.reshape(-1, self.w_shape[-1]))
         return None, ADDED if added else acc.astype(self.w_dtype, copy=False)
+
+
+def _add_rows(acc, ids, gy):
+    """acc[ids[n]] += gy[n] for every row n of gy, repeated ids accumulating: the fast path's
+    kernel for a float32 CuPy acc (family embedding), else backend.scatter_add in acc's dtype."""
+    if use_fast("embedding", gy, dtypes=(np.float16, np.float32)) and embedding.supports(ids, gy, acc):
+        return embedding.embedding_backward(ids, gy, acc)
+    return scatter_add(acc, ids, gy.astype(acc.dtype, copy=False))
