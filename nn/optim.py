@@ -217,14 +217,16 @@ class AdamW:
 
     def _step(self, grad, lr, inv_scale, clip_norm):
         # Unscaling after the float32 sum matters: in fp16, g / scale could underflow to zero again.
-        if inv_scale != 1.0:
-            grad *= inv_scale
-
         # One reduction answers both questions: sum(g^2) is inf/NaN exactly when some gradient
         # is inf/NaN (or so large that its square overflows, which would put inf into v), and
         # otherwise it is the squared global norm. float() is a host sync (the result feeds the
         # loss scaler and the log); keeping the flag on the GPU would skip the update there instead.
-        sum_sq = float(self._xp.dot(grad, grad))
+        if kernels.use_fast("adamw", grad, dtypes=(np.float32,)):
+            sum_sq = adamw.unscale_sum_squares(grad, inv_scale)  # both in one pass over the buffer
+        else:
+            if inv_scale != 1.0:
+                grad *= inv_scale
+            sum_sq = float(self._xp.dot(grad, grad))
         grad_norm = math.sqrt(sum_sq)  # inf or NaN when sum_sq is
         if not math.isfinite(sum_sq):
             # Skip BEFORE any write: one NaN in m or v would poison every later update (NaN
@@ -273,10 +275,10 @@ class AdamW:
     def _fused_update(self, g, lr, clip_coef):
         """The clip, `_update` and `_refresh_compute` in one kernel launch, rounding as they do.
 
-        The unscale stays a pass of its own before the norm (in `_gather_grads`): folding it into
-        the kernel would mean taking the norm of the SCALED gradients, whose squares overflow
-        float32 (a skipped step) where the unscaled ones do not, and rounding g * inv_scale * clip
-        differently from the two separate products.
+        The unscale stays out of this kernel, in the pass that also takes the norm (`_step`,
+        adamw.unscale_sum_squares): the norm must be of the UNSCALED gradients, whose squares do
+        not overflow float32 where the scaled ones could, and g * inv_scale * clip must round as
+        the two separate products do.
         """
         self.step_count += 1
         compute = None if self._compute is self.master else self._compute

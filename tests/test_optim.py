@@ -360,3 +360,22 @@ def test_fused_step_matches_reference_path(gpu_xp, monkeypatch, precision):
                                       err_msg=name)  # the kernel wrote the fp16 copy
         np.testing.assert_allclose(gpu_xp.asnumpy(p.data).astype(np.float32), gpu_xp.asnumpy(ref[name].data).astype(np.float32),
                                    rtol=2e-3, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 7, 4096, 1_000_003])
+@pytest.mark.parametrize("inv_scale", [1.0, 1 / 1024])
+def test_unscale_sum_squares_kernel(gpu_xp, n, inv_scale):
+    """One pass: the buffer unscaled exactly as `grad *= inv_scale` (bit for bit), the sum of the
+    squares as the float64 reference within float32 summation error; inf and NaN come through."""
+    rng = np.random.default_rng(n)
+    grad = (rng.standard_normal(n) * 300).astype(np.float32)
+    ref = grad.copy()
+    expected = adamw.reference_unscale_sum_squares(ref, inv_scale)
+    g = gpu_xp.asarray(grad)
+    total = adamw.unscale_sum_squares(g, inv_scale)
+    np.testing.assert_array_equal(gpu_xp.asnumpy(g), ref)
+    np.testing.assert_allclose(total, expected, rtol=1e-5)
+    for bad in (np.inf, np.nan):
+        g[n // 2] = bad
+        assert not np.isfinite(adamw.unscale_sum_squares(g, inv_scale))

@@ -19,6 +19,13 @@ NumPy's do (the GPU tests allow two ulps).
 
 Each element is read and written once: 16 bytes in, 14 out (12 without the float16 copy).
 The kernel is a grid-stride loop.
+
+Before it, the step needs the gradients unscaled (g = grad * inv_scale, in place) and their
+global norm (sum of g^2, also the inf/NaN check). `unscale_sum_squares` does both in one pass
+(kernel `unscale_sum_sq`): each product rounded as the separate `grad *= inv_scale` rounds it,
+the squares of the unscaled values summed in float32 per thread, per block, then the per-block
+sums in float64 on the host, where the value is needed anyway. One pass over the buffer instead
+of two (the product, then a dot product reading the buffer again).
 """
 import math
 from dataclasses import dataclass
@@ -60,6 +67,35 @@ extern "C" __global__ void adamw_step(
         float sqrt_bc2, float eps) {
     adamw_loop<false>(master, m, v, grad, nullptr, n, num_decayed, coef, decay, beta1, one_minus_beta1,
                       beta2, one_minus_beta2, step_size, sqrt_bc2, eps);
+}
+
+// grad[i] = grad[i] * inv_scale when `unscale` (float4 at a time; the buffer is 16-byte aligned and
+// n4 = n / 4 of them, the tail of n % 4 elements taken by block 0), and partial[block] = the
+// block's sum of the squares of the (unscaled) values.
+extern "C" __global__ void unscale_sum_sq(float* __restrict__ grad, long long n, float inv_scale, int unscale,
+                                          float* __restrict__ partial) {
+    __shared__ float sh[32];
+    float s = 0.f;
+    float4* g4 = (float4*)grad;
+    const long long n4 = n / 4;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n4;
+         i += (long long)blockDim.x * gridDim.x) {
+        float4 g = g4[i];
+        if (unscale) {
+            g.x = __fmul_rn(g.x, inv_scale); g.y = __fmul_rn(g.y, inv_scale);
+            g.z = __fmul_rn(g.z, inv_scale); g.w = __fmul_rn(g.w, inv_scale);
+            g4[i] = g;
+        }
+        s = __fmaf_rn(g.x, g.x, s); s = __fmaf_rn(g.y, g.y, s);
+        s = __fmaf_rn(g.z, g.z, s); s = __fmaf_rn(g.w, g.w, s);
+    }
+    if (blockIdx.x == 0 && threadIdx.x < n - 4 * n4) {
+        float g = grad[4 * n4 + threadIdx.x];
+        if (unscale) { g = __fmul_rn(g, inv_scale); grad[4 * n4 + threadIdx.x] = g; }
+        s = __fmaf_rn(g, g, s);
+    }
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
 extern "C" __global__ void adamw_step_f16(
@@ -109,7 +145,33 @@ def update(master, m, v, grad, compute, *, coef, lr, weight_decay, num_decayed, 
     kernel(SOURCE, name)((grid_stride_blocks(n, THREADS),), (THREADS,), args)
 
 
+def unscale_sum_squares(grad, inv_scale):
+    """grad *= inv_scale in place (skipped for 1.0) on a contiguous float32 CuPy buffer, and the
+    sum of the squares of the result as a Python float (inf or NaN when any value is).
+    Reading the sum makes the host wait for the GPU, as the step must before it decides."""
+    import cupy
+    n = grad.size
+    if not n:
+        return 0.0
+    if grad.dtype != np.float32 or not grad.flags.c_contiguous or grad.data.ptr % 16:
+        raise ValueError("unscale_sum_squares takes a contiguous, 16-byte aligned float32 buffer")
+    blocks = grid_stride_blocks(-(-n // 4), THREADS)
+    partial = cupy.empty(blocks, np.float32)
+    kernel(SOURCE, "unscale_sum_sq")((blocks,), (THREADS,), (grad, np.int64(n), np.float32(inv_scale),
+                                                           np.int32(inv_scale != 1.0), partial))
+    return float(partial.get().astype(np.float64).sum())
+
+
 # ----- NumPy reference ------------------------------------------------------------------------
+
+def reference_unscale_sum_squares(grad, inv_scale):
+    """What unscale_sum_squares computes, on a NumPy float32 buffer (in place): the product
+    rounded to float32, the squares summed in float64 (the kernel's float32 partial sums differ
+    from this in the last bits of the sum only)."""
+    if inv_scale != 1.0:
+        grad *= np.float32(inv_scale)
+    return float(np.dot(grad.astype(np.float64), grad.astype(np.float64)))
+
 
 def reference_update(master, m, v, grad, compute_dtype=None, *, coef, lr, weight_decay,
                      num_decayed, betas, eps, step):
