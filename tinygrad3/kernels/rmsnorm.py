@@ -114,8 +114,9 @@ extern "C" __global__ void rms_norm_bwd(const y_t* __restrict__ gy, const x_t* _
             if (c >= D) continue;
             const float v = r * (h[j] - n[j] * mean);
             // add_gx: gx holds another use's gradient; add ours rounded to x's type first, which is
-            // exactly the engine's sum of the two separate gradients
-            store(gx + base + c, add_gx ? to_float(gx[base + c]) + round_like(x, v) : v);
+            // exactly the engine's sum of the two separate gradients (__fadd_rn: never contracted
+            // with v's product into an FMA, which would round differently)
+            store(gx + base + c, add_gx ? __fadd_rn(to_float(gx[base + c]), round_like(x, v)) : v);
         }
     }
 #pragma unroll
@@ -140,7 +141,7 @@ extern "C" __global__ void rms_norm_dw(const float* __restrict__ gw_part, w_t* _
     __syncthreads();
     if (threadIdx.y == 0 && c < D) {
         for (int k = 1; k < DW_LANES; ++k) s += sh[k][threadIdx.x];
-        store(dw + c, add_dw ? to_float(dw[c]) + round_like(dw, s) : s);
+        store(dw + c, add_dw ? __fadd_rn(to_float(dw[c]), round_like(dw, s)) : s);
     }
 }
 """
