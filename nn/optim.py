@@ -161,8 +161,7 @@ class AdamW:
     def accumulate_grads(self, grads):
         """Add gradients into the flat float32 gradient buffer that the next `step` uses.
 
-        grads: arrays (or None) in the order of `self.params`, e.g. a CUDA graph's gradient
-        outputs after each replay (nn/graphed_step.py).
+        grads: arrays (or None) in the order of `self.params` (`step` uses it for the `.grad`s).
         """
         pieces = []
         for name, param, where, g in zip(self._names, self._params, self._slices, grads):
