@@ -19,15 +19,36 @@ before using it: exactly the unfused `h + rms_norm(x, w)` of the model's residua
 norm's output in the branch's float16, its gradient cast to float16 by the engine), in one
 pass each way instead of three (norm, add; cast, norm backward).
 
-Forward: one block per row; each thread keeps its columns (c = thread + j * THREADS) in
-registers, so x is read once: a block sum of x^2 gives r, then y is written. r is saved
-(float32, one per row) for the backward.
+Both directions are memory-bound (per row of 640 features the backward reads gy and x and
+writes dx, 6 to 12 bytes per feature), so what counts is bytes in flight per SM.
 
-Backward: a grid-stride loop over rows. Each block handles rows b, b + blocks, ... ; per row
-a block sum gives mean(h n), then dx is written; the dw terms g n of the block's rows are
-added up in registers, column by column, and written once per block. A second small kernel
-sums those (blocks, D) partial sums over blocks and writes dw in w's dtype: no atomics, and
-no CuPy reduction and cast to pay for on the host (they cost more host time than the kernel).
+Vector kernels (rms_norm_{fwd,bwd}_v{G}): D a multiple of 4, every array on a 4-element boundary
+-----------------------------------------------------------------------------------------------
+A row belongs to one warp: lane l holds the groups of 4 columns q = l, l + 32, ... (G of them at
+most, a compile-time constant: G = 5 for D = 640), each moved by one 8-byte (float16) or 16-byte
+(float32) load or store, so a warp's access is a contiguous, fully used span. A lane issues all
+of its row's loads (x, w and the residual; gy, x and, with add_gx, gx) before any arithmetic, and
+the row's sum (of x^2; of h n) is a shuffle reduction within the warp: no shared memory and no
+__syncthreads per row, so the 8 warps of a block run on their own rows. Forward: one row per warp,
+8 per block. Backward: a grid-stride loop over rows by warps, the grid one wave of the blocks per
+SM that its __launch_bounds__ allows (VEC_GROUPS); each lane adds its columns' g n in registers,
+and at the end the block's 8 warps add theirs in shared memory one after another (deterministic),
+giving one (D,) partial per block. The host picks the kernel: D % 4 == 0 and x, w, y (residual;
+gy, gx) each start on a 4-element boundary (CuPy's allocations do; views at odd offsets may not).
+
+Fallback (rms_norm_fwd, rms_norm_bwd): other D (up to MAX_DIM) or misaligned arrays. Forward: one
+block per row; each thread keeps its columns (c = thread + j * THREADS) in registers, so x is read
+once: a block sum of x^2 gives r, then y is written. Backward: a grid-stride loop over rows, each
+block taking rows b, b + blocks, ...; per row a block sum gives mean(h n), then dx is written; the
+dw terms g n of the block's rows are added up in registers, column by column, and written once per
+block.
+
+Both paths compute each element with the same float32 expressions and roundings; only the order of
+the float32 sums (of x^2, h n, and dw's over rows) differs. r is saved (float32, one per row) for
+the backward. A second small kernel (rms_norm_dw) sums the (blocks, D) partial sums over blocks and
+writes dw in w's dtype: no atomics, and no CuPy reduction and cast to pay for on the host (they
+cost more host time than the kernel). qk_norm_rope.py builds on typed_source (the fallback kernels
+and rms_norm_dw); this module launches family_source (those and the vector kernels).
 """
 import functools
 
