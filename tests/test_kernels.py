@@ -208,7 +208,7 @@ def test_rmsnorm_dw_over_more_rows_than_blocks(gpu_xp, rng, d, w_dtype):
     blocks take as many (rows not a multiple of the block count), at the model's widths (hidden
     640, head_dim 256) and an odd one."""
     cp = gpu_xp
-    blocks = grid_stride_blocks(1 << 30, 1, per_sm=8)  # as many as rmsnorm.backward launches
+    blocks = grid_stride_blocks(1 << 30, 1, per_sm=8)  # the fallback's grid; the vector grid takes more rows per step
     rows = 3 * blocks + 37
     x, w, gy = half(rng, (rows, d), 3, np.float32), half(rng, d, 0.2, w_dtype), half(rng, (rows, d))
     _, rstd = rmsnorm.reference_forward(x, w, 1e-6, np.float16)
