@@ -113,6 +113,7 @@ static size_t emu_smem_bytes;
 #define blockIdx emu_block
 #define gridDim emu_grid
 #define blockDim emu_bdim
+static inline int emu_linear() { return (int)(emu_cur->tid.x + emu_cur->tid.y * emu_bdim.x); }
 
 static void emu_fail(const char* what) {
     fprintf(stderr, "cuda emulator: %s (block %u,%u,%u thread %u)\n", what, emu_block.x, emu_block.y,
@@ -160,7 +161,7 @@ static bool emu_parked(int w) {
 
 // All 32 lanes of the warp arrive (with the same operation `op`) before any leaves.
 static void emu_warp_barrier(int op) {
-    const int w = emu_cur->tid.x >> 5;
+    const int w = emu_linear() >> 5;
     const long gen = emu_warp_gen[w];
     ++emu_progress;
     if (emu_warp_arrived[w] == 0) emu_warp_op[w] = op;
@@ -181,7 +182,7 @@ template <class T>
 T __shfl_xor_sync(unsigned mask, T v, int offset) {
     if (mask != 0xffffffffu) emu_fail("partial warp masks are not emulated");
     static_assert(sizeof(T) <= 8, "shuffle of a large type");
-    const int w = emu_cur->tid.x >> 5, l = emu_cur->tid.x & 31;
+    const int w = emu_linear() >> 5, l = emu_linear() & 31;
     memcpy(emu_words[w][l], &v, sizeof(T));
     emu_warp_barrier(2);
     T r;
@@ -208,7 +209,7 @@ static void emu_check_smem(const void* p, int bytes, int align) {
 // ----- the PTX helpers, as the PTX ISA defines them ---------------------------------------
 static void emu_ldmatrix(unsigned r[4], const half_t* p, bool trans) {
     emu_check_smem(p, 16, 16);
-    const int w = emu_cur->tid.x >> 5, l = emu_cur->tid.x & 31;
+    const int w = emu_linear() >> 5, l = emu_linear() & 31;
     emu_ptrs[w][l] = p;
     emu_warp_barrier(trans ? 4 : 3);
     for (int m = 0; m < 4; ++m) {
@@ -233,7 +234,7 @@ static float emu_lo(uint32_t w) { return h2f((half_t)(w & 0xffff)); }
 static float emu_hi(uint32_t w) { return h2f((half_t)(w >> 16)); }
 
 __device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], unsigned b0, unsigned b1) {
-    const int w = emu_cur->tid.x >> 5, l = emu_cur->tid.x & 31;
+    const int w = emu_linear() >> 5, l = emu_linear() & 31;
     for (int i = 0; i < 4; ++i) emu_words[w][l][i] = a[i];
     emu_words[w][l][4] = b0;
     emu_words[w][l][5] = b1;
@@ -280,13 +281,14 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ float ex2(float x) { return exp2f(x); }
 
 // ----- running a grid ------------------------------------------------------------------------
-static void emu_run(int gx, int gy, int gz, int threads, int smem_bytes, std::function<void()> body) {
+static void emu_run(int gx, int gy, int gz, int bx, int by, int smem_bytes, std::function<void()> body) {
+    const int threads = bx * by;   // a 2-D block: thread t is (t % bx, t / bx), warps of 32 consecutive t
     if (threads > EMU_MAX_THREADS || threads % 32) emu_fail("block size");
     if (smem_bytes > (int)sizeof(smem)) emu_fail("too much shared memory");
     if (!emu_stacks) emu_stacks = (char*)aligned_alloc(64, (size_t)EMU_STACK * EMU_MAX_THREADS);
     emu_body = body;
     emu_grid = {(unsigned)gx, (unsigned)gy, (unsigned)gz};
-    emu_bdim = {(unsigned)threads, 1, 1};
+    emu_bdim = {(unsigned)bx, (unsigned)by, 1};
     emu_smem_bytes = smem_bytes;
     for (int z = 0; z < gz; ++z)
         for (int y = 0; y < gy; ++y)
@@ -298,7 +300,7 @@ static void emu_run(int gx, int gy, int gz, int threads, int smem_bytes, std::fu
                 for (int w = 0; w < 32; ++w) emu_warp_arrived[w] = 0;
                 for (int t = 0; t < threads; ++t) {
                     EmuThread& th = emu_threads[t];
-                    th.tid = {(unsigned)t, 0, 0};
+                    th.tid = {(unsigned)(t % bx), (unsigned)(t / bx), 0};
                     th.done = false;
                     th.at_barrier = false;
                     th.open.clear();
@@ -364,7 +366,8 @@ def _argtype(ctype):
 
 class Emulator:
     """The kernels of `source` compiled for the CPU; `launch(name, grid, threads, args,
-    shared_mem)` runs one grid, args as for CuPy (NumPy arrays and NumPy scalars)."""
+    shared_mem)` runs one grid (threads: a count, or (x, y) for a 2-D block), args as for CuPy (NumPy
+    arrays, NumPy scalars, and None or np.uint64(0) for a null pointer)."""
 
     def __init__(self, source, deferred=True, reverse=False):
         self.kernels = dict(_kernels(source))
@@ -373,7 +376,7 @@ class Emulator:
             decl = ", ".join(f"{t} {n}" for t, n in params)
             call = ", ".join(n for _, n in params)
             wrappers.append(f'extern "C" void emu_launch_{name}(int emu_gx, int emu_gy, int emu_gz, int emu_threads, '
-                            f'int emu_shared, {decl}) {{ emu_run(emu_gx, emu_gy, emu_gz, emu_threads, emu_shared, '
+                            f'int emu_by, int emu_shared, {decl}) {{ emu_run(emu_gx, emu_gy, emu_gz, emu_threads, emu_by, emu_shared, '
                             f'[=] {{ {name}({call}); }}); }}')
         code = PRELUDE + _strip_ptx(source) + "\n" + "\n".join(wrappers) + "\n"
         self.lib = ctypes.CDLL(_compile(code))
@@ -384,12 +387,16 @@ class Emulator:
 
     def launch(self, name, grid, threads, args, shared_mem=0):
         params = self.kernels[name]
+        bx, by = (threads, 1) if isinstance(threads, int) else (tuple(threads) + (1,))[:2]
         if len(args) != len(params):
             raise TypeError(f"{name} takes {len(params)} arguments, got {len(args)}")
         grid = tuple(grid) + (1,) * (3 - len(grid))
         values = []
         for (ctype, pname), a in zip(params, args):
             if ctype.endswith("*"):
+                if a is None or (isinstance(a, np.integer) and a == 0):   # a null pointer (CuPy: np.uint64(0))
+                    values.append(ctypes.c_void_p(None))
+                    continue
                 if not (isinstance(a, np.ndarray) and a.flags.c_contiguous):
                     raise TypeError(f"{name}: {pname} must be a C-contiguous NumPy array")
                 values.append(ctypes.c_void_p(a.ctypes.data))
@@ -399,8 +406,8 @@ class Emulator:
                     raise TypeError(f"{name}: {pname} must be {want.__name__}, got {type(a).__name__}")
                 values.append(_argtype(ctype)(a.item()))
         fn = getattr(self.lib, f"emu_launch_{name}")
-        fn.argtypes = [ctypes.c_int] * 5 + [_argtype(t) for t, _ in params]
-        fn(*grid, threads, shared_mem, *values)
+        fn.argtypes = [ctypes.c_int] * 6 + [_argtype(t) for t, _ in params]
+        fn(*grid, bx, by, shared_mem, *values)
 
 
 def available():

@@ -180,7 +180,8 @@ def poison(cp, *arrays_like):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("x_dtype,w_dtype,y_dtype", RMSNORM_DTYPES)
-@pytest.mark.parametrize("rows,d", [(37, 640), (300, 256), (5, 64), (9, 16), (3, 1000)])
+@pytest.mark.parametrize("rows,d", [(37, 640), (300, 256), (5, 64), (9, 16), (3, 1000),  # vector kernels
+                                    (33, 642), (7, 30)])                                # D % 4 != 0: fallback
 def test_rmsnorm_kernel(gpu_xp, rng, rows, d, x_dtype, w_dtype, y_dtype):
     cp = gpu_xp
     x, w = half(rng, (rows, d), 3, x_dtype), half(rng, d, 0.2, w_dtype)
@@ -201,13 +202,13 @@ def test_rmsnorm_kernel(gpu_xp, rng, rows, d, x_dtype, w_dtype, y_dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("w_dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("d", [640, 256, 100])
+@pytest.mark.parametrize("d", [640, 256, 100, 102])  # 102: the fallback kernels
 def test_rmsnorm_dw_over_more_rows_than_blocks(gpu_xp, rng, d, w_dtype):
     """dw from the second kernel, in w's dtype, when each block takes several rows and not all
     blocks take as many (rows not a multiple of the block count), at the model's widths (hidden
     640, head_dim 256) and an odd one."""
     cp = gpu_xp
-    blocks = grid_stride_blocks(1 << 30, 1, per_sm=8)  # as many as rmsnorm.backward launches
+    blocks = grid_stride_blocks(1 << 30, 1, per_sm=8)  # the fallback's grid; the vector grid takes more rows per step
     rows = 3 * blocks + 37
     x, w, gy = half(rng, (rows, d), 3, np.float32), half(rng, d, 0.2, w_dtype), half(rng, (rows, d))
     _, rstd = rmsnorm.reference_forward(x, w, 1e-6, np.float16)
@@ -222,11 +223,12 @@ def test_rmsnorm_dw_over_more_rows_than_blocks(gpu_xp, rng, d, w_dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("x_dtype,w_dtype,y_dtype", RMSNORM_DTYPES)
 @pytest.mark.parametrize("round_gy", [False, True])
-def test_rmsnorm_backward_adds_into_targets(gpu_xp, rng, x_dtype, w_dtype, y_dtype, round_gy):
+@pytest.mark.parametrize("d", [640, 642])  # the vector kernels, the fallback
+def test_rmsnorm_backward_adds_into_targets(gpu_xp, rng, x_dtype, w_dtype, y_dtype, round_gy, d):
     """gx_into / dw_into: the kernels add dx and dw into the given arrays, bit for bit what the
     engine's separate sum gives (the new value rounded to the array's dtype, then added)."""
     cp = gpu_xp
-    rows, d = 300, 640
+    rows = 300
     x, w, gy = half(rng, (rows, d), 3, x_dtype), half(rng, d, 0.2, w_dtype), half(rng, (rows, d), 100, y_dtype)
     x, w, gy = cp.asarray(x), cp.asarray(w), cp.asarray(gy)
     _, rstd = rmsnorm.forward(x, w, 1e-6, y_dtype)
@@ -238,6 +240,61 @@ def test_rmsnorm_backward_adds_into_targets(gpu_xp, rng, x_dtype, w_dtype, y_dty
     assert out_x is into_x and out_w is into_w
     np.testing.assert_array_equal(cp.asnumpy(into_x), cp.asnumpy(before_x + gx))
     np.testing.assert_array_equal(cp.asnumpy(into_w), cp.asnumpy(before_w + gw))
+
+
+def offset_copy(cp, values, offset):
+    """values on the GPU in a C-contiguous array starting `offset` bytes past a 256-byte boundary."""
+    raw = cp.empty(values.nbytes + 256, np.uint8)
+    a = raw[offset:offset + values.nbytes].view(values.dtype).reshape(values.shape)
+    a[...] = cp.asarray(values)
+    return a
+
+
+def recording(monkeypatch, module):
+    """The names of the kernels that module._launch launches, in order (a list that grows)."""
+    launched, launch = [], module._launch
+    monkeypatch.setattr(module, "_launch", lambda *a: (launched.append(a[1] if module is rmsnorm else a[0]),
+                                                       launch(*a)))
+    return launched
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype,w_dtype,y_dtype", RMSNORM_DTYPES)
+@pytest.mark.parametrize("offset", [0, 8, 4, 2])
+def test_rmsnorm_kernel_misaligned(gpu_xp, rng, monkeypatch, x_dtype, w_dtype, y_dtype, offset):
+    """x off its 4-element boundary (float16: 8 bytes, float32: 16) takes the fallback kernels, with the
+    same results; on it (offset 0, or 8 bytes for float16) the vector kernels."""
+    cp = gpu_xp
+    size = np.dtype(x_dtype).itemsize
+    if offset % size:
+        pytest.skip("an offset of part of an element")
+    kind = "_v5" if offset % (4 * size) == 0 else ""
+    rows, d = 45, 640
+    x, w = half(rng, (rows, d), 3, x_dtype), half(rng, d, 0.2, w_dtype)
+    gy = half(rng, (rows, d), 100, y_dtype)
+    launched = recording(monkeypatch, rmsnorm)
+    y, rstd = rmsnorm.forward(offset_copy(cp, x, offset), cp.asarray(w), 1e-6, y_dtype)
+    ry, rrstd = rmsnorm.reference_forward(x, w, 1e-6, y_dtype)
+    close16(y, ry, tol=tol_of(y_dtype), what="y")
+    close16(rstd, rrstd, tol=1e-5, what="rstd")
+    gx, gw = rmsnorm.backward(cp.asarray(gy), offset_copy(cp, x, offset), cp.asarray(w), rstd)
+    rgx, rgw = rmsnorm.reference_backward(gy, x, w, rrstd)
+    close16(gx, rgx, tol=tol_of(x_dtype), what="dx")
+    close16(gw, rgw, tol=tol_of(w_dtype) if w_dtype == np.float16 else 1e-4, what="dw")
+    assert launched == ["rms_norm_fwd" + kind, "rms_norm_bwd" + kind, "rms_norm_dw"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("h_offset,kind", [(0, "_v5"), (8, "")])
+def test_rmsnorm_residual_kernel_paths(gpu_xp, rng, monkeypatch, h_offset, kind):
+    """The residual form, h aligned (vector kernel) or 8 bytes off (fallback): h + the row rounded to x's dtype."""
+    cp = gpu_xp
+    rows, d = 45, 640
+    x, w, h = half(rng, (rows, d), 3), half(rng, d, 0.2, np.float32), half(rng, (rows, d), 10, np.float32)
+    launched = recording(monkeypatch, rmsnorm)
+    y, _ = rmsnorm.forward(cp.asarray(x), cp.asarray(w), 1e-6, np.float32, residual=offset_copy(cp, h, h_offset))
+    close16(y, h + rmsnorm.reference_forward(x, w, 1e-6, np.float16)[0].astype(np.float32), what="y")
+    assert launched == ["rms_norm_fwd" + kind]
 
 
 @pytest.mark.gpu
@@ -261,16 +318,39 @@ def test_rmsnorm_fast_path_takes_the_models_dtypes(gpu_xp, rng, x_dtype, w_dtype
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(3, 7, 2048), (1001,)])
-def test_geglu_kernel(gpu_xp, rng, shape):
+@pytest.mark.parametrize("shape,offset,kind", [
+    ((3, 7, 2048), 0, "_vec"),
+    ((1001,), 0, "_vec"),          # a tail of 1
+    ((2100, 2048), 0, "_vec"),     # more than two vectors per thread: the two-vector loop, then one
+    ((5,), 0, "_vec"),             # the tail only
+    ((3, 7, 2048), 2, ""),         # 2 bytes off a 16-byte boundary: the scalar kernels
+    ((1001,), 8, ""),              # 8 bytes off
+    ((33, 2048), 16, "_vec"),      # 16 bytes off: aligned
+])
+def test_geglu_kernel(gpu_xp, rng, monkeypatch, shape, offset, kind):
     cp = gpu_xp
     gate, up, gy = half(rng, shape, 3), half(rng, shape), half(rng, shape, 50)
+    launched = recording(monkeypatch, geglu)
     poison(cp, (shape, np.float16))
-    close16(geglu.forward(cp.asarray(gate), cp.asarray(up)), geglu.reference_forward(gate, up), what="y")
+    y = geglu.forward(offset_copy(cp, gate, offset), offset_copy(cp, up, offset))
+    close16(y, geglu.reference_forward(gate, up), what="y")
     poison(cp, (shape, np.float16), (shape, np.float16))
-    for ours, ref, name in zip(geglu.backward(*(cp.asarray(a) for a in (gy, gate, up))),
+    for ours, ref, name in zip(geglu.backward(*(offset_copy(cp, a, offset) for a in (gy, gate, up))),
                                geglu.reference_backward(gy, gate, up), ("dgate", "dup")):
         close16(ours, ref, what=name)
+    assert launched == ["geglu_fwd" + kind, "geglu_bwd" + kind]
+
+
+@pytest.mark.gpu
+def test_geglu_vector_and_scalar_kernels_agree_bit_for_bit(gpu_xp, rng):
+    cp = gpu_xp
+    gate, up, gy = half(rng, (4099,), 3), half(rng, (4099,)), half(rng, (4099,), 50)
+    vec = [geglu.forward(*(offset_copy(cp, a, 0) for a in (gate, up))),
+           *geglu.backward(*(offset_copy(cp, a, 0) for a in (gy, gate, up)))]
+    scalar = [geglu.forward(*(offset_copy(cp, a, 2) for a in (gate, up))),
+              *geglu.backward(*(offset_copy(cp, a, 2) for a in (gy, gate, up)))]
+    for a, b in zip(vec, scalar):
+        np.testing.assert_array_equal(cp.asnumpy(a), cp.asnumpy(b))
 
 
 @pytest.mark.gpu

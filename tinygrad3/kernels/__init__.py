@@ -13,8 +13,8 @@ One module per kernel family, each holding its CUDA source, the derivation of wh
 computes, and a NumPy function computing the same thing step for step (the kernel's
 reference in tests):
 
-    rmsnorm.py        RMSNorm forward/backward, one block per row (also h + norm(x), the residual form)
-    geglu.py          gelu_tanh(gate) * up forward/backward
+    rmsnorm.py        RMSNorm forward/backward, a warp per row with vector loads (also h + norm(x), the residual form)
+    geglu.py          gelu_tanh(gate) * up forward/backward, 16-byte accesses
     cross_entropy.py  loss and gradient straight from float16 logits
     gemm.py           cuBLAS GEMMs (the linears' 2-D ones, attention's strided-batched ones),
                       float16 in, float32 accumulation, callable during CUDA-graph capture
