@@ -309,8 +309,8 @@ __device__ __forceinline__ void rn_bwd_vec(const y_t* __restrict__ gy, const x_t
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     v[e] = r * (h[k][e] - n[k][e] * mean);
-                    // add_gx: as the scalar kernel, ours rounded to x's type, then added
-                    if (add_gx) v[e] = old[k][e] + round_like(x, v[e]);
+                    // add_gx: as the scalar kernel, ours rounded to x's type, then added (no FMA)
+                    if (add_gx) v[e] = __fadd_rn(old[k][e], round_like(x, v[e]));
                 }
                 rn_store4(gx + base + 4 * q, v);
             }
