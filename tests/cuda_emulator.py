@@ -364,6 +364,17 @@ def _argtype(ctype):
     return ctypes.c_void_p if ctype.endswith("*") else C_TYPES[ctype.replace("const ", "")]
 
 
+
+# The CUDA vector types the kernels' 8- and 16-byte accesses use, and an alignment check for them:
+# a source compiled after this header has every VECTOR_IO access (kernels/cuda.py) checked.
+VECTOR_TYPES = r"""
+struct uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+static void emu_aligned(const void* p, int bytes) { if ((uintptr_t)p % bytes) emu_fail("misaligned vector access"); }
+#define ALIGNED_ACCESS(p, bytes) emu_aligned(p, bytes)
+"""
+
 class Emulator:
     """The kernels of `source` compiled for the CPU; `launch(name, grid, threads, args,
     shared_mem)` runs one grid (threads: a count, or (x, y) for a 2-D block), args as for CuPy (NumPy

@@ -22,10 +22,7 @@ GUARD = 64  # bytes of NaN bits on each side of out
 
 # The emulator replaces the source's helper section (the sm_90 vector atomic): the same four adds,
 # with the 16-byte alignment the vector atomic needs checked.
-HEADER = r"""
-struct uint2 { unsigned x, y; };
-struct alignas(16) float4 { float x, y, z, w; };
-
+HEADER = cuda_emulator.VECTOR_TYPES + r"""
 __device__ __forceinline__ void atomic_add4(float* dst, const float v[4]) {
     if ((uintptr_t)dst % 16) emu_fail("misaligned 16-byte atomic");
     for (int k = 0; k < 4; ++k) atomicAdd(dst + k, v[k]);

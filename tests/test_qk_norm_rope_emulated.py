@@ -21,9 +21,7 @@ HEADER = r"""
 // PTX_HELPERS_END
 #undef __shared__
 #define __shared__ static
-struct uint2 { unsigned x, y; };
-struct alignas(16) float4 { float x, y, z, w; };
-"""
+""" + cuda_emulator.VECTOR_TYPES
 
 
 @functools.lru_cache(maxsize=None)

@@ -24,35 +24,16 @@ TOL = 2e-3
 CHECK = r"""
 #undef __shared__
 #define __shared__ static
-struct uint2 { unsigned x, y; };
-struct alignas(16) uint4 { unsigned x, y, z, w; };
-struct alignas(16) float4 { float x, y, z, w; };
-static void emu_aligned(const void* p, int bytes) { if ((uintptr_t)p % bytes) emu_fail("misaligned vector access"); }
-"""
+""" + cuda_emulator.VECTOR_TYPES
 
 GEGLU_HEADER = CHECK + r"""
 __device__ __forceinline__ uint4 load16(const half_t* p) { emu_aligned(p, 16); uint4 v; memcpy(&v, p, 16); return v; }
 __device__ __forceinline__ void store16(half_t* p, uint4 v) { emu_aligned(p, 16); memcpy(p, &v, 16); }
 """
 
-RMSNORM_HEADER = CHECK + r"""
-__device__ __forceinline__ void rn_load4(const half_t* p, float v[4]) {
-    emu_aligned(p, 8);
-    for (int e = 0; e < 4; ++e) v[e] = h2f(p[e]);
-}
-__device__ __forceinline__ void rn_load4(const float* p, float v[4]) {
-    emu_aligned(p, 16);
-    for (int e = 0; e < 4; ++e) v[e] = p[e];
-}
-__device__ __forceinline__ void rn_store4(half_t* p, const float v[4]) {
-    emu_aligned(p, 8);
-    for (int e = 0; e < 4; ++e) p[e] = f2h(v[e]);
-}
-__device__ __forceinline__ void rn_store4(float* p, const float v[4]) {
-    emu_aligned(p, 16);
-    for (int e = 0; e < 4; ++e) p[e] = v[e];
-}
-"""
+# rmsnorm's source has no PTX section of its own (its vector accesses are kernels/cuda.py's VECTOR_IO,
+# checked through VECTOR_TYPES): an empty one for the emulator to replace.
+RMSNORM_HEADER = "// PTX_HELPERS_BEGIN\n// PTX_HELPERS_END\n" + CHECK
 
 
 @functools.lru_cache(maxsize=None)

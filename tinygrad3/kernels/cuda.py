@@ -76,6 +76,49 @@ PRELUDE += HELPERS
 
 
 
+# Four consecutive elements as one access: 8 bytes of float16 (p 8-byte aligned) or 16 bytes of float32
+# (p 16-byte aligned), converted to or from float. For the families' vector kernels (embedding, rmsnorm,
+# qk_norm_rope), each of which puts it once in its source. ALIGNED_ACCESS is empty on the GPU; the CPU
+# emulator (tests/cuda_emulator.py) defines it to check the alignment of every vector access.
+VECTOR_IO = r"""
+#ifndef ALIGNED_ACCESS
+#define ALIGNED_ACCESS(p, bytes)
+#endif
+__device__ __forceinline__ void load4(const half_t* p, float v[4]) {
+    ALIGNED_ACCESS(p, 8);
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    v[0] = h2f((half_t)(u.x & 0xffffu));
+    v[1] = h2f((half_t)(u.x >> 16));
+    v[2] = h2f((half_t)(u.y & 0xffffu));
+    v[3] = h2f((half_t)(u.y >> 16));
+}
+__device__ __forceinline__ void load4(const float* p, float v[4]) {
+    ALIGNED_ACCESS(p, 16);
+    const float4 u = *reinterpret_cast<const float4*>(p);
+    v[0] = u.x;
+    v[1] = u.y;
+    v[2] = u.z;
+    v[3] = u.w;
+}
+__device__ __forceinline__ void store4(half_t* p, const float v[4]) {
+    ALIGNED_ACCESS(p, 8);
+    uint2 u;
+    u.x = (unsigned)f2h(v[0]) | ((unsigned)f2h(v[1]) << 16);
+    u.y = (unsigned)f2h(v[2]) | ((unsigned)f2h(v[3]) << 16);
+    *reinterpret_cast<uint2*>(p) = u;
+}
+__device__ __forceinline__ void store4(float* p, const float v[4]) {
+    ALIGNED_ACCESS(p, 16);
+    float4 u;
+    u.x = v[0];
+    u.y = v[1];
+    u.z = v[2];
+    u.w = v[3];
+    *reinterpret_cast<float4*>(p) = u;
+}
+"""
+
+
 @functools.lru_cache(maxsize=None)
 def _module(source):
     import cupy

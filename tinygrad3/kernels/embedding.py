@@ -17,7 +17,7 @@ so the last bits of a row with repeated ids may too (as with cupy.add.at). An id
 import numpy as np
 
 from .. import backend
-from .cuda import grid_stride_blocks, kernel
+from .cuda import VECTOR_IO, grid_stride_blocks, kernel
 
 THREADS = 256
 PER_SM = 8  # blocks per SM: the grid's cap, which __launch_bounds__ makes sure fit at once
@@ -38,23 +38,7 @@ __device__ __forceinline__ void atomic_add4(float* dst, const float v[4]) {
 
 __device__ __forceinline__ float to_float(half_t h) { return h2f(h); }
 __device__ __forceinline__ float to_float(float x) { return x; }
-
-__device__ __forceinline__ void load4(const half_t* p, float v[4]) {   // 8-byte aligned p
-    const uint2 u = *reinterpret_cast<const uint2*>(p);
-    v[0] = h2f((half_t)(u.x & 0xffffu));
-    v[1] = h2f((half_t)(u.x >> 16));
-    v[2] = h2f((half_t)(u.y & 0xffffu));
-    v[3] = h2f((half_t)(u.y >> 16));
-}
-
-__device__ __forceinline__ void load4(const float* p, float v[4]) {    // 16-byte aligned p
-    const float4 u = *reinterpret_cast<const float4*>(p);
-    v[0] = u.x;
-    v[1] = u.y;
-    v[2] = u.z;
-    v[3] = u.w;
-}
-
+""" + VECTOR_IO + r"""
 // out[ids[r], :] += gy[r, :] for the rows r of this warp.
 template <bool VEC, typename G, typename I>
 __device__ __forceinline__ void add_rows(const I* __restrict__ ids, const G* __restrict__ gy,

@@ -67,7 +67,7 @@ import numpy as np
 
 from . import rmsnorm, rope
 from ..backend import get_array_module
-from .cuda import grid_stride_blocks, kernel
+from .cuda import VECTOR_IO, grid_stride_blocks, kernel
 
 THREADS = rmsnorm.THREADS
 PAIRS = rmsnorm.COLS // 2          # feature pairs per thread
@@ -178,29 +178,7 @@ VEC_SOURCE = r"""
 #define QK_WARPS 8
 #define QK_MAX_DIM (2 * THREADS * PAIRS)
 
-__device__ __forceinline__ void load4(const half_t* p, float v[4]) {   // 8-byte aligned p
-    const uint2 u = *reinterpret_cast<const uint2*>(p);
-    v[0] = h2f((half_t)(u.x & 0xffffu));
-    v[1] = h2f((half_t)(u.x >> 16));
-    v[2] = h2f((half_t)(u.y & 0xffffu));
-    v[3] = h2f((half_t)(u.y >> 16));
-}
-
-__device__ __forceinline__ void load4(const float* p, float v[4]) {    // 16-byte aligned p
-    const float4 u = *reinterpret_cast<const float4*>(p);
-    v[0] = u.x;
-    v[1] = u.y;
-    v[2] = u.z;
-    v[3] = u.w;
-}
-
-__device__ __forceinline__ void store4(half_t* p, const float v[4]) {  // 8-byte aligned p
-    uint2 u;
-    u.x = (unsigned)f2h(v[0]) | ((unsigned)f2h(v[1]) << 16);
-    u.y = (unsigned)f2h(v[2]) | ((unsigned)f2h(v[3]) << 16);
-    *reinterpret_cast<uint2*>(p) = u;
-}
-
+""" + VECTOR_IO + r"""
 // Sum over the `lanes` lanes (a power of two) of an aligned segment of the warp; all 32 lanes call it.
 __device__ __forceinline__ float segment_sum(float v, int lanes) {
     for (int o = lanes >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

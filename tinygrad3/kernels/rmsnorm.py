@@ -55,7 +55,7 @@ import functools
 import numpy as np
 
 from ..backend import get_array_module
-from .cuda import grid_stride_blocks, kernel
+from .cuda import VECTOR_IO, grid_stride_blocks, kernel
 
 THREADS = 128
 COLS = 8                   # columns per thread
@@ -174,37 +174,7 @@ extern "C" __global__ void rms_norm_dw(const float* __restrict__ gw_part, w_t* _
 VEC_SOURCE = r"""
 #define RN_WARPS 8
 
-// PTX_HELPERS_BEGIN
-// Four consecutive elements at p: 8 bytes of float16 (p 8-byte aligned) or 16 of float32 (16-byte aligned).
-__device__ __forceinline__ void rn_load4(const half_t* p, float v[4]) {
-    const uint2 u = *reinterpret_cast<const uint2*>(p);
-    v[0] = h2f((half_t)(u.x & 0xffffu));
-    v[1] = h2f((half_t)(u.x >> 16));
-    v[2] = h2f((half_t)(u.y & 0xffffu));
-    v[3] = h2f((half_t)(u.y >> 16));
-}
-__device__ __forceinline__ void rn_load4(const float* p, float v[4]) {
-    const float4 u = *reinterpret_cast<const float4*>(p);
-    v[0] = u.x;
-    v[1] = u.y;
-    v[2] = u.z;
-    v[3] = u.w;
-}
-__device__ __forceinline__ void rn_store4(half_t* p, const float v[4]) {
-    uint2 u;
-    u.x = (unsigned)f2h(v[0]) | ((unsigned)f2h(v[1]) << 16);
-    u.y = (unsigned)f2h(v[2]) | ((unsigned)f2h(v[3]) << 16);
-    *reinterpret_cast<uint2*>(p) = u;
-}
-__device__ __forceinline__ void rn_store4(float* p, const float v[4]) {
-    float4 u;
-    u.x = v[0];
-    u.y = v[1];
-    u.z = v[2];
-    u.w = v[3];
-    *reinterpret_cast<float4*>(p) = u;
-}
-// PTX_HELPERS_END
+""" + VECTOR_IO + r"""
 
 __device__ __forceinline__ float rn_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -226,9 +196,9 @@ __device__ __forceinline__ void rn_fwd_vec(const x_t* __restrict__ x, const w_t*
     for (int k = 0; k < G; ++k) {  // every load of the row first
         const int q = lane + 32 * k;
         if (q < groups) {
-            rn_load4(x + base + 4 * q, xs[k]);
-            rn_load4(w + 4 * q, ws[k]);
-            if (residual) rn_load4(residual + base + 4 * q, hs[k]);
+            load4(x + base + 4 * q, xs[k]);
+            load4(w + 4 * q, ws[k]);
+            if (residual) load4(residual + base + 4 * q, hs[k]);
         } else {
 #pragma unroll
             for (int e = 0; e < 4; ++e) xs[k][e] = 0.f;
@@ -249,7 +219,7 @@ __device__ __forceinline__ void rn_fwd_vec(const x_t* __restrict__ x, const w_t*
                 v[e] = xs[k][e] * r * (1.f + ws[k][e]);
                 if (residual) v[e] = hs[k][e] + round_like(x, v[e]);
             }
-            rn_store4(y + base + 4 * q, v);
+            store4(y + base + 4 * q, v);
         }
     }
     if (lane == 0) rstd[row] = r;
@@ -277,9 +247,9 @@ __device__ __forceinline__ void rn_bwd_vec(const y_t* __restrict__ gy, const x_t
         for (int k = 0; k < G; ++k) {  // every load of the row first
             const int q = lane + 32 * k;
             if (q < groups) {
-                rn_load4(gy + base + 4 * q, h[k]);
-                rn_load4(x + base + 4 * q, n[k]);
-                if (add_gx) rn_load4(gx + base + 4 * q, old[k]);
+                load4(gy + base + 4 * q, h[k]);
+                load4(x + base + 4 * q, n[k]);
+                if (add_gx) load4(gx + base + 4 * q, old[k]);
             }
         }
         float dot = 0.f;
@@ -288,7 +258,7 @@ __device__ __forceinline__ void rn_bwd_vec(const y_t* __restrict__ gy, const x_t
             const int q = lane + 32 * k;
             if (q < groups) {
                 float wv[4];
-                rn_load4(w + 4 * q, wv);
+                load4(w + 4 * q, wv);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     float g = h[k][e];
@@ -312,7 +282,7 @@ __device__ __forceinline__ void rn_bwd_vec(const y_t* __restrict__ gy, const x_t
                     // add_gx: as the scalar kernel, ours rounded to x's type, then added (no FMA)
                     if (add_gx) v[e] = __fadd_rn(old[k][e], round_like(x, v[e]));
                 }
-                rn_store4(gx + base + 4 * q, v);
+                store4(gx + base + 4 * q, v);
             }
         }
     }
