@@ -4,8 +4,7 @@ without a GPU (tests/test_flash_attention.py runs flash_attention's kernels thro
 The source is compiled with g++ as C++, unchanged except for its PTX helper section (between the
 PTX_HELPERS_BEGIN and PTX_HELPERS_END markers), which is replaced by C++ versions below; the
 CUDA prelude (h2f, f2h, neg_inf) is replaced too. Each block runs as one cooperative fiber per
-thread, switched at every barrier: __syncthreads waits for the block, bar_sync for the threads
-of a named barrier (bar_arrive counts in without waiting), and the warp-wide
+thread, switched at every barrier: __syncthreads waits for the block, and the warp-wide
 instructions (ldmatrix, mma, shuffles, __syncwarp) wait for the 32 lanes of the warp, which then
 exchange their registers exactly as the PTX ISA says the instruction does. So the index
 arithmetic of the fragment layouts, the padding, the masks and the tile loops are all exercised
@@ -281,24 +280,6 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 __device__ __forceinline__ float ex2(float x) { return exp2f(x); }
 
-// Named barriers 1..15: bar_arrive counts the thread in and goes on, bar_sync counts it in and
-// waits (parked, as in __syncthreads) until n threads have arrived since the barrier last opened.
-static long emu_named_arrived[16], emu_named_gen[16];
-static long emu_named_arrive(int id, int n) {
-    if (id < 1 || id > 15 || n % 32 || n <= 0) emu_fail("named barrier id or thread count");
-    const long gen = emu_named_gen[id];
-    ++emu_progress;
-    if (++emu_named_arrived[id] == n) { emu_named_arrived[id] = 0; ++emu_named_gen[id]; }
-    return gen;
-}
-__device__ __forceinline__ void bar_arrive(int id, int n) { emu_named_arrive(id, n); }
-__device__ __forceinline__ void bar_sync(int id, int n) {
-    const long gen = emu_named_arrive(id, n);
-    emu_cur->at_barrier = true;
-    while (emu_named_gen[id] == gen) emu_yield();
-    emu_cur->at_barrier = false;
-}
-
 // ----- running a grid ------------------------------------------------------------------------
 static void emu_run(int gx, int gy, int gz, int bx, int by, int smem_bytes, std::function<void()> body) {
     const int threads = bx * by;   // a 2-D block: thread t is (t % bx, t / bx), warps of 32 consecutive t
@@ -317,7 +298,6 @@ static void emu_run(int gx, int gy, int gz, int bx, int by, int smem_bytes, std:
                 emu_nthreads = emu_live = threads;
                 emu_block_arrived = 0;
                 for (int w = 0; w < 32; ++w) emu_warp_arrived[w] = 0;
-                for (int i = 0; i < 16; ++i) emu_named_arrived[i] = 0;
                 for (int t = 0; t < threads; ++t) {
                     EmuThread& th = emu_threads[t];
                     th.tid = {(unsigned)(t % bx), (unsigned)(t / bx), 0};

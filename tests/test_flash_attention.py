@@ -209,27 +209,13 @@ def test_shared_memory_fits_an_sm():
         assert max(flash.smem_bytes(d).values()) <= 227 * 1024, d
 
 
-@pytest.fixture(params=list(flash.VARIANTS))
-def variant(request, monkeypatch):
-    """Each kernel variant in turn (flash.VARIANTS; the launches read flash.VARIANT)."""
-    monkeypatch.setattr(flash, "VARIANT", request.param)
-    return request.param
-
-
-def test_variant_shared_memory_fits_an_sm():
-    for name in flash.VARIANTS:
-        for d in (16, 32, 64, 128, 256):
-            assert max(flash.smem_bytes(d, name).values()) <= 227 * 1024, (name, d)
-
-
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not installed")
-@pytest.mark.parametrize("name", list(flash.VARIANTS))
 @pytest.mark.parametrize("d", [64, 256])
-def test_kernels_compile_for_hopper_without_register_spills(tmp_path, d, name):
-    """nvcc (ptxas) compiles all four kernels of every variant for sm_90 and spills no register
-    to local memory (the D = 256 accumulators take some 128 of a thread's 255 registers)."""
+def test_kernels_compile_for_hopper_without_register_spills(tmp_path, d):
+    """nvcc (ptxas) compiles all four kernels for sm_90 and spills no register to local memory
+    (the D = 256 accumulators take some 128 of a thread's 255 registers)."""
     src = tmp_path / "flash.cu"
-    src.write_text(PRELUDE + flash.source(d, name))
+    src.write_text(PRELUDE + f"#define HEAD_DIM {d}\n" + flash.SOURCE)
     result = subprocess.run(["nvcc", "-arch=sm_90", "--std=c++17", "-Xptxas", "-v", "-c", str(src),
                              "-o", str(tmp_path / "flash.o")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -242,8 +228,8 @@ def test_kernels_compile_for_hopper_without_register_spills(tmp_path, d, name):
 # ----- CPU: the CUDA source on the emulator ----------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _emulator(d, variant):
-    return cuda_emulator.Emulator(flash.source(d, variant))
+def _emulator(d):
+    return cuda_emulator.Emulator(f"#define HEAD_DIM {d}\n" + flash.SOURCE)
 
 
 @pytest.fixture
@@ -254,7 +240,7 @@ def emulated(monkeypatch):
     mode = {"deferred": True, "reverse": False}
 
     def launch(d, name, grid, threads, args):
-        emulator = _emulator(d, flash.VARIANT)
+        emulator = _emulator(d)
         emulator.options(**mode)
         emulator.launch(name, grid, threads, args, flash.smem_bytes(d)[name])
 
@@ -362,43 +348,6 @@ def test_emulated_bthd_queries_before_the_last_keys(emulated, rng, window):
     assert not grads[1][:, :, 50:].any() and not grads[2][:, :, 50:].any()
 
 
-# The variants (flash.VARIANTS) at D = 256, where they differ (and one D = 64 case, where the
-# kv_* variants fall back to the default dK/dV kernel): windows, causal, queries after earlier
-# keys, a partial last tile, several heads of a group
-VARIANT_CASES = [
-    (1, 4, 1, 150, 150, 256, 40),
-    (1, 2, 1, 70, 150, 256, None),
-    (2, 4, 1, 40, 72, 256, 24),
-    (1, 2, 2, 70, 200, 64, 3),
-]
-
-
-@pytest.mark.parametrize("deferred,reverse", [(True, False), (False, True)])
-@pytest.mark.parametrize("b,hq,hkv,tq,tk,d,window", VARIANT_CASES)
-def test_emulated_variants_match_reference(emulated, variant, rng, b, hq, hkv, tq, tk, d, window, deferred,
-                                           reverse):
-    """Every variant against the reference in both layouts, bthd to the bit against bhtd; the
-    forward and dQ (same math, same order in every variant) to the bit against the default."""
-    emulated.update(deferred=deferred, reverse=reverse)
-    q, k, v, gy = inputs(rng, b, hq, hkv, tq, tk, d, gy_scale=100)
-    scale, offset = d ** -0.5, tk - tq
-    out, lse = flash.forward(q, k, v, scale, window, offset)
-    ro, rlse = flash.reference_forward(q, k, v, scale, window, offset)
-    close(out, ro, 2e-3, "out")
-    grads = flash.backward(gy, q, k, v, out, lse, scale, window, offset)
-    for name, ours, ref in zip("qkv", grads, flash.reference_backward(gy, q, k, v, ro, rlse, scale, window, offset)):
-        close(ours, ref, 4e-3, f"d{name}")
-    out_t, lse_t = flash.forward(q, k, v, scale, window, offset, "bthd")
-    np.testing.assert_array_equal(out_t, bthd(out))
-    grads_t = flash.backward(bthd(gy), q, k, v, out_t, lse_t, scale, window, offset, out_layout="bthd")
-    for name, ours, theirs in zip("qkv", grads_t, grads):
-        np.testing.assert_array_equal(ours, theirs, err_msg=f"d{name}")
-    if variant != "default":
-        flash.VARIANT = "default"   # (the fixture restores it)
-        np.testing.assert_array_equal(flash.forward(q, k, v, scale, window, offset)[0], out)
-        np.testing.assert_array_equal(flash.backward(gy, q, k, v, out, lse, scale, window, offset)[0], grads[0])
-
-
 # ----- GPU: the kernels against the reference; the fast path against the reference path -------
 
 GPU_CASES = CASES + [
@@ -411,7 +360,7 @@ GPU_CASES = CASES + [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,hq,hkv,tq,tk,d,window", GPU_CASES)
-def test_flash_kernels(gpu_xp, variant, rng, b, hq, hkv, tq, tk, d, window):
+def test_flash_kernels(gpu_xp, rng, b, hq, hkv, tq, tk, d, window):
     cp = gpu_xp
     q, k, v, gy = inputs(rng, b, hq, hkv, tq, tk, d, gy_scale=100)
     scale, offset = d ** -0.5, tk - tq
@@ -430,7 +379,7 @@ def test_flash_kernels(gpu_xp, variant, rng, b, hq, hkv, tq, tk, d, window):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,hq,hkv,tq,tk,d,window", GPU_CASES + [(3, 4, 1, 1024, 1024, 256, 512)])
-def test_flash_kernels_bthd(gpu_xp, variant, rng, b, hq, hkv, tq, tk, d, window):
+def test_flash_kernels_bthd(gpu_xp, rng, b, hq, hkv, tq, tk, d, window):
     """O and dO in (B, Tq, Hq, D): against the reference in that layout, and to the bit against
     the kernels in (B, Hq, Tq, D)."""
     cp = gpu_xp
@@ -458,7 +407,7 @@ def test_flash_kernels_bthd(gpu_xp, variant, rng, b, hq, hkv, tq, tk, d, window)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [None, 8])
-def test_flash_kernels_queries_before_the_last_keys(gpu_xp, variant, rng, window):
+def test_flash_kernels_queries_before_the_last_keys(gpu_xp, rng, window):
     cp = gpu_xp
     q, k, v, gy = inputs(rng, 1, 4, 2, 20, 200, 32, gy_scale=100)
     poison(cp, (q.shape, np.float16), (k.shape, np.float16), (v.shape, np.float16))
@@ -473,7 +422,7 @@ def test_flash_kernels_queries_before_the_last_keys(gpu_xp, variant, rng, window
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,hq,hkv,tq,tk,d,window", CASES[:6] + [(2, 4, 1, 1024, 1024, 256, 512),
                                                                   (2, 4, 1, 256, 256, 256, None)])
-def test_flash_fast_path_equals_reference_path(gpu_xp, variant, rng, b, hq, hkv, tq, tk, d, window):
+def test_flash_fast_path_equals_reference_path(gpu_xp, rng, b, hq, hkv, tq, tk, d, window):
     """F.attention with the family on (the flash kernels, checked) against the reference path
     (float32 scores with xp.matmul), forward and gradients, v through a transposed view as the
     model gives it."""

@@ -85,7 +85,6 @@ at least one query and key; anything else takes the `attention` family or the re
 The NumPy reference below runs the same tiles in the same order with the same roundings.
 """
 import functools
-import os
 
 import numpy as np
 
@@ -99,45 +98,6 @@ DROW_ROWS = 4                              # Drow: rows per block (one warp each
 MAX_DIM = 256
 
 
-# Variants of the backward kernels, to A/B them on a GPU (bench/flash_variants.py). The variant is
-# read once at import from TINYGRAD3_FLASH_VARIANT (default: "default", the kernels described
-# above); each is SOURCE compiled with its own flags (defines in front of it, see `source`), so
-# one variant's build never touches another's. Same math and roundings in all; only the fp32
-# summation order of the dK/dV contractions differs between the kv_* variants and the default.
-#   dq_pingpong  flash_bwd_dq: the two key-tile buffers swap roles every tile: V(j) is consumed by
-#                dP, then its buffer takes K(j+1), loaded while dQ += dS K(j) runs (the default
-#                loads K(j+1) only after tile j, exposing its latency every tile); V(j+1) goes
-#                into K(j)'s buffer after dQ and overlaps S(j+1). Same shared memory.
-#   kv_roles     flash_bwd_dkdv, D > 128: of the two warps of a 16-key slice, one computes S^T,
-#                P^T and dV over all D columns, the other dP^T, dS^T and dK; P^T goes one way
-#                through shared memory (bar.arrive / bar.sync of the pair), where the default
-#                exchanges S^T and dP^T halves both ways with three block barriers; one block
-#                barrier per step (tiles landed, buffers free).
-#   kv_roles64   kv_roles with 64-query steps (KV_BQ 64 for D > 128): half the steps, barriers
-#                and K/V operand re-reads per query.
-VARIANTS = {
-    "default": (),
-    "dq_pingpong": ("DQ_PINGPONG",),
-    "kv_roles": ("KV_ROLES",),
-    "kv_roles64": ("KV_ROLES", "KV_BQ64"),
-}
-FLAGS = ("DQ_PINGPONG", "KV_ROLES", "KV_BQ64")
-VARIANT = os.environ.get("TINYGRAD3_FLASH_VARIANT", "default")
-if VARIANT not in VARIANTS:
-    raise ValueError(f"TINYGRAD3_FLASH_VARIANT={VARIANT!r}: not one of {tuple(VARIANTS)}")
-
-
-def source(d, variant=None):
-    """The CUDA source of the head-size-d build of `variant` (default: VARIANT)."""
-    flags = VARIANTS[variant or VARIANT]
-    return f"#define HEAD_DIM {d}\n" + "".join(f"#define {f} {int(f in flags)}\n" for f in FLAGS) + SOURCE
-
-
-def kv_bq(d, variant=None):
-    """Queries per step of the dK/dV kernel (the reference keeps KV_BQ: only summation order differs)."""
-    return 64 if "KV_BQ64" in VARIANTS[variant or VARIANT] and d > 128 else KV_BQ
-
-
 def kv_split(d):
     """Warps that share one 16-key slice of dK/dV, each with D / kv_split columns."""
     return 2 if d > 128 else 1
@@ -147,19 +107,16 @@ def _padded(d):
     return d + 8
 
 
-def smem_bytes(d, variant=None):
+def smem_bytes(d):
     """Dynamic shared memory of each kernel for head size d (the layouts in SOURCE)."""
     row = 2 * _padded(d)
-    split, bq = kv_split(d), kv_bq(d, variant)
-    roles = split == 2 and "KV_ROLES" in VARIANTS[variant or VARIANT]
+    split = kv_split(d)
     return {
         "flash_fwd": (FWD_BQ + 2 * FWD_BK) * row,
         "flash_bwd_dq": (2 * DQ_BQ + 2 * DQ_BK) * row,
         # K, V; Q, dO twice; L, Drow twice (float32); with the split, two exchange buffers of
-        # 8 warps x 16 accumulators x 32 lanes (float32); kv_roles: one P^T buffer of 4 slices x
-        # bq / 2 accumulators x 32 lanes
-        "flash_bwd_dkdv": (2 * KV_BK + 4 * bq) * row + 4 * bq * 4
-        + (4 * bq // 2 * 32 * 4 if roles else 2 * 8 * 16 * 32 * 4 if split == 2 else 0),
+        # 8 warps x 16 accumulators x 32 lanes (float32)
+        "flash_bwd_dkdv": (2 * KV_BK + 4 * KV_BQ) * row + 4 * KV_BQ * 4 + (2 * 8 * 16 * 32 * 4 if split == 2 else 0),
         "flash_bwd_drow": 0,
     }
 
@@ -177,7 +134,7 @@ SOURCE = r"""
 #define DQ_BK 32
 #define DQ_THREADS 128
 #define KV_BK 64
-#define KV_BQ (KV_BQ64 && HEAD_DIM > 128 ? 64 : 32)   // (the flags are defined in front: `source`)
+#define KV_BQ 32
 #define KV_SPLIT (HEAD_DIM > 128 ? 2 : 1)
 #define KV_THREADS (128 * KV_SPLIT)
 #define KV_DP (HEAD_DIM / KV_SPLIT)   // columns of dK and dV per warp
@@ -260,11 +217,6 @@ __device__ __forceinline__ float ex2(float x) {  // 2^x; ex2(-inf) = 0
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
-// Named barrier `id` (1..15; 0 is __syncthreads') of n threads: bar_arrive signals without
-// waiting, bar_sync waits until n threads have arrived (shared-memory writes before the arrive
-// are visible after the sync): a producer warp hands data to a consumer warp.
-__device__ __forceinline__ void bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(n) : "memory"); }
-__device__ __forceinline__ void bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;" :: "r"(id), "r"(n) : "memory"); }
 // PTX_HELPERS_END
 
 __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
@@ -569,16 +521,6 @@ flash_bwd_dq(const half_t* __restrict__ q, const half_t* __restrict__ k, const h
 #pragma unroll
     for (int n = 0; n < HEAD_DIM / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 
-#if DQ_PINGPONG
-    // Variant dq_pingpong: K(j) is in sk and V(j) in sv for even j - jt0, the other way round
-    // for odd; V(j)'s buffer takes K(j + 1) once dP is done (loaded while dQ += dS K(j) runs),
-    // K(j)'s buffer takes V(j + 1) once dQ is done (loaded while S(j + 1) runs).
-    half_t* bk = sk;
-    half_t* bv = sv;
-#else
-    half_t* const bk = sk;
-    half_t* const bv = sv;
-#endif
     for (int jt = jt0; jt <= jt1; ++jt) {
         const int j0 = jt * DQ_BK;
         cp_async_wait<1>();   // Q, dO, K(j)
@@ -588,7 +530,7 @@ flash_bwd_dq(const half_t* __restrict__ q, const half_t* __restrict__ k, const h
         for (int n = 0; n < DQ_BK / 8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) p[n][e] = dp[n][e] = 0.f;
-        mma_abt<DQ_BK / 8, HEAD_DIM / 16>(p, sq + warp * 16 * SROW, bk, lane);
+        mma_abt<DQ_BK / 8, HEAD_DIM / 16>(p, sq + warp * 16 * SROW, sk, lane);
         const bool whole = all_visible(i0, DQ_BQ, j0, DQ_BK, tq, tk, q_offset, window);
 #pragma unroll
         for (int n = 0; n < DQ_BK / 8; ++n)
@@ -598,30 +540,17 @@ flash_bwd_dq(const half_t* __restrict__ q, const half_t* __restrict__ k, const h
                               ? ex2(p[n][e] * c - l2[e >> 1]) : 0.f;
         cp_async_wait<0>();   // V(j)
         __syncthreads();
-        mma_abt<DQ_BK / 8, HEAD_DIM / 16>(dp, sdo + warp * 16 * SROW, bv, lane);
-#if DQ_PINGPONG
-        __syncthreads();      // every warp is done with V(j)
-        if (jt < jt1) load_tile<DQ_BK, DQ_THREADS>(bv, kb, j0 + DQ_BK, tk, HEAD_DIM);
-        cp_async_commit();
-#endif
+        mma_abt<DQ_BK / 8, HEAD_DIM / 16>(dp, sdo + warp * 16 * SROW, sv, lane);
 #pragma unroll
         for (int n = 0; n < DQ_BK / 8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) p[n][e] = p[n][e] * (dp[n][e] - dr[e >> 1]) * scale;   // dS
-        mma_pb<HEAD_DIM / 8, DQ_BK / 16>(acc, p, bk, lane);
+        mma_pb<HEAD_DIM / 8, DQ_BK / 16>(acc, p, sk, lane);
         __syncthreads();      // every warp is done with K(j) and V(j)
-#if DQ_PINGPONG
-        if (jt < jt1) load_tile<DQ_BK, DQ_THREADS>(bk, vb, j0 + DQ_BK, tk, HEAD_DIM);
-        cp_async_commit();
-        half_t* const t = bk;
-        bk = bv;
-        bv = t;
-#else
         if (jt < jt1) load_tile<DQ_BK, DQ_THREADS>(sk, kb, j0 + DQ_BK, tk, HEAD_DIM);
         cp_async_commit();
         if (jt < jt1) load_tile<DQ_BK, DQ_THREADS>(sv, vb, j0 + DQ_BK, tk, HEAD_DIM);
         cp_async_commit();
-#endif
     }
 
     half_t* so = sq + warp * 16 * SROW;
@@ -643,7 +572,6 @@ __device__ __forceinline__ void load_step(half_t* sq, half_t* sdo, float* sl, fl
 }
 
 // ----- backward: dK and dV --------------------------------------------------------------------
-#if !(KV_ROLES && KV_SPLIT == 2)
 // Grid (Hkv, B, key tiles): the first key tiles (seen by the most queries under a causal mask)
 // start first. Warp w owns keys j0 + 16 (w % 4) .. + 15 and columns KV_DP (w / 4) .. + KV_DP - 1
 // of dK and dV. Working on transposed tiles (keys as rows) keeps each product's output rows
@@ -778,119 +706,6 @@ flash_bwd_dkdv(const half_t* __restrict__ q, const half_t* __restrict__ k, const
     store_rows(dk + (krow0 + j0) * HEAD_DIM, sk, rows, threadIdx.x, KV_THREADS, HEAD_DIM);
     store_rows(dv + (krow0 + j0) * HEAD_DIM, sv, rows, threadIdx.x, KV_THREADS, HEAD_DIM);
 }
-#else
-// Variant kv_roles (D > 128, 8 warps): grid, key slices and steps as above, but the two warps of
-// slice s = warp % 4 split the work by gradient, not by column: warp s (the dV warp) computes
-//   S^T = K Q^T (all D), P^T = exp2(S^T c - L log2 e), dV += P^T dO
-// and warp s + 4 (the dK warp)
-//   dP^T = V dO^T (all D), dS^T = P^T (dP^T - Drow) scale (float16), dK += dS^T Q,
-// each over all D columns of its gradient (128 float32 accumulators per thread, as above). P^T
-// goes from the dV warp to the dK warp through xs (float32, fragment order: lane L's entries
-// to lane L), the dV warp signalling with bar_arrive and the dK warp waiting with bar_sync on
-// barrier 1 + s. One block barrier per step: this step's tiles have landed and every warp is
-// done with the other buffer (the next step's tiles go there) and with xs.
-extern "C" __global__ void __launch_bounds__(KV_THREADS, 1)
-flash_bwd_dkdv(const half_t* __restrict__ q, const half_t* __restrict__ k, const half_t* __restrict__ v,
-               const half_t* __restrict__ gy, const float* __restrict__ lse, const float* __restrict__ drow,
-               half_t* __restrict__ dk, half_t* __restrict__ dv, int hq, int hkv, int tq, int tk,
-               int q_offset, int window, float scale, int ohs, int ots) {
-    extern __shared__ __align__(16) unsigned char smem[];
-    half_t* sk = (half_t*)smem;
-    half_t* sv = sk + KV_BK * SROW;
-    half_t* sq = sv + KV_BK * SROW;       // [2][KV_BQ][SROW]
-    half_t* sdo = sq + 2 * KV_BQ * SROW;  // [2][KV_BQ][SROW]
-    float* sl = (float*)(sdo + 2 * KV_BQ * SROW);   // [2][KV_BQ]
-    float* sd = sl + 2 * KV_BQ;                     // [2][KV_BQ]
-    float* xs = sd + 2 * KV_BQ;                     // [4 slices][KV_BQ / 2 entries][32 lanes]
-    const int kvh = blockIdx.x, b = blockIdx.y, tile = blockIdx.z;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int slice = warp & 3;
-    const bool dv_warp = warp < 4;
-    const int group = hq / hkv;
-    const int j0 = tile * KV_BK;
-    const size_t krow0 = (size_t)(b * hkv + kvh) * tk;
-
-    const int jlast = min(j0 + KV_BK, tk) - 1;
-    const int ilo = max(0, j0 - q_offset);
-    const int ihi = window > 0 ? min(tq - 1, jlast + window - 1 - q_offset) : tq - 1;
-    const int it0 = ilo / KV_BQ;
-    const int tiles = ilo <= ihi ? ihi / KV_BQ - it0 + 1 : 0;
-    const int steps = group * tiles;
-
-    if (steps > 0) {
-        load_tile<KV_BK, KV_THREADS>(sk, k + krow0 * HEAD_DIM, j0, tk, HEAD_DIM);
-        load_tile<KV_BK, KV_THREADS>(sv, v + krow0 * HEAD_DIM, j0, tk, HEAD_DIM);
-        load_step(sq, sdo, sl, sd, q, gy, lse, drow, b, hq, tq, ohs, ots, kvh * group, it0 * KV_BQ);
-    }
-    cp_async_commit();
-    const float c = scale * LOG2E;
-    const int key = j0 + slice * 16 + (lane >> 2), col = (lane & 3) * 2;   // rows key, key + 8
-    float* xl = xs + slice * (KV_BQ / 2) * 32 + lane;   // this lane's P^T entries: xl[32 (4 n + e)]
-    float acc[HEAD_DIM / 8][4];   // dV (dV warp) or dK (dK warp), rows key, key + 8
-#pragma unroll
-    for (int n = 0; n < HEAD_DIM / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
-
-    int h = kvh * group, it = it0;   // of the current step
-    for (int step = 0; step < steps; ++step) {
-        const int buf = step & 1;
-        cp_async_wait<0>();   // this step's tiles (and K, V) have landed
-        __syncthreads();      // ... for every thread; every warp is done with buffer buf ^ 1 and xs
-        const int nh = it + 1 - it0 < tiles ? h : h + 1, nit = it + 1 - it0 < tiles ? it + 1 : it0;
-        if (step + 1 < steps)
-            load_step(sq + (buf ^ 1) * KV_BQ * SROW, sdo + (buf ^ 1) * KV_BQ * SROW, sl + (buf ^ 1) * KV_BQ,
-                      sd + (buf ^ 1) * KV_BQ, q, gy, lse, drow, b, hq, tq, ohs, ots, nh, nit * KV_BQ);
-        cp_async_commit();
-        const int i0 = it * KV_BQ;
-        h = nh;
-        it = nit;
-        const half_t* cq = sq + buf * KV_BQ * SROW;
-        const half_t* cdo = sdo + buf * KV_BQ * SROW;
-
-        float s[KV_BQ / 8][4];   // S^T then P^T (dV warp); dP^T then dS^T (dK warp)
-#pragma unroll
-        for (int n = 0; n < KV_BQ / 8; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
-        if (dv_warp) {
-            const float* cl = sl + buf * KV_BQ;
-            mma_abt<KV_BQ / 8, HEAD_DIM / 16>(s, sk + slice * 16 * SROW, cq, lane);
-            // P^T: entry (key + 8 (e >> 1), query i0 + 8 n + col + (e & 1)).
-            const bool whole = all_visible(i0, KV_BQ, j0, KV_BK, tq, tk, q_offset, window);
-#pragma unroll
-            for (int n = 0; n < KV_BQ / 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int iq = n * 8 + col + (e & 1);
-                    s[n][e] = whole || visible(i0 + iq, key + 8 * (e >> 1), tq, q_offset, window)
-                                  ? ex2(s[n][e] * c - cl[iq] * LOG2E) : 0.f;
-                    xl[(n * 4 + e) * 32] = s[n][e];
-                }
-            bar_arrive(1 + slice, 64);
-            mma_pb<HEAD_DIM / 8, KV_BQ / 16>(acc, s, cdo, lane);
-        } else {
-            const float* cd = sd + buf * KV_BQ;
-            mma_abt<KV_BQ / 8, HEAD_DIM / 16>(s, sv + slice * 16 * SROW, cdo, lane);
-            bar_sync(1 + slice, 64);   // the dV warp's P^T is in xs
-#pragma unroll
-            for (int n = 0; n < KV_BQ / 8; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    s[n][e] = xl[(n * 4 + e) * 32] * (s[n][e] - cd[n * 8 + col + (e & 1)]) * scale;
-            mma_pb<HEAD_DIM / 8, KV_BQ / 16>(acc, s, cq, lane);
-        }
-    }
-
-    cp_async_wait<0>();       // nothing may land in sk, sv after they are reused below
-    __syncthreads();
-    stage<HEAD_DIM / 8>((dv_warp ? sv : sk) + slice * 16 * SROW, acc, 1.f, 1.f, lane);
-    __syncthreads();
-    const int rows = min(KV_BK, tk - j0);
-    store_rows(dk + (krow0 + j0) * HEAD_DIM, sk, rows, threadIdx.x, KV_THREADS, HEAD_DIM);
-    store_rows(dv + (krow0 + j0) * HEAD_DIM, sv, rows, threadIdx.x, KV_THREADS, HEAD_DIM);
-}
-#endif
 """
 
 
@@ -917,9 +732,9 @@ def _ampere_or_later(device_id):
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(d, name, variant):
-    fn = kernel(source(d, variant), name)
-    shared = smem_bytes(d, variant)[name]
+def _kernel(d, name):
+    fn = kernel(f"#define HEAD_DIM {d}\n" + SOURCE, name)
+    shared = smem_bytes(d)[name]
     if shared > 48 * 1024:  # above the default limit a kernel must opt in
         fn.max_dynamic_shared_size_bytes = shared
     return fn
@@ -927,7 +742,7 @@ def _kernel(d, name, variant):
 
 def _launch(d, name, grid, threads, args):
     """Runs kernel `name` of the head-size-d build (tests swap in a CPU emulator here)."""
-    _kernel(d, name, VARIANT)(grid, (threads,), args, shared_mem=smem_bytes(d)[name])
+    _kernel(d, name)(grid, (threads,), args, shared_mem=smem_bytes(d)[name])
 
 
 def _ints(*values):
