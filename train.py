@@ -268,7 +268,7 @@ class Trainer:
             self.log.truncate_after(self.step)
         self.graphed = None
         if args.cuda_graphs:
-            self.graphed = nn.GraphedMicroBatch(lambda x, y: self.model(x, y, return_logits=False)[1], self.optimizer)
+            self.graphed = nn.GraphedMicroBatch(self.micro_loss, self.optimizer)
         self.dp = None
         if comm is not None:
             self.dp = distributed.DataParallel(self.model.parameters(), comm,
@@ -310,6 +310,11 @@ class Trainer:
                                       "not continue the same run")
 
     # ----- one update ------------------------------------------------------------------------
+    def micro_loss(self, x, y, loss_weight):
+        """One micro-batch's loss; loss_weight is what backward will multiply it by (a number, or
+        the CUDA graph's GPU scalar), so the model's head makes its gradients in the forward."""
+        return self.model(x, y, return_logits=False, loss_grad=loss_weight)[1]
+
     def update(self):
         """Forward/backward over grad_accum micro-batches, then one optimizer step."""
         args, xp = self.args, backend.array_module(self.args.device)
@@ -323,7 +328,7 @@ class Trainer:
             if self.graphed is not None:
                 loss_sum += self.graphed(x, y, loss_weight)
                 continue
-            _, loss = self.model(x, y, return_logits=False)
+            loss = self.micro_loss(x, y, loss_weight)
             # On the last micro-batch, each bucket's all-reduce starts once backward completes it.
             last = self.dp is not None and i == args.grad_accum - 1
             (loss * loss_weight).backward(leaf_hook=self.dp.leaf_hook if last else None)

@@ -143,6 +143,10 @@ class Ours:
         else:
             self.pool, self.timer = None, Timer(None)
 
+    def micro_loss(self, x, y, loss_weight):
+        """As train.Trainer.micro_loss: the loss, its head's gradients made in the forward."""
+        return self.model(x, y, return_logits=False, loss_grad=loss_weight)[1]
+
     def update(self, batches, graphed=None):
         loss_weight = self.scaler.scale / len(batches)
         loss_sum = self.xp.zeros((), np.float32)
@@ -150,7 +154,7 @@ class Ours:
             if graphed is not None:
                 loss_sum += graphed(x, y, loss_weight)
                 continue
-            _, loss = self.model(x, y, return_logits=False)
+            _, loss = self.model(x, y, return_logits=False, loss_grad=loss_weight)
             (loss * loss_weight).backward()
             loss_sum += loss.data
         result = self.opt.step(lr=1e-4, inv_scale=self.scaler.inv_scale, clip_norm=1.0)
@@ -165,7 +169,7 @@ class Ours:
             self.pool.free_all_blocks()
         self.skipped = 0
         with kernels.fast(bool(families), families or kernels.FAMILIES):
-            graphed = nn.GraphedMicroBatch(lambda x, y: self.model(x, y, return_logits=False)[1], self.opt) if graphs else None
+            graphed = nn.GraphedMicroBatch(self.micro_loss, self.opt) if graphs else None
             # With graphs, the first update runs eagerly and the second captures: warm up past both.
             warmup = max(warmup, 2) if graphs else warmup
             median, times = measure(lambda: self.update(batches, graphed), self.timer, warmup, steps)
@@ -248,7 +252,7 @@ def kernel_profile(ours, batches, steps):
     import torch
     from torch.profiler import ProfilerActivity, profile
     with kernels.fast(True):
-        graphed = nn.GraphedMicroBatch(lambda x, y: ours.model(x, y, return_logits=False)[1], ours.opt)
+        graphed = nn.GraphedMicroBatch(ours.micro_loss, ours.opt)
         for _ in range(2):  # eager, then capture
             ours.update(batches, graphed)
         backend.cupy.cuda.Device().synchronize()

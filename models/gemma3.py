@@ -184,13 +184,14 @@ class Gemma3(Module):
     def output_weight(self):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, idx, targets=None, ignore_index=-1, cache=None, return_logits=True):
+    def forward(self, idx, targets=None, ignore_index=-1, cache=None, return_logits=True, loss_grad=None):
         """idx: (B, T) integer ids. Returns (logits (B, T, vocab), mean cross-entropy or None).
 
         With targets and return_logits=False the head and the loss run as one op that never
         holds all the logits (F.linear_cross_entropy: the same loss and gradients, the head's
         memory cut from two (B, T, vocab) arrays to one block); logits is then None. Training
-        uses that.
+        uses that, and passes loss_grad, the gradient the loss will get in backward (what it
+        multiplies the loss by), so that the head's gradients are made in the forward.
         """
         idx = idx.data if isinstance(idx, Tensor) else idx
         if idx.ndim != 2:
@@ -200,7 +201,7 @@ class Gemma3(Module):
         # would; the cast's backward hands the gradient back to the table in float32.
         weight = cast(self.output_weight(), h.dtype)
         if targets is not None and not return_logits:
-            return None, F.linear_cross_entropy(h, weight, targets, ignore_index,
+            return None, F.linear_cross_entropy(h, weight, targets, ignore_index, expected_grad=loss_grad,
                                                 valid_vocab=self.config.unpadded_vocab_size)
         logits = F.linear(h, weight)
         mask = self.vocab_mask(logits)

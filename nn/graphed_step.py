@@ -1,6 +1,6 @@
 """A training micro-batch (forward, loss, backward) replayed as a CUDA graph.
 
-    graphed = GraphedMicroBatch(lambda x, y: model(x, y)[1], optimizer)
+    graphed = GraphedMicroBatch(lambda x, y, w: model(x, y, return_logits=False, loss_grad=w)[1], optimizer)
     for x, y in micro_batches:
         loss = graphed(x, y, loss_weight)   # gradients of loss * loss_weight go to the optimizer
         loss_sum += loss                    # a GPU value, overwritten by the next call
@@ -20,7 +20,10 @@ graph. (Without graphs our fp16 gradients are summed over micro-batches in fp16 
 agree to fp16 rounding.)
 
 The loss weight (loss scale / micro-batches) lives in a GPU scalar the graph reads, so the loss
-scaler may change it between replays without a new capture. The parameters' `.grad` must be
+scaler may change it between replays without a new capture. `loss_fn(x, y, w)` receives it (w: that
+scalar, or the number itself in the eager first micro-batch): backward will multiply the loss by
+it, so the model may make its head's gradients in the forward (Gemma3's `loss_grad`); a loss_fn may
+also ignore it. The parameters' `.grad` must be
 None when a micro-batch starts (the graph cannot add to arrays it does not own).
 """
 import numpy as np
@@ -30,7 +33,8 @@ from tinygrad3.cuda_graph import CaptureError, CudaGraph
 
 
 class GraphedMicroBatch:
-    """`loss_fn(x, y) -> loss Tensor` forward and backward, captured once per input shape."""
+    """`loss_fn(x, y, loss_weight) -> loss Tensor` forward and backward (of loss * loss_weight),
+    captured once per input shape."""
 
     def __init__(self, loss_fn, optimizer):
         if not backend.cuda_available():
@@ -57,7 +61,7 @@ class GraphedMicroBatch:
 
     def _eager(self, x, y, loss_weight):
         with self.optimizer.grads_in_buffer():
-            loss = self.loss_fn(x, y)
+            loss = self.loss_fn(x, y, loss_weight)
             (loss * loss_weight).backward()
         return loss.data
 
@@ -77,7 +81,7 @@ class _Captured:
 
         def micro_batch():
             with optimizer.grads_in_buffer():
-                loss = loss_fn(self.x, self.y)
+                loss = loss_fn(self.x, self.y, self.weight)
                 (loss * Tensor(self.weight.astype(loss.dtype, copy=False))).backward()
             return loss.data
 

@@ -397,7 +397,7 @@ def test_recompute_inside_a_captured_cuda_graph(gpu_xp):
     with fast(True):
         for recompute in (False, True):
             model, opt = _fp16_tiny(recompute, seed=19)
-            graphed = nn.GraphedMicroBatch(lambda x, y: model(x, y)[1], opt)
+            graphed = nn.GraphedMicroBatch(lambda x, y, w: model(x, y)[1], opt)
             losses = [float(graphed(x, y, 256.0 / len(batches))) for x, y in batches]
             result = opt.step(inv_scale=1 / 256.0, clip_norm=None)
             runs[recompute] = losses, result.grad_norm, result.found_inf

@@ -151,7 +151,9 @@ def tiny_training(cp, ids, graphs, bad_step=None):
     opt = nn.AdamW(model.named_parameters(), lr=3e-3)
     opt.set_masters(masters)
     scaler, losses = nn.LossScaler(), []
-    graphed = nn.GraphedMicroBatch(lambda x, y: model(x, y)[1], opt) if graphs else None
+    # graphed: the blocked head with its gradients made in the forward for the graph's loss weight
+    graphed = nn.GraphedMicroBatch(lambda x, y, w: model(x, y, return_logits=False, loss_grad=w)[1],
+                                   opt) if graphs else None
     with fast(True):
         for step in range(len(ids)):
             total = cp.zeros((), np.float32)
@@ -180,7 +182,8 @@ def counting_ids(steps=20):
 def test_graphed_training_matches_eager(gpu_xp):
     """20 fp16 updates with every micro-batch after the first replayed from a CUDA graph: the
     losses equal those of the same updates run op by op, within float16 tolerance (the graphed
-    run sums micro-batch gradients in float32, the eager one in float16)."""
+    run sums micro-batch gradients in float32, the eager one in float16; the graphed one also
+    takes the blocked head with its gradients made in the forward, the eager one the logits)."""
     ids = counting_ids()
     eager, graphed = tiny_training(gpu_xp, ids, False), tiny_training(gpu_xp, ids, True)
     assert eager[-1] < eager[0] - 0.5, eager  # it learns
@@ -198,7 +201,7 @@ def test_graph_reads_the_loss_weight_of_each_call(gpu_xp):
     model = Gemma3(Gemma3Config.tiny(), seed=0)
     model.to(device="cuda", dtype=np.float16)
     opt = nn.AdamW(model.named_parameters())
-    graphed = nn.GraphedMicroBatch(lambda x, y: model(x, y)[1], opt)
+    graphed = nn.GraphedMicroBatch(lambda x, y, w: model(x, y)[1], opt)
     batch = cp.asarray(counting_ids(1)[0, 0])
     sums = []
     with fast(True):
@@ -220,7 +223,7 @@ def test_bad_ids_in_a_replay_raise_before_the_step(gpu_xp):
     model = Gemma3(config, seed=0)
     model.to(device="cuda", dtype=np.float16)
     opt = nn.AdamW(model.named_parameters())
-    graphed = nn.GraphedMicroBatch(lambda x, y: model(x, y)[1], opt)
+    graphed = nn.GraphedMicroBatch(lambda x, y, w: model(x, y)[1], opt)
     good = cp.asarray(counting_ids(1)[0, 0])
     with fast(True):
         for _ in range(3):
@@ -240,7 +243,7 @@ def test_graphed_micro_batch_needs_a_gpu():
         pytest.skip("this machine has a GPU")
     opt, a, b = two_param_optimizer(np)
     with pytest.raises(CaptureError, match="CUDA GPU"):
-        nn.GraphedMicroBatch(lambda x, y: None, opt)
+        nn.GraphedMicroBatch(lambda x, y, w: None, opt)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -371,6 +371,10 @@ def test_cross_entropy_kernel(gpu_xp, rng, rows, v):
     poison(cp, (z.shape, np.float16))
     gz = cross_entropy.backward(gy, cp.asarray(z), cp.asarray(t), lse, denom, -1)
     close16(gz, cross_entropy.reference_backward(np.float32(65536 / 8), z, t, rlse, rdenom, -1), what="dz")
+    logits = cp.asarray(z)  # in_place: the same gradient, written over the logits
+    over = cross_entropy.backward(gy, logits, cp.asarray(t), lse, denom, -1, in_place=True)
+    assert over.data.ptr == logits.data.ptr
+    np.testing.assert_array_equal(cp.asnumpy(over), cp.asnumpy(gz))
 
 
 @pytest.mark.gpu

@@ -61,6 +61,40 @@ def test_fused_gradcheck_and_torch(xp, torch, rng):
     compare_with_torch(torch, xp, fused(rows=3), theirs, [x, w])
 
 
+def early(valid=None, rows=4, expected=2.5):
+    return lambda x, w: F.linear_cross_entropy(x, w, TARGETS, valid_vocab=valid, block_rows=rows,
+                                               expected_grad=expected)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 100])
+def test_gradients_made_in_the_forward_equal_the_recomputed_ones(xp, rng, rows):
+    """expected_grad = the gy the backward then gets (a number, or a 0-d array as in a CUDA graph):
+    the same loss and gradients as recomputing the logits in the backward."""
+    x, w = rng.standard_normal((3, 4, 5)), rng.standard_normal((8, 5))
+    for valid, expected in ((None, 2.5), (7, xp.asarray(2.5))):
+        results = []
+        for fn in (fused(valid, rows), early(valid, rows, expected)):
+            ts = [Tensor(xp.asarray(a), requires_grad=True) for a in (x, w)]
+            loss = fn(*ts)
+            (loss * 2.5).backward()
+            results.append([backend.to_numpy(a) for a in (loss.data, ts[0].grad, ts[1].grad)])
+        for got, want in zip(results[1], results[0]):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_gradients_made_in_the_forward_gradcheck_and_torch(xp, torch, rng):
+    """Another gy than the expected one (gradcheck's and torch's random upstream gradients): the
+    gradients are scaled by gy / expected_grad, so they are still right."""
+    x, w = rng.standard_normal((3, 4, 5)), rng.standard_normal((7, 5))
+    check_grad(xp, early(rows=3, expected=0.75), [x, w])
+    check_grad(xp, early(valid=7, rows=5, expected=-3.0), [x, rng.standard_normal((9, 5))])
+
+    def theirs(x, w):
+        z = (x @ w.T).reshape(-1, 7)
+        return torch.nn.functional.cross_entropy(z, torch.tensor(TARGETS.reshape(-1)), ignore_index=-1)
+    compare_with_torch(torch, xp, early(rows=3, expected=4.0), theirs, [x, w])
+
+
 def test_all_ignored_is_zero_with_zero_gradients(xp, rng):
     x = Tensor(xp.asarray(rng.standard_normal((2, 3)).astype(np.float32)), requires_grad=True)
     w = Tensor(xp.asarray(rng.standard_normal((4, 3)).astype(np.float32)), requires_grad=True)
@@ -84,6 +118,8 @@ def test_errors(xp, rng):
         F.linear_cross_entropy(x, w, np.array([0, 3]), valid_vocab=3)
     with pytest.raises(ValueError, match="valid_vocab"):
         F.linear_cross_entropy(x, w, np.array([0, 1]), valid_vocab=5)
+    with pytest.raises(ValueError, match="expected_grad must be nonzero"):
+        F.linear_cross_entropy(x, w, np.array([0, 1]), expected_grad=0.0)
 
 
 @pytest.mark.parametrize("n, vocab, itemsize, block_bytes, expected", [
@@ -132,10 +168,14 @@ def test_fast_path_fused_equals_unfused(gpu_xp, rng):
     results = []
     with fast(True):
         for fn in (lambda a, b: F.cross_entropy(F.linear(a, b) + mask, targets),
-                   lambda a, b: F.linear_cross_entropy(a, b, targets, valid_vocab=v - 12, block_rows=128)):
+                   lambda a, b: F.linear_cross_entropy(a, b, targets, valid_vocab=v - 12, block_rows=128),
+                   lambda a, b: F.linear_cross_entropy(a, b, targets, valid_vocab=v - 12, block_rows=128,
+                                                       expected_grad=cp.asarray(1024.0, np.float32))):
             ts = [Tensor(cp.asarray(a), requires_grad=True) for a in (x, w)]
             loss = fn(*ts) * 1024.0
             loss.backward()
             results.append((loss.data, ts[0].grad, ts[1].grad))
     for got, expected, what in zip(results[1], results[0], ("loss", "dx", "dw")):
         close16(got, expected, what=what)
+    for early_made, recomputed in zip(results[2], results[1]):  # gradients made in the forward: the same bits
+        np.testing.assert_array_equal(cp.asnumpy(early_made), cp.asnumpy(recomputed))

@@ -169,7 +169,8 @@ def cross_entropy(logits, targets, ignore_index=-1):
     return CrossEntropy(ignore_index)(logits, targets)
 
 
-def linear_cross_entropy(x, weight, targets, ignore_index=-1, valid_vocab=None, block_rows=None):
+def linear_cross_entropy(x, weight, targets, ignore_index=-1, valid_vocab=None, block_rows=None,
+                         expected_grad=None):
     """cross_entropy(linear(x, weight), targets) without keeping the logits.
 
     x (..., D), weight (V, D), targets of x's leading shape. valid_vocab: only ids below it are
@@ -177,7 +178,10 @@ def linear_cross_entropy(x, weight, targets, ignore_index=-1, valid_vocab=None, 
     no gradient, and targets must lie below it. The logits are made block_rows rows at a time
     (default: blocks of at most 256 MiB) in the forward and again in the backward, so the head's
     peak memory is one block's logits, not all of them (nn_ops/linear_cross_entropy.py). Same
-    value and gradients as the unfused ops.
+    value and gradients as the unfused ops. expected_grad: the gradient the loss's backward will
+    get (a number or a 0-d array, e.g. the loss scale / micro-batches), when known: the gradients
+    are then made in the forward, with no second head GEMM, and scaled by gy / expected_grad in the
+    backward (any gy stays correct; the expected one gives the same values).
     """
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"linear_cross_entropy: x has {x.shape[-1]} features, weight {tuple(weight.shape)} "
@@ -192,4 +196,6 @@ def linear_cross_entropy(x, weight, targets, ignore_index=-1, valid_vocab=None, 
                          f"{tuple(x.shape)} (expected {tuple(x.shape[:-1])})")
     if block_rows is not None and int(block_rows) < 1:
         raise ValueError(f"linear_cross_entropy: block_rows must be >= 1, got {block_rows}")
-    return LinearCrossEntropy(ignore_index, valid_vocab, block_rows)(x, weight, targets)
+    if expected_grad is not None and not hasattr(expected_grad, "shape") and not float(expected_grad):
+        raise ValueError("linear_cross_entropy: expected_grad must be nonzero (the backward divides by it)")
+    return LinearCrossEntropy(ignore_index, valid_vocab, block_rows, expected_grad)(x, weight, targets)

@@ -71,9 +71,11 @@ extern "C" __global__ void ce_fwd(const half_t* __restrict__ logits, const long 
     }
 }
 
-extern "C" __global__ void ce_bwd(const half_t* __restrict__ logits, const long long* __restrict__ targets,
+// gx may be logits itself (the gradient written over the logits): each thread reads its elements
+// before it writes them and no thread touches another's, so logits and gx are not __restrict__.
+extern "C" __global__ void ce_bwd(const half_t* logits, const long long* __restrict__ targets,
                                   const float* __restrict__ lse, const float* __restrict__ coef,
-                                  half_t* __restrict__ gx, int V, int Vv, long long ignore, int vec) {
+                                  half_t* gx, int V, int Vv, long long ignore, int vec) {
     const size_t base = (size_t)blockIdx.x * V;
     const long long t = targets[blockIdx.x];
     const float c = t == ignore ? 0.f : coef[0];
@@ -124,14 +126,15 @@ def forward(logits, targets, ignore_index, valid=None):
     return per_row.sum() / denom, lse, denom
 
 
-def backward(gy, logits, targets, lse, denom, ignore_index, valid=None):
-    """dL/dlogits, float16, logits' shape (zero in the columns past `valid`)."""
+def backward(gy, logits, targets, lse, denom, ignore_index, valid=None, in_place=False):
+    """dL/dlogits, float16, logits' shape (zero in the columns past `valid`); in_place: written over
+    the (contiguous) logits, which are then gone."""
     import cupy
     v = logits.shape[-1]
     z = cupy.ascontiguousarray(logits).reshape(-1, v)
     t = cupy.ascontiguousarray(targets.reshape(-1), dtype=np.int64)
     coef = (gy.astype(np.float32) / denom).reshape(1)
-    gx = cupy.empty_like(z)
+    gx = z if in_place else cupy.empty_like(z)
     if z.shape[0]:
         kernel(SOURCE, "ce_bwd")((z.shape[0],), (THREADS,),
                                  (z, t, lse, coef, gx, np.int32(v), np.int32(valid or v), np.int64(ignore_index),

@@ -23,6 +23,15 @@ dW = sum_c dZ_c^T X_c, summed over blocks in float32 (float64 for float64) and r
 dtype once at the end (on the fast path each block's GEMM adds into the float32 sum itself). When
 the engine offers a float32 target for dW (a gradient buffer), the blocks add into it directly.
 
+Gradients made in the forward (expected_grad). Every gradient above is linear in the upstream
+gy, and in training gy is known before the forward: it is the loss weight, loss scale / micro-
+batches, that the loss is multiplied by. Given it, the forward computes each block's dZ_c (over
+its logits, in place), dX_c and its share of dW right away, while the logits are still there, so
+no GEMM is run twice; the backward only scales them by gy / expected_grad (exactly 1 when gy is
+the expected value, and x * 1 is exact: the same values as the recomputing path). The forward then
+holds dX and a float32 dW (V x D) until the backward instead of X and W, and at most one block's
+logits, overwritten by their gradient.
+
 A padded vocabulary (valid_vocab < V: W's last rows are unused ids) is handled by
 CrossEntropy: those logits count as -inf, so they get probability 0 and gradient 0, and W's
 padding rows get zero gradient, as adding a large negative mask would give, without the pass.
@@ -49,11 +58,13 @@ class LinearCrossEntropy(Function):
     """mean CE(x W^T, targets) over rows whose target is not ignore_index.
 
     x (..., D), W (V, D), targets of x's leading shape; only the first valid_vocab logits count
-    (all when None). The loss has x's compute dtype (float32 for float16 x).
+    (all when None). The loss has x's compute dtype (float32 for float16 x). With expected_grad
+    (the gradient its backward will be called with), the gradients are made in the forward.
     """
 
-    def __init__(self, ignore_index, valid_vocab=None, rows=None):
+    def __init__(self, ignore_index, valid_vocab=None, rows=None, expected_grad=None):
         self.ignore_index, self.valid_vocab, self.rows = ignore_index, valid_vocab, rows
+        self.expected = expected_grad
 
     def _logits(self, x2, w, start, stop):
         """The block's logits x2[start:stop] W^T, in x's dtype, as F.linear makes them."""
@@ -63,42 +74,67 @@ class LinearCrossEntropy(Function):
         xp = get_array_module(x)
         x2, t = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
         self.fast = use_fast("gemm", x2, w)
+        c = compute_dtype(x.dtype)
         rows = self.rows or block_rows(len(x2), w.shape[0], x2.dtype.itemsize)
-        self.bounds = [(a, min(a + rows, len(x2))) for a in range(0, len(x2), rows)]
-        self.count = xp.maximum((t != self.ignore_index).sum(), 1).astype(compute_dtype(x.dtype))
+        bounds = [(a, min(a + rows, len(x2))) for a in range(0, len(x2), rows)]
+        self.count = xp.maximum((t != self.ignore_index).sum(), 1).astype(c)
+        early = self.expected is not None and any(self.needs_grad[:2])
+        if not early:
+            self.expected = None
+        else:  # the gradients of gy = expected, made block by block below
+            self.expected = xp.asarray(self.expected, dtype=c)
+            self.gx = xp.empty(x2.shape, x2.dtype) if self.needs_grad[0] else None
+            self.gw = xp.zeros(w.shape, c) if self.needs_grad[1] else None
         self.blocks, total = [], None
-        for start, stop in self.bounds:
-            ce = CrossEntropy(self.ignore_index, self.valid_vocab)
+        for start, stop in bounds:
+            # its backward writes dZ over the block's logits, which are ours and needed no more
+            ce = CrossEntropy(self.ignore_index, self.valid_vocab, overwrite_logits=True)
             ce.needs_grad = (True, False)
             share = ce.forward(self._logits(x2, w, start, stop), t[start:stop]) * ce.denom
             total = share if total is None else total + share
-            del ce.logits  # made again in the backward; everything else it saved is per row
-            self.blocks.append(ce)
-        self.x2, self.w = x2, w  # the backward makes the logits again from both
-        self.x_shape, self.w_dtype = x.shape, w.dtype
+            if early:
+                self._block_grads(ce, self.expected, x2, w, start, stop, self.gx, self.gw)
+            else:
+                del ce.logits  # made again in the backward; everything else it saved is per row
+                self.blocks.append((start, stop, ce))
+        if not early:
+            self.x2, self.w = x2, w  # the backward makes the logits again from both
+        self.x_shape, self.w_dtype, self.c = x.shape, w.dtype, c
         if total is None:  # no rows at all
-            return xp.zeros((), compute_dtype(x.dtype))
+            return xp.zeros((), c)
         return total / self.count
+
+    def _block_grads(self, ce, gy, x2, w, start, stop, gx, gw):
+        """Block c's dZ_c (CrossEntropy's backward, upstream gy N_c / N), then dX_c = dZ_c W into
+        gx[start:stop] and dW += dZ_c^T X_c into gw (either may be None)."""
+        gz, _ = ce.backward(gy * (ce.denom / self.count))
+        del ce.logits
+        if gx is not None:
+            gx[start:stop] = gemm.mm(gz, w) if self.fast else gz @ w
+        if gw is not None and self.fast:
+            gemm.mm(gz, x2[start:stop], trans_a=True, out=gw)
+        elif gw is not None:
+            gw += gz.astype(gw.dtype).T @ x2[start:stop].astype(gw.dtype)
 
     def backward(self, gy):
         """Per block: dZ_c from CrossEntropy (upstream gy N_c / N), then dX_c = dZ_c W and
-        dW += dZ_c^T X_c (see the module docstring)."""
-        xp, x2, w = get_array_module(gy), self.x2, self.w
-        c = compute_dtype(x2.dtype)
-        gx = xp.empty(x2.shape, x2.dtype) if self.needs_grad[0] else None
-        gw = self.grad_target(1) if self.needs_grad[1] else None
-        added = gw is not None and gw.dtype == c and gw.flags.c_contiguous
-        if self.needs_grad[1] and not added:
-            gw = xp.zeros(w.shape, c)
-        for (start, stop), ce in zip(self.bounds, self.blocks):
-            ce.logits = self._logits(x2, w, start, stop)
-            gz, _ = ce.backward(gy * (ce.denom / self.count))
-            if gx is not None:
-                gx[start:stop] = gemm.mm(gz, w) if self.fast else gz @ w
-            if gw is not None and self.fast:
-                gemm.mm(gz, x2[start:stop], trans_a=True, out=gw)
-            elif gw is not None:
-                gw += gz.astype(c).T @ x2[start:stop].astype(c)
-            del ce.logits, gz
+        dW += dZ_c^T X_c (see the module docstring). Made in the forward for gy = expected: every
+        gradient is linear in gy, so they are scaled by gy / expected (1 when the caller kept its
+        word: x * 1 is exact, so the values are those of the recomputing path)."""
+        xp, c = get_array_module(gy), self.c
+        target = self.grad_target(1) if self.needs_grad[1] else None
+        added = target is not None and target.dtype == c and target.flags.c_contiguous
+        if self.expected is not None:
+            factor = gy.astype(self.expected.dtype) / self.expected
+            gx = None if self.gx is None else (self.gx * factor).astype(self.gx.dtype)
+            gw = None if self.gw is None else xp.multiply(self.gw, factor, out=self.gw)
+            if added:
+                target += gw
+        else:
+            gx = xp.empty(self.x2.shape, self.x2.dtype) if self.needs_grad[0] else None
+            gw = target if added else xp.zeros(self.w.shape, c) if self.needs_grad[1] else None
+            for start, stop, ce in self.blocks:
+                ce.logits = self._logits(self.x2, self.w, start, stop)
+                self._block_grads(ce, gy, self.x2, self.w, start, stop, gx, gw)
         return (None if gx is None else gx.reshape(self.x_shape),
                 ADDED if added else None if gw is None else gw.astype(self.w_dtype, copy=False), None)

@@ -14,10 +14,12 @@ class CrossEntropy(Function):
     Targets are range-checked by F.cross_entropy before they get here.
     """
 
-    def __init__(self, ignore_index, valid_vocab=None):
+    def __init__(self, ignore_index, valid_vocab=None, overwrite_logits=False):
         # valid_vocab: only the first valid_vocab logits of a row count; the others (a padded
         # vocabulary's unused ids) get probability 0 and gradient 0, as if they were -inf.
-        self.ignore_index, self.valid_vocab = ignore_index, valid_vocab
+        # overwrite_logits: the fast path's backward writes the gradient over the logits (for a
+        # caller that owns them and needs them no more, LinearCrossEntropy), saving an array.
+        self.ignore_index, self.valid_vocab, self.overwrite = ignore_index, valid_vocab, overwrite_logits
 
     def forward(self, logits, targets):
         xp, c = get_array_module(logits), compute_dtype(logits.dtype)
@@ -50,8 +52,8 @@ class CrossEntropy(Function):
         underflow float16 before that scale could lift it.
         """
         if self.fast:
-            return cross_entropy.backward(gy, self.logits, self.targets, self.lse, self.denom,
-                                          self.ignore_index, self.valid_vocab), None
+            return cross_entropy.backward(gy, self.logits, self.targets, self.lse, self.denom, self.ignore_index,
+                                          self.valid_vocab, in_place=self.overwrite), None
         xp, c = get_array_module(gy), self.lse.dtype
         z = self.logits.reshape(-1, self.logits.shape[-1]).astype(c, copy=False)
         g = xp.exp(z - self.lse)
