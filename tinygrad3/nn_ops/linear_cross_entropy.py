@@ -82,7 +82,9 @@ class LinearCrossEntropy(Function):
         if not early:
             self.expected = None
         else:  # the gradients of gy = expected, made block by block below
-            self.expected = xp.asarray(self.expected, dtype=c)
+            # a number becomes a 0-d array by a fill (capturable in a CUDA graph, see ops.as_operand)
+            e = self.expected
+            self.expected = e.astype(c, copy=False) if hasattr(e, "shape") else xp.full((), e, dtype=c)
             self.gx = xp.empty(x2.shape, x2.dtype) if self.needs_grad[0] else None
             self.gw = xp.zeros(w.shape, c) if self.needs_grad[1] else None
         self.blocks, total = [], None
