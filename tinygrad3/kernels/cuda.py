@@ -119,6 +119,12 @@ __device__ __forceinline__ void store4(float* p, const float v[4]) {
 """
 
 
+def address(a):
+    """Where an array's data starts: a CuPy array's device pointer, or a NumPy array's host address
+    (tests run the kernels' host code with NumPy arrays on the CPU emulator). For alignment checks."""
+    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
+
+
 @functools.lru_cache(maxsize=None)
 def _module(source):
     import cupy

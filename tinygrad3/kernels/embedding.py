@@ -17,7 +17,7 @@ so the last bits of a row with repeated ids may too (as with cupy.add.at). An id
 import numpy as np
 
 from .. import backend
-from .cuda import VECTOR_IO, grid_stride_blocks, kernel
+from .cuda import VECTOR_IO, address, grid_stride_blocks, kernel
 
 THREADS = 256
 PER_SM = 8  # blocks per SM: the grid's cap, which __launch_bounds__ makes sure fit at once
@@ -87,7 +87,7 @@ def supports(ids, gy, out):
 def vector_ok(gy, out):
     """The vector path's conditions: D a multiple of 4, gy's rows start on 4-value boundaries,
     out's on 16-byte ones."""
-    return gy.shape[1] % 4 == 0 and _address(gy) % (4 * gy.itemsize) == 0 and _address(out) % 16 == 0
+    return gy.shape[1] % 4 == 0 and address(gy) % (4 * gy.itemsize) == 0 and address(out) % 16 == 0
 
 
 # ----- launching: through these names, which tests/test_embedding_kernel.py replaces to run the
@@ -100,9 +100,6 @@ def _launch(name, blocks, args):
 def _blocks(rows):
     return grid_stride_blocks(rows, THREADS // 32, per_sm=PER_SM)
 
-
-def _address(a):
-    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
 
 
 def embedding_backward(ids, gy, out):

@@ -32,7 +32,7 @@ import math
 import numpy as np
 
 from ..backend import get_array_module
-from .cuda import grid_stride_blocks, kernel
+from .cuda import address, grid_stride_blocks, kernel
 
 THREADS = 256
 VEC = 8              # halves per 16-byte vector
@@ -172,13 +172,10 @@ def _blocks(n, per_sm):
     return grid_stride_blocks(n, THREADS, per_sm=per_sm)
 
 
-def _address(a):
-    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
-
 
 def vector_ok(*arrays):
     """The vector kernels' condition: every array starts on a 16-byte boundary (any n)."""
-    return all(_address(a) % 16 == 0 for a in arrays)
+    return all(address(a) % 16 == 0 for a in arrays)
 
 
 def _run(name, arrays, n):

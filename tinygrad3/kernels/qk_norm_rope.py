@@ -67,7 +67,7 @@ import numpy as np
 
 from . import rmsnorm, rope
 from ..backend import get_array_module
-from .cuda import VECTOR_IO, grid_stride_blocks, kernel
+from .cuda import VECTOR_IO, address, grid_stride_blocks, kernel
 
 THREADS = rmsnorm.THREADS
 PAIRS = rmsnorm.COLS // 2          # feature pairs per thread
@@ -435,14 +435,11 @@ def _sum_partials(source, part, w_dtype, into=None):
     return rmsnorm.sum_partials(source, part, w_dtype, into)
 
 
-def _address(a):
-    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
-
 
 def _vector_ok(x, cos, sin):
     """The vector kernels' layout for x, or None: D = 8k, x 8-byte and the tables 16-byte aligned."""
     layout = vector_layout(x.shape[-1])
-    aligned = _address(x) % 8 == 0 and _address(cos) % 16 == 0 and _address(sin) % 16 == 0
+    aligned = address(x) % 8 == 0 and address(cos) % 16 == 0 and address(sin) % 16 == 0
     return layout if aligned else None
 
 
@@ -489,7 +486,7 @@ def backward(gy, x, w, cos, sin, rstd, dw_into=None):
         g, lanes = layout
         threads = VEC_WARPS * 32
         # gy's 8-byte loads: unit feature stride and every row start (b, h, t) 8-byte aligned
-        gy_vec = strides[3] == 1 and _address(gy) % 8 == 0 and \
+        gy_vec = strides[3] == 1 and address(gy) % 8 == 0 and \
             all(s % 4 == 0 for s, n in zip(strides[:3], gy.shape[:3]) if n > 1)
         blocks = _blocks(rows, threads // lanes, GROUPS_PER_LANE[g][1])
         part = xp.empty((blocks, d), np.float32)

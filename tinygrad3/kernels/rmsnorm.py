@@ -55,7 +55,7 @@ import functools
 import numpy as np
 
 from ..backend import get_array_module
-from .cuda import VECTOR_IO, grid_stride_blocks, kernel
+from .cuda import VECTOR_IO, address, grid_stride_blocks, kernel
 
 THREADS = 128
 COLS = 8                   # columns per thread
@@ -353,10 +353,10 @@ def vector_groups(d):
 def vector_ok(*arrays):
     """The vector kernels' alignment: each array (None: absent) starts on a 4-element boundary (8 bytes
     for float16, 16 for float32); with D % 4 == 0 so does every row."""
-    return all(a is None or _address(a) % (4 * a.itemsize) == 0 for a in arrays)
+    return all(a is None or address(a) % (4 * a.itemsize) == 0 for a in arrays)
 
 
-# ----- launching: through these names, which tests/test_rmsnorm_emulated.py replaces to run the same
+# ----- launching: through these names, which tests/test_vector_kernels_emulated.py replaces to run the same
 # host code with NumPy arrays on the CPU emulator
 
 def _launch(source, name, grid, block, args):
@@ -366,9 +366,6 @@ def _launch(source, name, grid, block, args):
 def _blocks(rows, rows_per_block, per_sm):
     return grid_stride_blocks(rows, rows_per_block, per_sm=per_sm)
 
-
-def _address(a):
-    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
 
 
 def forward(x, w, eps, out_dtype, residual=None):
@@ -417,15 +414,11 @@ def backward(gy, x, w, rstd, round_gy=False, gx_into=None, dw_into=None):
     flags = (np.int32(round_gy), np.int32(gx_into is not None))
     g = vector_groups(d)
     if g and vector_ok(gy, x, w, gx):  # a warp per row, a grid of one wave
-        blocks = _blocks(rows, VEC_WARPS, VEC_GROUPS[g])
-        part = xp.empty((blocks, d), np.float32)
-        _launch(source, f"rms_norm_bwd_v{g}", (blocks,), (VEC_WARPS * 32,),
-                (gy, x, w, rstd, gx, part, np.int64(rows), np.int32(d)) + flags)
+        name, blocks, threads = f"rms_norm_bwd_v{g}", _blocks(rows, VEC_WARPS, VEC_GROUPS[g]), VEC_WARPS * 32
     else:
-        blocks = _blocks(rows, 1, 8)
-        part = xp.empty((blocks, d), np.float32)
-        _launch(source, "rms_norm_bwd", (blocks,), (THREADS,),
-                (gy, x, w, rstd, gx, part, np.int64(rows), np.int32(d)) + flags)
+        name, blocks, threads = "rms_norm_bwd", _blocks(rows, 1, 8), THREADS
+    part = xp.empty((blocks, d), np.float32)
+    _launch(source, name, (blocks,), (threads,), (gy, x, w, rstd, gx, part, np.int64(rows), np.int32(d)) + flags)
     return gx, sum_partials(source, part, w.dtype, dw_into)
 
 
