@@ -6,8 +6,11 @@ when meta.json parses, has this format version, and each .bin holds exactly the 
 of tokens meta.json records; anything else (an interrupted run) is rejected.
 
 meta.json fields: format_version, tokenizer, vocab_size, eot_id, dtype, splits
-({split: {file, tokens, stories}}), source, text_column, val_fraction (the held-out
-fraction, or null when the source had its own validation split), created, seconds.
+({split: {file, tokens, stories, sha256}}: sha256 is the hex digest of the .bin's bytes),
+source, source_fingerprint (`data.sources.fingerprint` of a local source when it was read,
+null for a hub dataset), text_column, val_fraction (the held-out fraction, or null when the
+source had its own validation split), created, seconds. Datasets prepared before sha256 and
+source_fingerprint were recorded are still accepted (format 1 either way).
 """
 import json
 import os

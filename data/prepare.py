@@ -12,10 +12,15 @@ of order and process count, and duplicates land on the same side.
 
 Crash safety: the .bin files are written as `*.bin.tmp` and renamed only once both are
 complete; meta.json is removed before the renames and written (atomically) after them, so
-an interrupted run never leaves a directory that `data.meta.is_prepared` accepts. An
-existing accepted output is kept unless `force=True`.
+an interrupted run never leaves a directory that `data.meta.is_prepared` accepts.
+
+meta.json records the sha256 of each .bin and, for a local source, its fingerprint
+(`data.sources.fingerprint`, taken before the source is read). An existing accepted output
+of the same source is kept unless `force=True`, or rebuilt when that fingerprint no longer
+matches the source (it was edited since, or prepared by a version that recorded none).
 """
 import argparse
+import hashlib
 import os
 import shutil
 import sys
@@ -28,7 +33,7 @@ import numpy as np
 
 from . import meta as meta_file
 from .errors import DataError
-from .sources import DEFAULT_SOURCE, describe, load_source
+from .sources import DEFAULT_SOURCE, describe, fingerprint, load_source
 from .tokenizer import EOT_ID, NAME, VOCAB_SIZE, gpt2
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "tinystories"
@@ -52,7 +57,7 @@ def tokenize_batch(batch, val_fraction=None):
 
 
 class BinWriter:
-    """Appends token ids to `<split>.bin.tmp`; `commit` renames it to `<split>.bin`."""
+    """Appends token ids to `<split>.bin.tmp` (hashing them); `commit` renames it to `<split>.bin`."""
 
     def __init__(self, out_dir, split):
         self.path = meta_file.bin_path(out_dir, split)
@@ -60,12 +65,15 @@ class BinWriter:
         self.file = open(self.tmp, "wb")
         self.tokens = 0
         self.stories = 0
+        self.sha256 = hashlib.sha256()
 
     def write(self, table):
         """Append the `ids` column of an Arrow table."""
         for chunk in table.column("ids").chunks:
             ids = chunk.flatten().to_numpy(zero_copy_only=False).astype(meta_file.DTYPE, copy=False)
-            self.file.write(ids.tobytes())
+            data = ids.tobytes()
+            self.file.write(data)
+            self.sha256.update(data)
             self.tokens += len(ids)
             self.stories += int(np.count_nonzero(chunk.value_lengths().to_numpy(zero_copy_only=False)))
 
@@ -116,17 +124,21 @@ def prepare(source=DEFAULT_SOURCE, out_dir=DEFAULT_OUT, *, num_proc=None, val_fr
         raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     if num_proc is not None and num_proc < 1:
         raise DataError(f"--num-proc must be at least 1, got {num_proc}")
+    source_fingerprint = fingerprint(source)
     if meta_file.is_prepared(out_dir) and not force:
         existing = meta_file.load_meta(out_dir)
         if existing["source"] != label:
             raise DataError(f"{out_dir} already holds data prepared from {existing['source']}; "
                             "pass --force to replace it, or choose another --out")
-        _say(quiet, f"{out_dir} is already prepared from {label}; pass --force to rebuild")
-        return existing
+        if existing.get("source_fingerprint") == source_fingerprint:
+            _say(quiet, f"{out_dir} is already prepared from {label}; pass --force to rebuild")
+            return existing
+        _say(quiet, f"{label} changed since it was prepared into {out_dir}; rebuilding")
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        meta = _build(source, label, out_dir, num_proc, val_fraction, text_column, quiet)
+        meta = _build(source, label, source_fingerprint, out_dir, num_proc, val_fraction,
+                      text_column, quiet)
     except BaseException:
         if created and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a failed first run leaves no empty output directory
@@ -135,7 +147,7 @@ def prepare(source=DEFAULT_SOURCE, out_dir=DEFAULT_OUT, *, num_proc=None, val_fr
     return meta
 
 
-def _build(source, label, out_dir, num_proc, val_fraction, text_column, quiet):
+def _build(source, label, source_fingerprint, out_dir, num_proc, val_fraction, text_column, quiet):
     """Tokenize and write both splits, then commit them and meta.json; returns the meta."""
     start = time.time()
     work_dir = out_dir / WORK_DIR_NAME
@@ -152,7 +164,7 @@ def _build(source, label, out_dir, num_proc, val_fraction, text_column, quiet):
         writers = {split: BinWriter(out_dir, split) for split in meta_file.SPLITS}
         write_bins(tokenized, writers, quiet)
         _check_counts(writers, label, holdout)
-        meta = _meta(writers, label, text_column, holdout, time.time() - start)
+        meta = _meta(writers, label, source_fingerprint, text_column, holdout, time.time() - start)
         (out_dir / meta_file.META_NAME).unlink(missing_ok=True)
         for writer in writers.values():
             writer.commit()
@@ -197,16 +209,18 @@ def _check_counts(writers, source, holdout):
         raise DataError(f"the validation split of {source} is empty; {fix}")
 
 
-def _meta(writers, source, text_column, holdout, seconds):
+def _meta(writers, source, source_fingerprint, text_column, holdout, seconds):
     return {
         "format_version": meta_file.FORMAT_VERSION,
         "tokenizer": NAME,
         "vocab_size": VOCAB_SIZE,
         "eot_id": EOT_ID,
         "dtype": meta_file.DTYPE,
-        "splits": {split: {"file": w.path.name, "tokens": w.tokens, "stories": w.stories}
+        "splits": {split: {"file": w.path.name, "tokens": w.tokens, "stories": w.stories,
+                           "sha256": w.sha256.hexdigest()}
                    for split, w in writers.items()},
         "source": source,
+        "source_fingerprint": source_fingerprint,
         "text_column": text_column,
         "val_fraction": holdout,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -1,4 +1,6 @@
-"""data.prepare: round trips from text/jsonl/parquet sources, holdout, crash safety, errors."""
+"""data.prepare: round trips from text/jsonl/parquet sources, holdout, crash safety, errors,
+the recorded sha256 and source fingerprint."""
+import hashlib
 import json
 import os
 import time
@@ -13,7 +15,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from data import prepare as prepare_module  # noqa: E402
 from data import sources  # noqa: E402
 from data.errors import DataError  # noqa: E402
-from data.meta import META_NAME, is_prepared, load_meta  # noqa: E402
+from data.meta import META_NAME, is_prepared, load_meta, write_json_atomic  # noqa: E402
 from data.prepare import main, prepare  # noqa: E402
 from data.synthetic import generate_stories, prepare_synthetic, write_text  # noqa: E402
 from data.tokenizer import EOT, EOT_ID, gpt2  # noqa: E402
@@ -51,9 +53,11 @@ def test_text_file_round_trip_with_holdout(tmp_path):
     assert train == [s for s in stories if s in set(train)]  # source order kept
     assert 20 < len(val) < 80  # about 10 %
     assert meta == load_meta(out)
-    assert meta["splits"]["train"] == {"file": "train.bin", "tokens": token_count(train),
-                                       "stories": len(train)}
-    assert meta["splits"]["validation"]["tokens"] == token_count(val)
+    for split, stories_of in (("train", train), ("validation", val)):
+        sha256 = hashlib.sha256((out / f"{split}.bin").read_bytes()).hexdigest()
+        assert meta["splits"][split] == {"file": f"{split}.bin", "tokens": token_count(stories_of),
+                                         "stories": len(stories_of), "sha256": sha256}
+    assert meta["source_fingerprint"] == sources.fingerprint(source)
     assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"], meta["dtype"]) == ("gpt2", 50257, 50256, "uint16")
     assert meta["source"] == str(source) and meta["val_fraction"] == 0.1
     assert_only_outputs(out)
@@ -175,6 +179,49 @@ def test_existing_output_is_skipped_unless_forced(tmp_path, capsys):
         prepare(other, tmp_path / "out", quiet=True)
     second = prepare(other, tmp_path / "out", quiet=True, force=True, val_fraction=0.1)
     assert second["source"] == str(other) and second["created"] >= first["created"]
+
+
+def test_an_edited_source_is_rebuilt_without_force(tmp_path, capsys):
+    source = write_text(tmp_path / "s.txt", 200, seed=9)
+    prepare(source, tmp_path / "out", quiet=True, val_fraction=0.1)
+    write_text(source, 200, seed=10)
+    meta = prepare(source, tmp_path / "out", val_fraction=0.1)
+    assert "changed since it was prepared" in capsys.readouterr().out
+    assert sorted(decoded_stories(tmp_path / "out", "train") + decoded_stories(tmp_path / "out", "validation")) \
+        == sorted(generate_stories(200, seed=10))
+    assert meta["source_fingerprint"] == sources.fingerprint(source)
+    # An output that records no fingerprint (an older preparation) cannot be trusted: rebuilt.
+    del meta["source_fingerprint"]
+    write_json_atomic(tmp_path / "out" / META_NAME, meta)
+    assert prepare(source, tmp_path / "out", quiet=True, val_fraction=0.1)["source_fingerprint"] \
+        == sources.fingerprint(source)
+
+
+def test_fingerprint_follows_size_mtime_and_the_file_set(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_text("One story.")
+    first = sources.fingerprint(source)
+    assert sources.fingerprint(source) == first and len(first) == 64
+    (source / "notes.md").write_text("not a source file")
+    assert sources.fingerprint(source) == first
+    stat = (source / "a.txt").stat()
+    (source / "a.txt").write_text("One story!")  # same size
+    os.utime(source / "a.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert sources.fingerprint(source) == first  # documented: size and mtime alike -> unseen
+    os.utime(source / "a.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    touched = sources.fingerprint(source)
+    assert touched != first
+    (source / "a.txt").write_text("One longer story.")
+    os.utime(source / "a.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    resized = sources.fingerprint(source)
+    assert resized not in (first, touched)
+    (source / "b.txt").write_text("Two.")
+    assert sources.fingerprint(source) not in (first, touched, resized)
+    assert sources.fingerprint(str(source / "*.txt")) != sources.fingerprint(source)  # the glob is part of it
+    assert sources.fingerprint("roneneldan/TinyStories") is None
+    with pytest.raises(DataError, match="neither a file"):
+        sources.fingerprint(tmp_path / "missing.txt")
 
 
 def test_empty_and_unreadable_sources(tmp_path):
