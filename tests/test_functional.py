@@ -192,22 +192,46 @@ def test_qk_norm_rope(xp, torch, rng, offset):
                        rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_qk_norm_rope_is_the_three_ops(xp, rng, dtype):
-    """Off the fast path, F.qk_norm_rope is the composition: equal outputs and gradients."""
-    x, w = rng.standard_normal((2, 5, 4, 8)).astype(dtype), (0.3 * rng.standard_normal(8)).astype(np.float32)
-    gy = xp.asarray(rng.standard_normal((2, 4, 5, 8)).astype(dtype))
-    results = []
-    for fn in (lambda x, w: F.qk_norm_rope(x, w, 1e-6, 1e4, 3),
-               lambda x, w: F.rope(F.rms_norm(x, w, 1e-6).transpose(0, 2, 1, 3), 1e4, 3)):
-        tx, tw = Tensor(xp.asarray(x), requires_grad=True), Tensor(xp.asarray(w), requires_grad=True)
-        with fast(False):
-            out = fn(tx, tw)
-            out.backward(gy)
-        results.append([host(a) for a in (out.data, tx.grad, tw.grad)])
-    for ours, theirs in zip(*results):
-        assert ours.dtype == theirs.dtype
-        np.testing.assert_array_equal(ours, theirs)
+def qk_norm_rope_reference(torch, eps, base, offset):
+    """RMSNorm, head transpose and RoPE written out apart from the engine's helpers: each pair
+    (u_i, u_{i+D/2}) turned by the position's float32 angle, as Hugging Face's Gemma."""
+    def reference(x, w):
+        u = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * (1 + w)
+        u = u.permute(0, 2, 1, 3)
+        t, half = u.shape[2], u.shape[3] // 2
+        freq = 1.0 / base ** (torch.arange(half, dtype=torch.float32) * 2 / (2 * half))
+        angle = torch.arange(offset, offset + t, dtype=torch.float32)[:, None] * freq
+        cos, sin = angle.cos().double(), angle.sin().double()
+        u1, u2 = u[..., :half], u[..., half:]
+        return torch.cat([u1 * cos - u2 * sin, u2 * cos + u1 * sin], dim=-1)
+    return reference
+
+
+QK_TOLERANCE = {np.float16: 4e-3, np.float32: 1e-6, np.float64: 1e-7}  # of each array's scale (float32 angles)
+
+
+@pytest.mark.parametrize("on", [False, True], ids=["reference", "fast"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_qk_norm_rope_is_the_three_ops(xp, torch, rng, dtype, on):
+    """F.qk_norm_rope in x's dtype (float16 on a GPU with the fast path: the fused kernel) against the
+    float64 composition of the three ops written independently: output and both gradients."""
+    eps, base, offset = 0.1, 1e4, 3
+    x = rng.standard_normal((2, 5, 4, 8)).astype(dtype)
+    w, gy = (0.3 * rng.standard_normal(8)).astype(np.float32), rng.standard_normal((2, 4, 5, 8)).astype(dtype)
+    tx, tw = Tensor(xp.asarray(x), requires_grad=True), Tensor(xp.asarray(w), requires_grad=True)
+    with fast(on):
+        out = F.qk_norm_rope(tx, tw, eps, base, offset)
+        out.backward(xp.asarray(gy))
+    leaves = [torch.tensor(a.astype(np.float64), requires_grad=True) for a in (x, w)]
+    ref = qk_norm_rope_reference(torch, eps, base, offset)(*leaves)
+    ref.backward(torch.tensor(gy.astype(np.float64)))
+    pairs = [("output", out.data, ref.detach(), dtype), ("x's gradient", tx.grad, leaves[0].grad, dtype),
+             ("w's gradient", tw.grad, leaves[1].grad, np.float32)]
+    for name, ours, theirs, want in pairs:
+        theirs = theirs.numpy()
+        assert ours.dtype == want, (name, ours.dtype)
+        tol = QK_TOLERANCE[dtype] * float(np.abs(theirs).max())
+        np.testing.assert_allclose(host(ours).astype(np.float64), theirs, rtol=0, atol=tol, err_msg=name)
 
 
 def test_qk_norm_rope_errors(xp, rng):
