@@ -154,6 +154,105 @@ def test_model_fused_head_equals_logits_path(rng):
         np.testing.assert_allclose(grads_b[name], grads_a[name], rtol=1e-9, atol=1e-12, err_msg=name)
 
 
+MICRO_BATCHES = [np.random.default_rng(s).integers(0, 96, (2, 11)) for s in (1, 2)]
+LOSS_WEIGHT = 0.375  # what backward multiplies each micro-batch's loss by (loss scale / micro-batches)
+
+
+def plain_gradients(model, weight=LOSS_WEIGHT):
+    """The same two micro-batches on the logits path, summed in .grad."""
+    for ids in MICRO_BATCHES:
+        (model(ids[:, :-1], ids[:, 1:])[1] * weight).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def buffer_gradients(model, loss_grad, weight=LOSS_WEIGHT):
+    """Two micro-batches as training runs them (nn/graphed_step.py): inside grads_in_buffer, with
+    the head's gradients made in the forward unless loss_grad is None; the flat buffer per name."""
+    from nn.optim import AdamW
+    opt = AdamW(model.named_parameters())
+    with opt.grads_in_buffer():
+        for ids in MICRO_BATCHES:
+            _, loss = model(ids[:, :-1], ids[:, 1:], return_logits=False, loss_grad=loss_grad)
+            (loss * weight).backward()
+        assert all(p.grad is None for p in model.parameters())
+        grads = {n: backend.to_numpy(p.grad_buffer).copy() for n, p in model.named_parameters()}
+    return grads, opt
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_head_gradients_made_in_the_forward_reach_the_flat_buffer(torch, tmp_path, tie):
+    """Every parameter's gradient in AdamW's flat buffer (the head's weight, or the embedding table
+    it shares, included), summed over two micro-batches, equals a plain backward's .grad and Hugging
+    Face's float64 gradients; the step takes its norm from there."""
+    from models import load_hf_checkpoint
+    from test_gemma3_hf import _hf_model
+    hf = _hf_model(torch, tie)
+    hf.save_pretrained(tmp_path)
+    hf.double().zero_grad()
+    for ids in MICRO_BATCHES:
+        (hf(torch.from_numpy(ids), labels=torch.from_numpy(ids)).loss * LOSS_WEIGHT).backward()
+    reference = {n: p.grad.numpy() for n, p in hf.named_parameters()}
+
+    def model():
+        ours = load_hf_checkpoint(str(tmp_path), dtype=np.float64)
+        assert ours.config.tie_word_embeddings == tie and ours.config.unpadded_vocab_size is None
+        return ours
+
+    plain_grads = plain_gradients(model())
+    assert set(plain_grads) == set(reference)
+    head = "model.embed_tokens.weight" if tie else "lm_head.weight"
+    assert head in plain_grads
+    for loss_grad in (None, LOSS_WEIGHT, np.asarray(LOSS_WEIGHT)):
+        grads, opt = buffer_gradients(model(), loss_grad)
+        for name, g in grads.items():
+            np.testing.assert_allclose(g, plain_grads[name], rtol=1e-9, atol=1e-12, err_msg=name)
+            error = np.linalg.norm(g - reference[name]) / np.linalg.norm(reference[name])
+            assert error < 1e-5, (name, error)  # float32 RoPE angles on both sides (up to 8e-7 seen)
+        norm = np.sqrt(sum(float((g * g).sum()) for g in plain_grads.values()))
+        assert opt.step(1e-3).grad_norm == pytest.approx(norm, rel=1e-12)
+
+
+def test_head_gradients_in_the_buffer_with_a_padded_vocabulary(rng):
+    """The tiny preset (a padded vocabulary: valid_vocab), tied and untied: the flat buffer's
+    gradients equal a plain backward's on the logits path (which masks the padding ids)."""
+    from dataclasses import replace
+    from models import Gemma3, Gemma3Config
+    for tie in (False, True):
+        config = replace(Gemma3Config.tiny(), tie_word_embeddings=tie)
+        assert config.unpadded_vocab_size < config.vocab_size
+
+        def model():
+            ours = Gemma3(config, seed=0)
+            return ours.to(dtype=np.float64)
+
+        plain = plain_gradients(model())
+        grads, _ = buffer_gradients(model(), LOSS_WEIGHT)
+        assert set(grads) == set(plain)
+        for name, g in plain.items():
+            np.testing.assert_allclose(grads[name], g, rtol=1e-9, atol=1e-12, err_msg=f"{name} (tied: {tie})")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_fast_path_head_gradients_reach_the_flat_buffer(gpu_xp, tie):
+    """Mixed precision on the fast path (float16 GEMMs, the float32 buffer as the head's dW target):
+    the flat buffer's gradients against float64 plain gradients of the same (fp16-rounded) weights,
+    within float16 error; a dropped head gradient is off by 100%."""
+    from dataclasses import replace
+    from models import Gemma3, Gemma3Config
+    config, weight = replace(Gemma3Config.tiny(), tie_word_embeddings=tie), 512.0  # loss-scale sized
+    reference = Gemma3(config, seed=0).to(dtype=np.float16).to(dtype=np.float64)
+    expected = plain_gradients(reference, weight)
+    for loss_grad in (weight, gpu_xp.asarray(weight, np.float32)):
+        model = Gemma3(config, seed=0).to(device="cuda", dtype=np.float16)
+        with fast(True):
+            grads, _ = buffer_gradients(model, loss_grad, weight)
+        assert set(grads) == set(expected)
+        for name, g in expected.items():
+            error = np.linalg.norm(grads[name] - g) / np.linalg.norm(g)
+            assert error < 2e-2, (name, error)
+
+
 @pytest.mark.gpu
 def test_fast_path_fused_equals_unfused(gpu_xp, rng):
     """float16 on the fast path (cuBLAS GEMMs, the cross-entropy kernels), several blocks, a
