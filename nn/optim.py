@@ -77,7 +77,7 @@ class AdamW:
                  decay_embeddings=False, no_decay=None):
         self.lr = non_negative_float("lr", lr)
         self.betas = _check_betas(betas)
-        self.eps = non_negative_float("eps", eps)
+        self.eps = positive_float("eps", eps)  # 0 would divide 0 by 0 where a gradient is always 0
         self.weight_decay = non_negative_float("weight_decay", weight_decay)
         self.decay_embeddings = bool(decay_embeddings)
         self.step_count = 0
@@ -340,12 +340,12 @@ class AdamW:
         saved under another rule is refused.
         """
         self._check_state(state)
-        betas = _check_betas(state["betas"])
+        betas, eps = _check_betas(state["betas"]), positive_float("eps", state["eps"])
         for key, buffer in (("master", self.master), ("m", self.m), ("v", self.v)):
             buffer[...] = backend.to_device(np.asarray(state[key]), backend.device_of(buffer))
         self.step_count = int(state["step"])
         self.lr, self.betas = float(state["lr"]), betas
-        self.eps, self.weight_decay = float(state["eps"]), float(state["weight_decay"])
+        self.eps, self.weight_decay = eps, float(state["weight_decay"])
         self._refresh_compute()
         self._bind()
         return self

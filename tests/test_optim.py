@@ -87,6 +87,64 @@ def test_matches_torch_adamw_for_20_steps(torch, dtype, tol, clip_norm):
         assert all(r.clip_coef < 0.1 for r in results)
 
 
+def scaled(grads, factors):
+    """Step i's gradients times factors[i] (their global norm is about 16 at factor 1)."""
+    return [{n: f * g for n, g in step.items()} for step, f in zip(grads, factors)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_clip_that_does_not_engage_changes_nothing(dtype):
+    """Norms near 0.16 under clip_norm=1: the clip factor is exactly 1 and master, m and v are
+    bit-identical to an unclipped run (a clip without min(1, .) would scale them up about 6x)."""
+    values, grads = initial_values(), scaled(gradient_sequence(), [0.01] * STEPS)
+    _, clipped, results = run_ours(values, grads, dtype, clip_norm=1.0)
+    _, unclipped, _ = run_ours(values, grads, dtype)
+    assert all(r.clip_coef == 1.0 and r.grad_norm < 0.5 for r in results)
+    for buffer in ("master", "m", "v"):
+        np.testing.assert_array_equal(getattr(clipped, buffer), getattr(unclipped, buffer), err_msg=buffer)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-6)])
+def test_clip_matches_torch_when_it_engages_and_when_it_does_not(torch, dtype, tol):
+    """Norms alternate around 0.8 and 16 under clip_norm=4: torch's clip_grad_norm_ and AdamW,
+    step by step; the clip factor is below 1 exactly on the large steps."""
+    values = initial_values()
+    grads = scaled(gradient_sequence(), [0.05 if step % 2 == 0 else 1.0 for step in range(STEPS)])
+    ours, _, results = run_ours(values, grads, dtype, clip_norm=4.0)
+    theirs, torch_norms = run_torch(torch, values, grads, dtype, clip_norm=4.0)
+    assert [r.clip_coef < 1.0 for r in results] == [step % 2 == 1 for step in range(STEPS)]
+    np.testing.assert_allclose([r.grad_norm for r in results], torch_norms, rtol=tol)
+    for r in results:
+        assert r.clip_coef == min(1.0, 4.0 / (r.grad_norm + 1e-6))
+    for name in SHAPES:
+        np.testing.assert_allclose(ours[name].data, theirs[name], rtol=tol, atol=tol, err_msg=name)
+
+
+def test_grad_norm_and_clip_of_scaled_gradients():
+    """Gradients 1024x too large with inv_scale=1/1024: the reported norm is the float64 norm of
+    the unscaled gradients, the clip compares that norm, and the update is bit-identical to one
+    from the unscaled gradients (1024 is a power of two: scaling there and back is exact)."""
+    values, grads = initial_values(), gradient_sequence(3)
+    grads = [{n: g.astype(np.float32).astype(np.float64) for n, g in step.items()} for step in grads]
+    reference = [np.sqrt(sum(float((g ** 2).sum()) for g in step.values())) for step in grads]
+    runs = []
+    for scale in (1024.0, 1.0):
+        params = make_params(values, np.float32)
+        opt = AdamW(params)
+        results = []
+        for step, g in enumerate(grads):
+            for name, p in params:
+                p.grad = (g[name] * scale).astype(np.float32)
+            results.append(opt.step(lr_at(step), inv_scale=1 / scale, clip_norm=reference[step] / 2))
+        runs.append((opt, results))
+    (opt, results), (plain, plain_results) = runs
+    np.testing.assert_allclose([r.grad_norm for r in results], reference, rtol=1e-6)
+    np.testing.assert_allclose([r.clip_coef for r in results], 0.5, rtol=1e-6)
+    assert [r.grad_norm for r in results] == [r.grad_norm for r in plain_results]
+    for buffer in ("master", "m", "v"):
+        np.testing.assert_array_equal(getattr(opt, buffer), getattr(plain, buffer), err_msg=buffer)
+
+
 def test_default_decay_rule_skips_norms_and_embeddings():
     opt = AdamW(make_params(initial_values(), np.float32))
     assert set(opt.decayed_names()) == DECAYED
@@ -230,9 +288,11 @@ def train(opt, params, grads, start):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_state_dict_round_trip_resumes_bit_identically(dtype):
+    """Saved after 10 steps, loaded into a fresh AdamW built with other hyperparameters: the next
+    10 steps are bit-identical (step count and so bias correction, moments, betas, eps, decay)."""
     values, grads = initial_values(), gradient_sequence()
     params = make_params(values, dtype)
-    opt = AdamW(params)
+    opt = AdamW(params, lr=3e-3, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.3)
     train(opt, params, grads[:10], 0)
     saved_opt, saved_weights = opt.state_dict(), {n: p.data.copy() for n, p in params}
     train(opt, params, grads, 10)
@@ -241,11 +301,13 @@ def test_state_dict_round_trip_resumes_bit_identically(dtype):
     resumed = AdamW(resumed_params)
     resumed.load_state_dict(saved_opt)
     assert resumed.step_count == 10
+    assert (resumed.lr, resumed.betas, resumed.eps, resumed.weight_decay) == (3e-3, (0.8, 0.9), 1e-3, 0.3)
     train(resumed, resumed_params, grads, 10)
+    assert resumed.step_count == opt.step_count == STEPS
     for (name, p), (_, q) in zip(params, resumed_params):
         np.testing.assert_array_equal(p.data, q.data, err_msg=name)
-    np.testing.assert_array_equal(opt.master, resumed.master)
-    np.testing.assert_array_equal(opt.v, resumed.v)
+    for buffer in ("master", "m", "v"):
+        np.testing.assert_array_equal(getattr(opt, buffer), getattr(resumed, buffer), err_msg=buffer)
 
 
 def test_load_state_dict_rejects_another_model():
@@ -261,6 +323,27 @@ def test_load_state_dict_rejects_another_model():
         AdamW(make_params(initial_values(), np.float32), decay_embeddings=True).load_state_dict(state)
     with pytest.raises(ValueError, match="expected float64"):
         AdamW(make_params(initial_values(), np.float64)).load_state_dict(state)
+
+
+def test_eps_keeps_a_parameter_without_gradient_finite():
+    """eps > 0 is required: where a parameter's gradient is 0, m = v = 0 and the update is
+    0 / (0 + eps) = 0 (eps = 0 would be 0 / 0, NaN, and is refused, also from a saved state)."""
+    params = make_params(initial_values(), np.float32)
+    opt = AdamW(params, eps=1e-8, weight_decay=0.0)
+    before = {n: p.data.copy() for n, p in params}
+    for step in range(3):
+        params[3][1].grad = np.ones(params[3][1].shape, np.float32)  # only q_proj has a gradient
+        opt.step(1e-2)
+    for name, p in params:
+        assert np.isfinite(p.data).all(), name
+        assert np.array_equal(p.data, before[name]) == (name != params[3][0]), name
+    state = opt.state_dict()
+    state["eps"] = 0.0
+    master = opt.master.copy()
+    with pytest.raises(ValueError, match="^eps must be > 0"):
+        opt.load_state_dict(state)
+    np.testing.assert_array_equal(opt.master, master)  # refused before anything was restored
+    assert opt.eps == 1e-8
 
 
 class Tiny(Module):
@@ -296,6 +379,9 @@ def test_bad_arguments_are_rejected():
         AdamW(params, betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="weight_decay must be"):
         AdamW(params, weight_decay=-0.1)
+    for eps in (0, 0.0, -1e-8, float("nan")):
+        with pytest.raises(ValueError, match="^eps must be"):
+            AdamW(params, eps=eps)
     opt = AdamW(params)
     with pytest.raises(ValueError, match="clip_norm must be > 0"):
         opt.step(1e-3, clip_norm=0)
