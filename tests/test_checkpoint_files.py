@@ -286,7 +286,8 @@ def test_both_damaged_is_one_line_naming_both(tmp_path, capsys):
         load_checkpoint(str(last), required=REQUIRED)
     message = str(error.value)
     _one_line(message)
-    assert str(last / "model.safetensors") in message and str(tmp_path / "last.old" / "optimizer.safetensors") in message
+    assert str(last / "model.safetensors") in message
+    assert str(tmp_path / "last.old" / "optimizer.safetensors") in message
     assert "start over with a new --out" in message
     assert sorted(os.listdir(tmp_path)) == ["last", "last.old"]  # nothing moved
     assert capsys.readouterr().err == ""

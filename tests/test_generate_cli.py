@@ -52,7 +52,8 @@ def hf_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
     model.save_pretrained(out)
     words = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(92)]
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    vocab = {w: i for i, w in enumerate(words)}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tokenizer.decoder = tokenizers.decoders.WordPiece()
     tokenizer.save(str(out / "tokenizer.json"))
@@ -231,7 +232,8 @@ def test_last_caught_between_its_renames_is_read_from_last_old(capsys, run_dir, 
 
 
 def test_hf_at_a_run_and_run_at_an_hf_directory(capsys, run_dir, hf_dir, tmp_path):
-    assert _error(capsys, ["--hf", run_dir]) == f"error: --hf {run_dir} is a train.py run directory: use --run {run_dir}"
+    line = _error(capsys, ["--hf", run_dir])
+    assert line == f"error: --hf {run_dir} is a train.py run directory: use --run {run_dir}"
     line = _error(capsys, ["--run", hf_dir])
     assert line == (f"error: --run {hf_dir} is a Hugging Face checkpoint directory, not a train.py run: "
                     f"use --hf {hf_dir}")
@@ -411,3 +413,34 @@ def test_generate_cli_takes_the_fast_path_on_cuda(gpu_xp, capsys, run_dir):
     assert reference.err == "reference path (--reference)\n"
     assert fast.out.startswith("Once upon a time") and reference.out.startswith("Once upon a time")
     kernels.set_fast(False)
+
+
+# ----- bench/generate_bench.py -----------------------------------------------------------------
+def test_generate_bench_smoke_matches_hugging_face_and_reports_a_failed_variant(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import generate_bench
+    real = generate_bench.HF.generate
+
+    def static_fails(self, variant, ids, new_tokens):
+        if variant == "hf-static":
+            raise RuntimeError("no static cache here\nsecond line")
+        return real(self, variant, ids, new_tokens)
+
+    monkeypatch.setattr(generate_bench.HF, "generate", static_fails)
+    out = tmp_path / "bench.json"
+    assert generate_bench.main(["--smoke", "--variants", "ours,hf-dynamic,hf-static", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["logits_rel_diff"] < 1e-5  # the same weights on both sides, float32
+    rows = {(r["variant"], r["batch"]): r for r in result["rows"]}
+    assert sorted(rows) == [(v, b) for v in ("hf-dynamic", "hf-static", "ours") for b in (1, 2)]
+    for batch in (1, 2):
+        assert rows["hf-static", batch]["error"] == "RuntimeError: no static cache here"
+        for variant in ("ours", "hf-dynamic"):
+            row = rows[variant, batch]
+            assert row["same_tokens_as_ours"] == 1.0  # float32: the very same greedy tokens
+            assert row["tokens_per_s"] == pytest.approx(batch * 8 / row["seconds"])
+    table = capsys.readouterr().out
+    assert "| hf-static | 2 | failed: RuntimeError: no static cache here |" in table
+    assert "| ours | 1 |" in table and "reference path (cpu)" in table
