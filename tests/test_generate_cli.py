@@ -406,13 +406,12 @@ def test_fast_path_generation_matches_the_reference_path(gpu_xp, monkeypatch, us
 
 @pytest.mark.gpu
 def test_generate_cli_takes_the_fast_path_on_cuda(gpu_xp, capsys, run_dir):
-    fast = _run(capsys, ["--run", run_dir, "--device", "cuda", "--greedy", "--max-new-tokens", "8"])
-    assert fast.err == "fast path\n"
-    reference = _run(capsys, ["--run", run_dir, "--device", "cuda", "--greedy", "--max-new-tokens", "8",
-                              "--reference"])
-    assert reference.err == "reference path (--reference)\n"
+    argv = ["--run", run_dir, "--device", "cuda", "--greedy", "--max-new-tokens", "8"]
+    with kernels.fast(False):  # main turns the fast path on; the previous setting comes back after
+        fast = _run(capsys, argv)
+        reference = _run(capsys, argv + ["--reference"])
+    assert fast.err == "fast path\n" and reference.err == "reference path (--reference)\n"
     assert fast.out.startswith("Once upon a time") and reference.out.startswith("Once upon a time")
-    kernels.set_fast(False)
 
 
 # ----- bench/generate_bench.py -----------------------------------------------------------------
