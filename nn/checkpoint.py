@@ -15,7 +15,8 @@ the required keys). When `<dir>` is damaged and `<dir>.old` is whole, the run fa
 `<dir>.old` with a warning line on stderr: the damaged directory is moved to `<dir>.damaged` and
 `<dir>.old` becomes `<dir>`. A damaged checkpoint cannot be resumed, so the older whole one is
 the only thing to continue from; the move keeps the layout a later save expects. Loading a
-checkpoint thus may rename directories: call it only as the run's one writer.
+checkpoint thus may rename directories: call it first in the run's one writer, and in any other
+process (the other ranks of a run) only after that call has returned, e.g. after a barrier.
 
 A process killed during a save leaves its temporaries behind; `remove_stale_temporaries`
 deletes them (only the names this module creates) once no save can be running.
