@@ -1,8 +1,11 @@
 """Data parallelism on the CPU, with ranks as threads (InProcessGroup) standing in for NCCL.
 
 The central claim: one update over N ranks, each on its own micro-batches, equals one process
-accumulating the same N micro-batches; and an overflow on one rank makes every rank skip.
+accumulating the same N micro-batches; and an overflow on one rank makes every rank skip. Both
+for DataParallel (`.grad` buckets) and for allreduce_grad_buffer (the optimizer's flat buffer,
+as CUDA-graphed training fills it; here its eager equivalent on the CPU).
 """
+import functools
 import json
 import os
 from types import SimpleNamespace
@@ -15,7 +18,8 @@ import tinygrad3.functional as F
 import train
 from data.loader import BatchLoader
 from tinygrad3 import Function, Tensor
-from tinygrad3.distributed import DataParallel, InProcessGroup, broadcast_optimizer
+from models import Gemma3, Gemma3Config
+from tinygrad3.distributed import DataParallel, InProcessGroup, allreduce_grad_buffer, broadcast_optimizer
 
 D, K = 12, 5  # the synthetic model: D -> D -> D -> K
 
@@ -90,6 +94,20 @@ def test_in_process_collectives_fold_in_rank_order():
         np.testing.assert_array_equal(weights, [2.0, 2.0, 2.0])
         assert scalars == [1.0, 0.0]
         assert objects == [{"rank": r} for r in range(4)]
+
+
+def test_in_process_allreduce_result_lands_at_wait():
+    """As with NCCL, the sum is only there once waited for: code that forgets to wait fails here too."""
+    def rank_main(comm):
+        values = np.full(3, comm.rank + 1.0)
+        work = comm.allreduce(values)
+        before = values.copy()
+        work.wait()
+        return before, values
+
+    for rank, (before, after) in enumerate(InProcessGroup(2).run(rank_main)):
+        np.testing.assert_array_equal(before, np.full(3, rank + 1.0))
+        np.testing.assert_array_equal(after, np.full(3, 3.0))
 
 
 def test_in_process_group_reports_errors_instead_of_hanging():
@@ -294,6 +312,138 @@ def test_finish_reduces_parameters_the_backward_never_reached():
     for name in grads[0]:
         np.testing.assert_array_equal(grads[0][name], grads[1][name])
         assert np.abs(grads[0][name]).sum() > 0
+
+
+# ----- the optimizer's flat gradient buffer (CUDA-graphed training) -------------------------------------
+SCALE = 2.0 ** 10  # a loss scale: the buffer holds scaled gradients, step unscales them
+TINY = Gemma3Config.tiny(vocab_size=512, unpadded_vocab_size=500)  # the tiny preset, a small vocabulary
+
+
+def token_batches(count, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, TINY.unpadded_vocab_size, (count, 2, 17))
+    return [(b[:, :-1], b[:, 1:]) for b in ids]
+
+
+class BufferedReplica:
+    """The tiny Gemma 3 (float32, CPU) trained as nn.GraphedMicroBatch trains it, eagerly: backward
+    inside `grads_in_buffer`, so every gradient is added into AdamW's flat buffer and no .grad exists."""
+
+    def __init__(self):
+        self.model = Gemma3(TINY, seed=0)
+        self.opt = nn.AdamW(self.model.named_parameters(), lr=3e-3)
+
+    def micro_batches(self, batches, weight):
+        for x, y in batches:
+            with self.opt.grads_in_buffer():
+                loss = self.model(x, y, return_logits=False, loss_grad=weight)[1]
+                (loss * weight).backward()
+        assert all(p.grad is None for p in self.opt.params)
+
+    def step(self):
+        # No clip: a clipped (normalised) gradient would hide a wrongly scaled sum from m and the masters.
+        return self.opt.step(inv_scale=1 / SCALE)
+
+    def state(self):
+        return {"master": self.opt.master.copy(), "m": self.opt.m.copy(), "v": self.opt.v.copy()}
+
+
+def relative_difference(got, expected):
+    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+
+
+@pytest.mark.parametrize("world,accum", [(2, 2), (4, 1)])
+def test_grad_buffer_allreduce_equals_single_process_accumulation(world, accum):
+    updates = 2
+    data = [token_batches(world * accum, seed=20 + u) for u in range(updates)]
+    weight = SCALE / (world * accum)
+
+    def rank_main(comm):
+        replica, local, summed, results = BufferedReplica(), [], [], []
+        for u in range(updates):
+            replica.micro_batches(data[u][comm.rank * accum:(comm.rank + 1) * accum], weight)
+            local.append(replica.opt._grad.copy())
+            allreduce_grad_buffer(comm, replica.opt)
+            summed.append(replica.opt._grad.copy())
+            results.append(replica.step())
+        return local, summed, results, replica.state()
+
+    ranks = InProcessGroup(world).run(rank_main)
+    single, single_sums, single_results = BufferedReplica(), [], []
+    start = single.opt.master.copy()
+    for u in range(updates):
+        single.micro_batches(data[u], weight)
+        single_sums.append(single.opt._grad.copy())
+        single_results.append(single.step())
+
+    for u in range(updates):
+        # Exact: the ranks' buffers added up in rank order, as the communicator folds them.
+        fold = functools.reduce(np.add, [local[u] for local, _, _, _ in ranks])
+        for _, summed, results, _ in ranks:
+            np.testing.assert_array_equal(summed[u], fold)
+            assert not results[u].found_inf
+    for _, _, _, state in ranks:  # every rank took the same steps, to the bit
+        for key, value in ranks[0][3].items():
+            np.testing.assert_array_equal(state[key], value, err_msg=key)
+
+    _, summed, results, state = ranks[0]
+    expected = single.state()
+    if accum == 1:
+        # Each rank's buffer is zeros plus its one micro-batch's gradient, so the rank-order fold
+        # adds the very arrays one process adds, in its order: the same bits.
+        for u in range(updates):
+            np.testing.assert_array_equal(summed[u], single_sums[u])
+            assert results[u] == single_results[u]
+        for key, value in expected.items():
+            np.testing.assert_array_equal(state[key], value, err_msg=key)
+    else:
+        # One process adds micro-batch after micro-batch into one buffer; the ranks add their sums:
+        # float32 rounding apart (up to a few 1e-6 after two steps), a sum of the wrong scale or with
+        # a rank missing is off by tens of percent.
+        for u in range(updates):
+            assert relative_difference(summed[u], single_sums[u]) < 1e-4
+            assert results[u].grad_norm == pytest.approx(single_results[u].grad_norm, rel=1e-5)
+        assert relative_difference(state["master"] - start, expected["master"] - start) < 1e-4
+        for key in ("m", "v"):
+            assert relative_difference(state[key], expected[key]) < 1e-4, key
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_inf_in_one_ranks_grad_buffer_makes_every_rank_skip(world):
+    data = token_batches(world, seed=3)
+
+    def rank_main(comm):
+        replica = BufferedReplica()
+        before = replica.state()
+        replica.micro_batches([data[comm.rank]], SCALE / world)
+        if comm.rank == world - 1:  # the last rank overflowed, in the buffer's last element
+            replica.opt._grad[-1] = np.inf
+        allreduce_grad_buffer(comm, replica.opt)
+        seen = bool(np.isinf(replica.opt._grad[-1]))
+        return seen, replica.step(), before, replica.state(), replica.opt.step_count
+
+    for seen, result, before, after, steps in InProcessGroup(world).run(rank_main):
+        assert seen and result.found_inf and not np.isfinite(result.grad_norm) and steps == 0
+        for key in before:
+            np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+
+
+def test_grad_buffer_allreduce_takes_in_grads_a_plain_backward_left():
+    """.grad arrays are added into the buffer before the sum and cleared: step would otherwise add
+    this rank's own gradients, unsummed, on top of the summed buffer."""
+    def rank_main(comm):
+        model = Synthetic(np.float64)
+        opt = nn.AdamW(model.named_parameters())
+        x, y = batches(1, np.float64, seed=comm.rank)[0]
+        model.loss(x, y).backward()
+        local = np.concatenate([p.grad.reshape(-1) for p in opt.params])
+        allreduce_grad_buffer(comm, opt)
+        return local, opt._grad.copy(), [p.grad for p in opt.params]
+
+    ranks = InProcessGroup(2).run(rank_main)
+    for _, summed, grads in ranks:
+        np.testing.assert_array_equal(summed, ranks[0][0] + ranks[1][0])
+        assert all(g is None for g in grads)
 
 
 # ----- train.py --------------------------------------------------------------------------------------------

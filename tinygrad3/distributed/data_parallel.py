@@ -1,9 +1,17 @@
-"""DataParallel: sum the gradients over ranks in buckets, each started as soon as it is complete.
+"""Data parallelism: every rank trains a replica on its own micro-batches, then the ranks add up
+their gradients so that each takes the identical optimizer step. Two ways, one per training path:
 
-Every rank runs the same model on its own micro-batches, then the ranks add up their gradients
-so that each takes the identical optimizer step. Done naively, that is one all-reduce per
-parameter (hundreds of small, latency-bound calls) after the backward pass (nothing to hide the
-communication behind). Instead:
+  * DataParallel: the gradients are the parameters' `.grad` arrays (training without CUDA
+    graphs); summed in buckets, each started during backward as soon as it is complete.
+  * allreduce_grad_buffer: with CUDA graphs (nn.GraphedMicroBatch) backward adds every gradient
+    straight into the optimizer's flat float32 buffer and there is no `.grad`; after the update's
+    last micro-batch the whole buffer is summed in place, with one all-reduce.
+
+Both sum; neither averages (see "It sums" below).
+
+DataParallel. Done naively, summing `.grad` arrays is one all-reduce per parameter (hundreds of
+small, latency-bound calls) after the backward pass (nothing to hide the communication behind).
+Instead:
 
   * Buckets. Parameters are grouped into flat buffers of about `bucket_bytes` (25 MB by default,
     as in PyTorch's DDP): one call per bucket, large enough to run at bandwidth.
@@ -21,8 +29,9 @@ themselves are one gradient-sized allocation, made once and reused every update.
 
 It sums; it does not average. The trainer folds the 1/world_size of the mean into the loss
 weight, next to 1/grad_accum: rank r then back-propagates scale * loss / (world_size * grad_accum)
-for each micro-batch, and the summed buffers hold exactly what one process would accumulate over
-world_size * grad_accum micro-batches, which is what the tests compare against.
+for each micro-batch, and the summed buffers hold what one process would accumulate over
+world_size * grad_accum micro-batches (up to the order of the additions), which is what the
+tests compare against.
 
     dp = DataParallel(model.parameters(), comm)
     for i in range(grad_accum):
@@ -38,6 +47,21 @@ parameters as inputs of its checkpoint node, so backward reports them right afte
 backward (which re-runs the layer and accumulates their gradients), and the buckets start during
 backward as without it. A parameter a checkpointed function reads without listing it still gets
 its gradient, but is only reduced by finish().
+
+With CUDA graphs (allreduce_grad_buffer). A micro-batch's forward and backward is one graph
+launch: no Python runs during a replay, so there is no leaf hook to start a bucket, and every
+micro-batch adds into the same flat buffer, so its values are final only after the last replay.
+The sum over ranks therefore runs once per update, after the last micro-batch and before the
+step, and does not overlap with backward: the step waits for it. Capturing the all-reduce into
+the graph would not help: it would run after every micro-batch (grad_accum times the traffic),
+not only the last. What it costs is one all-reduce of the buffer per update, next to grad_accum
+micro-batches of compute; one call (rather than buckets, which only pay off when they overlap)
+runs at NCCL's full bandwidth and leaves a single collective whose order no rank can get wrong.
+
+    for x, y in micro_batches:
+        graphed(x, y, scale / (grad_accum * comm.world_size))
+    allreduce_grad_buffer(comm, optimizer)   # the flat buffer now holds the sum over ranks
+    optimizer.step(...)
 """
 from .. import backend
 
@@ -152,3 +176,26 @@ def broadcast_optimizer(comm, optimizer, root=0):
     for buffer in (optimizer.master, optimizer.m, optimizer.v):
         comm.broadcast(buffer, root)
     optimizer.sync_params()  # refreshes the fp16 compute copy from the new masters
+
+
+def _grad_buffer(optimizer):
+    """The optimizer's flat gradient buffer (float32; float64 for float64 parameters), where
+    `step` reads the update's gradients and `grads_in_buffer` makes backward add them."""
+    return optimizer._grad
+
+
+def allreduce_grad_buffer(comm, optimizer):
+    """Sum the update's gradients over the ranks of `comm`, in place in the optimizer's flat buffer.
+
+    Call it on every rank after the update's last micro-batch and before `optimizer.step`: one
+    all-reduce of the whole buffer, waited for on return (on a GPU: the current stream waits for
+    it, the host does not). Any `.grad` a plain backward left is added into the buffer first and
+    cleared, so the step sees exactly the summed gradients. For CUDA-graphed training, where
+    backward fills the buffer (module docstring); an inf or NaN on one rank reaches every rank.
+    """
+    params = optimizer.params
+    if any(param.grad is not None for param in params):
+        optimizer.accumulate_grads([param.grad for param in params])
+        for param in params:
+            param.grad = None
+    comm.allreduce(_grad_buffer(optimizer)).wait()

@@ -6,7 +6,9 @@ waits for the others; each then computes the result itself, waits again (so that
 overwrites its array while another still reads it) and writes its own array. Reductions fold
 the posted arrays left to right in rank order, ((a0 + a1) + a2) + a3, so every rank gets the
 same bits, run after run, and a sum equals what one process gets by accumulating the ranks'
-contributions in that order. Nothing overlaps here: a collective is done when it returns.
+contributions in that order. Nothing overlaps here, but an all-reduce writes its result into the
+caller's array only at `Work.wait()`, as NCCL's result becomes visible to the caller's stream only
+then: code that forgets to wait reads its own unreduced values here too, and its tests fail.
 
     group = InProcessGroup(4)
     losses = group.run(lambda comm: train_one_update(comm))   # one thread per rank, in rank order
@@ -87,8 +89,7 @@ class ThreadCommunicator(Communicator):
         _check_alike(arrays)
         result = functools.reduce(fold, arrays)  # a new array unless world_size == 1
         self._group._done_reading()
-        array[...] = result
-        return Work()
+        return _Pending(array, result)
 
     def broadcast(self, array, root=0):
         arrays = self._group._post(self.rank, array)
@@ -107,6 +108,18 @@ class ThreadCommunicator(Communicator):
 
     def abort(self, code=1):
         self._group._barrier.abort()
+
+
+class _Pending(Work):
+    """An all-reduce whose result the caller's array receives at wait() (module docstring)."""
+
+    def __init__(self, array, result):
+        self._array, self._result = array, result
+
+    def wait(self):
+        if self._array is not None:
+            self._array[...] = self._result
+            self._array = self._result = None
 
 
 def _check_alike(arrays):
