@@ -23,6 +23,7 @@ import numpy as np
 from data.errors import DataError
 from models import Gemma3, Gemma3Config, generate, load_hf_checkpoint
 from nn.checkpoint import CheckpointError, DamagedFileError, load_weights, non_finite
+from nn.arguments import OneLineParser
 from nn.module import StateDictError
 from tinygrad3 import backend, kernels
 
@@ -31,15 +32,8 @@ class GenerateError(ValueError):
     """Arguments or files that generation cannot use; the message names the flag."""
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block), exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def parse_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="a train.py run directory")
     source.add_argument("--hf", help="a Hugging Face Gemma 3 checkpoint directory")

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 
@@ -29,10 +28,13 @@ import numpy as np
 import nn
 from data.errors import DataError
 from data.loader import BatchLoader
-from data.meta import is_prepared
+from data.resolve import data_identity, resolve_data
 from models import Gemma3, Gemma3Config
 from models.flops import flops_per_token
-from nn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_weights
+from nn.arguments import OneLineParser
+from nn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_weights, write_file_atomic
+from nn.run_dir import RunError, RunLock, RunLog, SilentLog, claim
+from nn.stop_signals import StopSignals
 from tinygrad3 import backend, distributed, kernels, no_grad
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -52,7 +54,7 @@ def add_update_arguments(a):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--preset", default="gemma3_270m", choices=Gemma3Config.PRESETS, help="model size")
     a("--data", default="tinystories", help="'tinystories' (prepared into data/tinystories on first use), "
@@ -82,29 +84,114 @@ def parse_args(argv=None):
     a("--distributed", action="store_true", help="data-parallel over the ranks mpirun starts, one GPU "
       "each, gradients summed by NCCL (by MPI on --device cpu); automatic when mpirun starts several ranks")
     a("--bucket-mb", type=float, default=25.0, help="gradient all-reduce bucket size (--distributed)")
-    a("--cuda-graphs", action="store_true", help="capture each micro-batch's forward and backward as a "
-      "CUDA graph and replay it (needs --device cuda, float16 and the fast path: TINYGRAD3_FAST=1)")
+    a("--reference", action="store_true", help="the readable reference path (plain array code, no fused "
+      "kernels, no CUDA graphs); the default on CUDA with float16 is the fast path with CUDA graphs")
+    a("--no-cuda-graphs", action="store_true", help="the fused kernels without CUDA graphs")
+    a("--cuda-graphs", action="store_true", help="insist on CUDA graphs: an error, not a fallback, when this "
+      "configuration cannot use them")
+    a("--allow-kernel-change", action="store_true", help="--resume even though the kernel path (reference, "
+      "fast, fast + CUDA graphs) differs from the one the run was saved with (the numerics change)")
     a("--recompute", action="store_true", help="activation recomputation: keep only each decoder layer's "
       "input and re-run the layer during backward (about one more forward per micro-batch, far less "
       "activation memory; the same gradients)")
+    a("--overwrite", action="store_true", help="replace the run already in --out (its log, weights and "
+      "checkpoints are deleted first); without it, a directory holding a run is refused")
+    a("--max-skipped-updates", type=int, default=20, help="stop with an error after this many updates in a "
+      "row with inf/NaN gradients once no recovery is possible (float32, or the loss scale at its minimum)")
     args = p.parse_args(argv)
     args.distributed = args.distributed or distributed.launched_world_size() > 1
     args.out = args.out or os.path.join("runs", args.preset)
-    args.device = backend.check_device(args.device or backend.default_device())
+    try:
+        args.device = backend.check_device(args.device or backend.default_device())
+    except (ValueError, RuntimeError) as e:
+        p.error(f"--device: {e}")
     args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
     if args.grad_accum is None:
         args.grad_accum = max(1, round(SEED_TOKENS_PER_UPDATE / (args.batch_size * args.block_size)))
-    for name in ("block_size", "batch_size", "grad_accum", "max_updates", "eval_every", "eval_batches"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.bucket_mb > 0:
-        p.error("--bucket-mb must be > 0")
-    if args.cuda_graphs and (args.device != "cuda" or args.dtype != "float16" or args.distributed):
-        p.error("--cuda-graphs needs --device cuda and --dtype float16, and does not yet work with --distributed")
-    if args.cuda_graphs and not kernels.fast_enabled():
-        p.error("--cuda-graphs needs the fast path (set TINYGRAD3_FAST=1): the reference path calls cuBLAS "
-                "through CuPy, which CUDA-graph capture refuses")
+    check_arguments(p, args)
     return args
+
+
+def check_arguments(p, args):
+    """Nonsense settings refused up front, by flag name (p.error prints one line, exits 2)."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    for name in ("block_size", "batch_size", "grad_accum", "max_updates", "eval_every", "eval_batches",
+                 "scale_growth_interval", "max_skipped_updates"):
+        if getattr(args, name) < 1:
+            p.error(f"{flag(name)} must be >= 1, got {getattr(args, name)}")
+    numbers = {name: getattr(args, name) for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "eps",
+               "clip", "loss_scale", "min_loss_scale", "max_loss_scale", "peak_tflops", "bucket_mb")}
+    for name, value in numbers.items():
+        if not math.isfinite(value):
+            p.error(f"{flag(name)} must be a finite number, got {value}")
+    for name in ("lr", "eps", "loss_scale", "min_loss_scale", "peak_tflops", "bucket_mb"):
+        if not numbers[name] > 0:
+            p.error(f"{flag(name)} must be > 0, got {numbers[name]:g}")
+    for name in ("min_lr", "weight_decay", "clip"):
+        if numbers[name] < 0:
+            p.error(f"{flag(name)} must be >= 0, got {numbers[name]:g}" + (" (0 disables clipping)"
+                                                                            if name == "clip" else ""))
+    for name in ("beta1", "beta2"):
+        if not 0 <= numbers[name] < 1:
+            p.error(f"{flag(name)} must be in [0, 1), got {numbers[name]:g}")
+    if args.min_lr > args.lr:
+        p.error(f"--min-lr ({args.min_lr:g}) is above --lr ({args.lr:g}): the cosine would climb instead of "
+                "decay; use --min-lr <= --lr")
+    if args.warmup < 0 or args.warmup > args.max_updates:
+        p.error(f"--warmup ({args.warmup}) must be between 0 and --max-updates ({args.max_updates})")
+    if not args.min_loss_scale <= args.loss_scale <= args.max_loss_scale:
+        p.error(f"need --min-loss-scale <= --loss-scale <= --max-loss-scale, got {args.min_loss_scale:g}, "
+                f"{args.loss_scale:g}, {args.max_loss_scale:g}")
+    context = Gemma3Config.preset(args.preset).max_position_embeddings
+    if args.block_size > context:
+        p.error(f"--block-size {args.block_size} is longer than the {args.preset} model's context "
+                f"({context} positions): use --block-size <= {context}")
+    if args.reference and (args.no_cuda_graphs or args.cuda_graphs):
+        p.error("--reference runs no kernels and no CUDA graphs: drop --no-cuda-graphs / --cuda-graphs")
+    if args.no_cuda_graphs and args.cuda_graphs:
+        p.error("--cuda-graphs and --no-cuda-graphs exclude each other: pass one of them")
+    try:
+        families, graphs, args.path = kernel_path(args)
+    except ValueError as e:
+        p.error(str(e))
+    if args.cuda_graphs and not graphs:
+        p.error(f"--cuda-graphs: this configuration runs the {args.path}; graphs need --device cuda, "
+                "--dtype float16 and every kernel family")
+    args.kernels = {"families": list(families), "cuda_graphs": graphs}
+
+
+def kernel_path(args):
+    """(kernel families, CUDA graphs on, one line saying which path runs and why): the one place
+    where a run's kernels are chosen. The fastest correct configuration unless a flag says otherwise;
+    an unsupported combination falls back to fewer kernels with the reason, never to an error."""
+    if args.device != "cuda":
+        return (), False, "reference path (cpu)"
+    if args.reference:
+        return (), False, "reference path (--reference)"
+    if args.dtype != "float16":
+        return (), False, f"reference path (the fused kernels take float16, not --dtype {args.dtype})"
+    chosen = kernels.environment_families()
+    families = kernels.FAMILIES if chosen is None else tuple(f for f in kernels.FAMILIES if f in chosen)
+    if not families:
+        return (), False, "reference path (TINYGRAD3_FAST=0)"
+    if args.no_cuda_graphs:
+        return families, False, "fast path (no graphs: --no-cuda-graphs)"
+    if families != kernels.FAMILIES:  # a family left out calls cuBLAS through CuPy, which capture refuses
+        return families, False, "fast path (no graphs: TINYGRAD3_FAST selects only some kernel families)"
+    if args.distributed:
+        return families, False, "fast path (no graphs: --distributed)"
+    return families, True, "fast path + CUDA graphs"
+
+
+def describe_kernels(record):
+    """A saved `kernels` field in words."""
+    if not record["families"]:
+        return "the reference path"
+    every = sorted(record["families"]) == sorted(kernels.FAMILIES)
+    return ("the fast path" + ("" if every else f" ({', '.join(record['families'])})")
+            + (" + CUDA graphs" if record["cuda_graphs"] else " without CUDA graphs"))
 
 
 def stream_seed(seed, rank=0, step=0):
@@ -131,91 +218,8 @@ def saved_loader_state(state, rank, world_size):
     return None if loaders is None else loaders[rank]
 
 
-def resolve_data(spec):
-    """A prepared data directory for --data, preparing it first when needed."""
-    if spec == "synthetic":
-        from data.synthetic import prepare_synthetic
-        out = os.path.join(ROOT, "data", "synthetic")
-        prepare_synthetic(out)
-        return out
-    if spec == "tinystories":
-        out = os.path.join(ROOT, "data", "tinystories")
-        if not is_prepared(out):
-            from data.prepare import prepare
-            print(f"preparing TinyStories into {out} (first run only) ...")
-            prepare(out_dir=out)
-        return out
-    if is_prepared(spec):
-        return spec
-    if os.path.exists(spec):
-        from data.prepare import prepare
-        name = os.path.basename(os.path.normpath(spec)).split(".")[0] or "source"
-        out = os.path.join(ROOT, "data", "prepared", name)
-        if not is_prepared(out):
-            print(f"preparing {spec} into {out} ...")
-            prepare(source=spec, out_dir=out)
-        return out
-    raise DataError(f"--data {spec!r} is neither 'tinystories', 'synthetic', a prepared directory "
-                    "(with meta.json) nor an existing file or directory to prepare")
-
-
-class RunLog:
-    """log.jsonl (one JSON object per update or eval) and loss.png, refreshed at every eval."""
-
-    def __init__(self, out):
-        self.path = os.path.join(out, "log.jsonl")
-        self.plot_path = os.path.join(out, "loss.png")
-
-    def write(self, record):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def truncate_after(self, step):
-        """On resume, drop records of updates after the checkpoint (they will be redone)."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            kept = [line for line in f if json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
-
-    def plot(self):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        with open(self.path) as f:
-            records = [json.loads(line) for line in f]
-        train = [(r["tokens"], r["loss"]) for r in records if r["kind"] == "update" and r["loss"] is not None]
-        evals = [r for r in records if r["kind"] == "eval"]
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        if train:
-            ax.plot(*zip(*train), lw=0.7, alpha=0.5, label="train (per update)")
-        for split, style in (("train", "o-"), ("validation", "s-")):
-            points = [(r["tokens"], r[split]) for r in evals]
-            if points:
-                ax.plot(*zip(*points), style, ms=3, label=f"{split} (eval)")
-        ax.set_xlabel("tokens")
-        ax.set_ylabel("cross-entropy loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        tmp = self.plot_path + ".tmp.png"
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, self.plot_path)
-
-
-class SilentLog(RunLog):
-    """The log of ranks other than 0: the same calls, nothing written."""
-
-    def write(self, record):
-        pass
-
-    def truncate_after(self, step):
-        pass
-
-    def plot(self):
-        pass
+class DivergedError(RuntimeError):
+    """Training cannot go on: every update is skipped and nothing can change that."""
 
 
 class Trainer:
@@ -226,22 +230,26 @@ class Trainer:
         self.rank, self.world_size = (comm.rank, comm.world_size) if comm is not None else (0, 1)
         self.is_main = self.rank == 0
         self.config = Gemma3Config.preset(args.preset)
-        os.makedirs(args.out, exist_ok=True)
         self.last_dir = os.path.join(args.out, "last")
-        if not args.resume and (os.path.isdir(self.last_dir) or os.path.isdir(self.last_dir + ".old")):
-            raise CheckpointError(f"{args.out} already holds a run: pass --resume to continue it, "
-                                  "or --out to start a new one")
-        self.data_dir = self.main_first(lambda: resolve_data(args.data))  # rank 0 prepares, once
+        if self.is_main:
+            claim(args.out, args.resume, args.overwrite)  # refuses another run's directory
+        self.data_dir = self.main_first(lambda: resolve_data(args.data, ROOT))  # rank 0 prepares, once
+        self.data_identity = data_identity(self.data_dir)  # the tokens trained on, for resume
         self.loader = self.train_loader(stream_seed(args.seed, self.rank))
         # Every rank draws the same fixed eval batches and evaluates its share of them.
         self.eval_loader = BatchLoader(self.data_dir, args.batch_size, args.block_size, device=args.device,
                                        seed=args.seed + 1, model_vocab_size=self.config.vocab_size)
         self.eval_start = self.eval_loader.state_dict()  # every eval replays these same batches
 
+        kernels.set_fast(bool(args.kernels["families"]), args.kernels["families"] or kernels.FAMILIES)
         self.model = Gemma3(self.config, seed=args.seed, recompute=args.recompute)
         state = None
         if args.resume:
-            model_state, optim_arrays, state = load_checkpoint(self.last_dir)
+            required = {"state.json": ("step", "tokens", "best_val", "optimizer", "scaler", "config", "args"),
+                        "optimizer.safetensors": ("master", "m", "v"),
+                        "model.safetensors": tuple(self.model.state_dict())}
+            # rank 0 first: falling back to an intact last.old renames directories
+            model_state, optim_arrays, state = self.main_first(lambda: load_checkpoint(self.last_dir, required))
             self.check_same_run(state)
             self.model.load_state_dict(model_state)
         float32_weights = self.model.state_dict()
@@ -255,19 +263,23 @@ class Trainer:
         self.schedule = nn.LRSchedule(args.lr, args.warmup, args.max_updates, min_lr=args.min_lr,
                                       kind=args.schedule)
         self.step, self.tokens, self.best_val = 0, 0, math.inf
+        self.skipped_in_a_row = 0  # consecutive updates skipped for inf/NaN gradients
+        self.stop_agreed = False   # set by agree_on_step: some rank was asked to stop
         self.log = RunLog(args.out) if self.is_main else SilentLog(args.out)
         if state is not None:
             self.optimizer.load_state_dict(dict(state["optimizer"], **optim_arrays))
             self.scaler.load_state_dict(state["scaler"])
             self.step, self.tokens, self.best_val = state["step"], state["tokens"], state["best_val"]
+            self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
             position = saved_loader_state(state, self.rank, self.world_size)
             if position is not None:
                 self.loader.load_state_dict(position)
             else:
                 self.loader = self.train_loader(stream_seed(args.seed, self.rank, self.step))
             self.log.truncate_after(self.step)
+        self.signals = None  # StopSignals while run() runs
         self.graphed = None
-        if args.cuda_graphs:
+        if args.kernels["cuda_graphs"]:
             self.graphed = nn.GraphedMicroBatch(self.micro_loss, self.optimizer)
         self.dp = None
         if comm is not None:
@@ -275,9 +287,9 @@ class Trainer:
                                                bucket_bytes=int(args.bucket_mb * 2 ** 20))
             distributed.broadcast_optimizer(comm, self.optimizer)  # every rank starts from rank 0's bits
         if self.is_main:
-            with open(os.path.join(args.out, "config.json"), "w") as f:
-                json.dump({"args": vars(args), "world_size": self.world_size, "model": self.config.to_dict(),
-                           "data": self.data_dir}, f, indent=1)
+            config = {"args": vars(args), "world_size": self.world_size, "model": self.config.to_dict(),
+                      "data": self.data_dir, "data_identity": self.data_identity, "kernels": args.kernels}
+            write_file_atomic(os.path.join(args.out, "config.json"), json.dumps(config, indent=1))
         # One update: world_size ranks x grad_accum micro-batches x batch_size x block_size tokens.
         self.tokens_per_update = self.world_size * args.batch_size * args.block_size * args.grad_accum
         self.flops_per_update = flops_per_token(self.config, args.block_size) * self.tokens_per_update
@@ -303,11 +315,25 @@ class Trainer:
             diff = sorted(k for k in saved if saved[k] != self.config.to_dict().get(k))
             raise CheckpointError(f"{self.last_dir} was saved from a different model config (differs in "
                                   f"{', '.join(diff)}); resume with the same --preset or start a new --out")
-        for key in ("block_size", "batch_size", "grad_accum", "seed"):
-            if state["args"][key] != getattr(self.args, key):
+        for key in ("block_size", "batch_size", "grad_accum", "seed", "dtype"):
+            if key in state["args"] and state["args"][key] != getattr(self.args, key):
                 raise CheckpointError(f"{self.last_dir} was trained with --{key.replace('_', '-')} "
                                       f"{state['args'][key]}; resuming with {getattr(self.args, key)} would "
-                                      "not continue the same run")
+                                      f"not continue the same run: pass --{key.replace('_', '-')} "
+                                      f"{state['args'][key]}, or start a new --out")
+        saved_kernels = state["args"].get("kernels")
+        if saved_kernels is not None and saved_kernels != self.args.kernels:
+            if not self.args.allow_kernel_change:
+                raise CheckpointError(f"{self.last_dir} was trained on {describe_kernels(saved_kernels)}; this "
+                                      f"run would use {describe_kernels(self.args.kernels)}, which changes the "
+                                      "numerics: resume with the run's flags (--reference, --no-cuda-graphs), or "
+                                      "pass --allow-kernel-change")
+            print(f"note: the kernel path changes from {describe_kernels(saved_kernels)} to "
+                  f"{describe_kernels(self.args.kernels)} (--allow-kernel-change)")
+        if "data" in state and state["data"] != self.data_identity:
+            raise CheckpointError(f"{self.last_dir} was trained on other data (--data {state['args']['data']}) "
+                                  f"than --data {self.args.data} holds: resume with the run's --data, or start "
+                                  "a new --out")
 
     # ----- one update ------------------------------------------------------------------------
     def micro_loss(self, x, y, loss_weight):
@@ -340,27 +366,30 @@ class Trainer:
                                      clip_norm=args.clip if args.clip > 0 else None)
         mean_loss = float(loss_sum) / args.grad_accum
         if self.comm is not None:
-            mean_loss = self.agree_on_step(mean_loss, result.found_inf)
+            mean_loss = self.agree_on_step(mean_loss, result.found_inf, self.stop_requested())
         scale = self.scaler.scale
         self.scaler.update(result.found_inf)
         self.optimizer.zero_grad()
         self.step += 1
         self.tokens += self.tokens_per_update
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if result.found_inf else 0
         return dict(loss=mean_loss, lr=lr, scale=scale, skipped=result.found_inf,
                     grad_norm=result.grad_norm if math.isfinite(result.grad_norm) else None)
 
-    def agree_on_step(self, loss, found_inf):
-        """The loss averaged over ranks, and a check that every rank made the same skip decision.
+    def agree_on_step(self, loss, found_inf, stop=False):
+        """The loss averaged over ranks, a check that every rank made the same skip decision, and
+        whether any rank was asked to stop (`stop`: a signal arrived here), so all stop together.
 
         They cannot differ: after the all-reduce every rank holds the same summed gradients, and an
         inf/NaN from any one rank survives the sum, so every rank's AdamW sees it, skips, and every
         scaler halves its scale (the clip factor, from the same norm, agrees too). One small
         all-reduce, which the loss average needs anyway, verifies that instead of trusting it.
         """
-        loss_sum, skipped = self.comm.allreduce_scalars([loss, float(found_inf)])
+        loss_sum, skipped, stops = self.comm.allreduce_scalars([loss, float(found_inf), float(stop)])
         if skipped not in (0, self.world_size):
             raise RuntimeError(f"ranks disagree on skipping update {self.step + 1}: {skipped:g} of "
                                f"{self.world_size} found inf/NaN gradients (their gradients differ)")
+        self.stop_agreed = stops > 0  # every rank stops after the same update
         return loss_sum / self.world_size
 
     def evaluate(self):
@@ -404,12 +433,28 @@ class Trainer:
         optim = self.optimizer.state_dict()
         arrays = {k: optim.pop(k) for k in ("master", "m", "v")}
         state = dict(step=self.step, tokens=self.tokens, best_val=self.best_val, optimizer=optim,
+                     skipped_in_a_row=self.skipped_in_a_row,
                      scaler=self.scaler.state_dict(), world_size=self.world_size, loaders=loaders,
-                     config=self.config.to_dict(), args=vars(self.args))
+                     config=self.config.to_dict(), args=vars(self.args), data=self.data_identity)
         save_checkpoint(self.last_dir, self.master_weights(), arrays, state)
 
     # ----- the loop -----------------------------------------------------------------------------
+    def stop_requested(self):
+        return self.signals is not None and self.signals.requested is not None
+
     def run(self):
+        """Train to --max-updates; 0 when done, 130 when stopped by a signal (after saving `last`)."""
+        # inf/NaN are expected (fp16 overflow, a diverging run) and handled by skipping the update
+        with StopSignals() as self.signals, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            try:
+                return self._run()
+            except KeyboardInterrupt:  # only where no handler could be installed (not the main thread)
+                self.say(f"\ninterrupted inside an update: nothing saved; {self.last_dir} holds the last save")
+                return 130
+            finally:
+                self.signals = None
+
+    def _run(self):
         args = self.args
         self.say(f"model: {self.config.num_hidden_layers} layers, {self.model.num_parameters() / 1e6:.1f}M "
                  f"parameters | {self.tokens_per_update} tokens per update = {self.world_size} ranks x "
@@ -418,10 +463,8 @@ class Trainer:
         if not args.no_progress and self.is_main:
             from tqdm import tqdm
             bar = tqdm(total=args.max_updates, initial=self.step, unit="update", dynamic_ncols=True)
-        loader_state = self.loader.state_dict()
         try:
             while self.step < args.max_updates:
-                loader_state = self.loader.state_dict()  # as of the last completed update
                 start = time.perf_counter()
                 record = self.update()
                 seconds = time.perf_counter() - start
@@ -435,18 +478,31 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     scale=f"{record['scale']:.0f}", tok_s=f"{tok_s:,.0f}",
                                     **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
-                if self.step % args.eval_every == 0 or self.step == args.max_updates:
+                saved = self.step % args.eval_every == 0 or self.step == args.max_updates
+                if saved:
                     self.eval_and_save()
-        except KeyboardInterrupt:
+                self.check_progress()
+                # A signal only sets a flag; here, between updates, the state is whole.
+                if self.stop_agreed if self.comm is not None else self.stop_requested():
+                    if not saved:
+                        self.save_last(self.loader.state_dict())
+                    self.say(f"\nstopped: saved {self.last_dir} at update {self.step}; continue with --resume")
+                    return 130
+        finally:
             if bar is not None:
                 bar.close()
-            self.save_last(loader_state, gather=False)
-            self.say(f"\ninterrupted: saved {self.last_dir} at update {self.step}; continue with --resume")
-            return 130
-        if bar is not None:
-            bar.close()
         self.say(f"done: {self.step} updates, best validation loss {self.best_val:.4f}; outputs in {args.out}")
         return 0
+
+    def check_progress(self):
+        """Stop a run that cannot recover: --max-skipped-updates updates in a row with inf/NaN
+        gradients while the loss scale cannot be lowered any further (or there is none: float32)."""
+        at_floor = not self.scaler.enabled or self.scaler.scale <= self.scaler.min_scale
+        if self.skipped_in_a_row >= self.args.max_skipped_updates and at_floor:
+            where = "at the minimum loss scale " if self.scaler.enabled else ""
+            raise DivergedError(f"the run diverged: {self.skipped_in_a_row} updates in a row had inf/NaN "
+                                f"gradients {where}(update {self.step}); lower --lr ({self.args.lr:g}), or "
+                                f"--resume from the last save ({self.last_dir})")
 
     def eval_and_save(self):
         losses = self.evaluate()
@@ -474,24 +530,51 @@ def make_communicator(args):
 
 
 def main(argv=None):
+    """Exit status: 0 done, 2 bad settings or files (before training), 1 a save that failed
+    (disk full, non-finite weights), 3 a diverged run, 130 stopped by a signal (resumable)."""
     args = parse_args(argv)
-    comm = None
+    comm = lock = None
+    several = False
     try:
         if args.distributed:
             comm = make_communicator(args)  # before anything else touches the GPU: it picks this rank's
+            several = comm.world_size > 1
         if comm is None or comm.is_main:
+            lock = RunLock(args.out)  # held until this process ends
             print("train.py settings (defaults included):")
             for key, value in vars(args).items():
-                print(f"  --{key.replace('_', '-')}: {value}")
+                if key not in ("path", "kernels"):
+                    print(f"  --{key.replace('_', '-')}: {value}")
+            print(f"kernels: {args.path}")
         trainer = Trainer(args, comm)
-    except (DataError, CheckpointError, ValueError) as e:
-        several = comm is not None and comm.world_size > 1
-        print(f"{f'rank {comm.rank}: ' if several else ''}error: {e}", file=sys.stderr)
-        if several:
-            comm.abort(2)  # the other ranks may be waiting for this one in a collective
-        return 2
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill saves `last` like Ctrl-C
-    return trainer.run()
+    except (DataError, CheckpointError, RunError, ValueError, OSError) as e:
+        return fail(comm, several, describe_error(e), 2)
+    except KeyboardInterrupt:
+        return fail(comm, several, "interrupted before the first update: nothing was saved", 130)
+    try:
+        return trainer.run()
+    except DivergedError as e:
+        return fail(comm, several, str(e), 3)
+    except (CheckpointError, OSError) as e:
+        return fail(comm, several, f"{describe_error(e)}; {trainer.last_dir} holds the last good save "
+                    "(--resume continues from it)", 1)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def describe_error(e):
+    """One line for an error: OSErrors as 'cannot write FILE: reason'."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"cannot access {e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e)
+
+
+def fail(comm, several, message, status):
+    print(f"{f'rank {comm.rank}: ' if several else ''}error: {message}", file=sys.stderr)
+    if several:
+        comm.abort(status)  # the other ranks may be waiting for this one in a collective
+    return status
 
 
 if __name__ == "__main__":

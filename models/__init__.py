@@ -6,7 +6,7 @@ __all__ = ["Gemma3", "Gemma3Config", "ConfigError", "padded_vocab"]
 from .hf_checkpoint import CheckpointError, load_hf_checkpoint
 
 __all__ += ["CheckpointError", "load_hf_checkpoint"]
-from .generation import filter_probabilities, generate
+from .generation import filter_probabilities, generate, generate_greedy_batch
 from .kv_cache import KVCache
 
-__all__ += ["generate", "filter_probabilities", "KVCache"]
+__all__ += ["generate", "generate_greedy_batch", "filter_probabilities", "KVCache"]

@@ -1,7 +1,16 @@
 """Checks of numeric arguments shared by the optimizer, the loss scaler and the schedule:
-one clear ValueError/TypeError naming the argument, instead of a failure deep inside."""
+one clear ValueError/TypeError naming the argument, instead of a failure deep inside; and the
+command-line parser of train.py and generate.py, whose errors are one line."""
+import argparse
 import math
 import operator
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `error: ...` (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
 
 
 def non_negative_float(name, value):

@@ -1,6 +1,7 @@
 """train.py and generate.py on the CPU: exact resume, learning, checkpoints, end to end."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -37,14 +38,14 @@ def test_resumed_run_is_bit_identical(synthetic_dir, tmp_path, monkeypatch):
     def interrupted_update(self):
         calls["n"] += 1
         if calls["n"] == 7:  # Ctrl-C in the middle of update 7 (after the eval at update 4)
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         return real_update(self)
 
     monkeypatch.setattr(train.Trainer, "update", interrupted_update)
     assert train.main(_argv(synthetic_dir, split, "--max-updates", "10")) == 130
     monkeypatch.setattr(train.Trainer, "update", real_update)
     with open(split / "last" / "state.json") as f:
-        assert json.load(f)["step"] == 6
+        assert json.load(f)["step"] == 7  # update 7 finished, then the run stopped and saved
     assert train.main(_argv(synthetic_dir, split, "--max-updates", "10", "--resume")) == 0
 
     a, b = _updates(whole), _updates(split)
@@ -111,11 +112,6 @@ def test_recompute_trains_with_the_same_losses(synthetic_dir, tmp_path):
     assert [r["step"] for r in _updates(tmp_path / "plain") if r["kind"] == "update"] == [1, 2, 3, 4]
     args = train.parse_args(_argv(synthetic_dir, tmp_path / "x", "--recompute"))
     assert args.recompute and not train.parse_args(_argv(synthetic_dir, tmp_path / "x")).recompute
-
-
-def test_min_lr_above_peak_is_a_clear_error(synthetic_dir, tmp_path, capsys):
-    assert train.main(_argv(synthetic_dir, tmp_path / "bad", "--min-lr", "1e-2", "--max-updates", "4")) == 2
-    assert "min_lr (0.01) is above peak_lr (0.003)" in capsys.readouterr().err
 
 
 def test_train_then_generate_end_to_end(synthetic_dir, tmp_path):
