@@ -62,8 +62,9 @@ def build_parser(description=__doc__):
     a("--final-tolerance", type=float, default=None, help="largest relative difference of the final "
       "validation loss (default: --tolerance)")
     a("--out", default=None, help="output directory (default runs/parity-<preset>-<dtype>)")
-    a("--cuda-graphs", action="store_true", help="our side replays its micro-batches as CUDA graphs "
-      "(train.py --cuda-graphs; needs TINYGRAD3_FAST=1)")
+    a("--reference", action="store_true", help="our side on the reference path (train.py --reference; "
+      "the default on cuda is train.py's: the fast path with CUDA graphs)")
+    a("--no-cuda-graphs", action="store_true", help="our side with the kernels but no CUDA graphs")
     return p
 
 
@@ -85,7 +86,9 @@ def train_argv(args):
             "--eval-every", str(args.eval_every), "--no-progress"]
     for name in TRAIN_FLAGS:
         argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    return argv + (["--cuda-graphs"] if getattr(args, "cuda_graphs", False) else [])
+    flags = [f"--{name.replace('_', '-')}" for name in ("reference", "no_cuda_graphs")
+             if getattr(args, name, False)]
+    return argv + ["--overwrite"] + flags  # a new parity run replaces its own earlier one
 
 
 def relative(ours, theirs):

@@ -10,7 +10,8 @@ A row is BATCHxBLOCKxACCUM: one update is ACCUM micro-batches of BATCH x BLOCK r
 (forward + backward each) and one optimizer step. Sides:
   ours-ref      train.Trainer's update: fp16 Gemma3, AdamW with fp32 masters, LossScaler, clip 1.0
   ours-fast     the same with the fused kernels on (tinygrad3.kernels; ours-fast:FAMILY for one family)
-  ours-graph    ours-fast with each micro-batch replayed as a CUDA graph (train.py --cuda-graphs)
+  ours-graph    ours-fast with each micro-batch replayed as a CUDA graph
+  ours-default  exactly the kernels and graphs `python train.py` chooses with no flags (train.kernel_path)
   torch-eager   HF Gemma3ForCausalLM (sdpa), fp16 autocast, GradScaler, clip_grad_norm_, fused AdamW
   torch-compile the same loss function under torch.compile
 Timing: device events around each update, after --warmup updates; the median of --steps updates.
@@ -45,7 +46,7 @@ from models.flops import flops_per_token  # noqa: E402
 from tinygrad3 import backend, kernels  # noqa: E402
 
 DEFAULT_ROWS = "32x128x8,16x1024x4,32x128x1,16x1024x1"
-SIDES = ("ours-ref", "ours-fast", "ours-graph", "torch-eager", "torch-compile")
+SIDES = ("ours-ref", "ours-fast", "ours-graph", "ours-default", "torch-eager", "torch-compile")
 GIB = 2 ** 30
 
 
@@ -368,10 +369,22 @@ def row_name(row):
     return "x".join(map(str, row))
 
 
-def families_of(side):
+def train_default(device):
+    """(families, graphs) of `python train.py --device DEVICE` with no other flag."""
+    import train
+    return tuple(train.kernel_path(train.parse_args(["--device", device]))[:2])
+
+
+def families_of(side, device):
     if side == "ours-ref":
         return ()
+    if side == "ours-default":
+        return train_default(device)[0]
     return kernels.FAMILIES if side in ("ours-fast", "ours-graph") else (side[10:],)
+
+
+def graphs_of(side, device):
+    return side == "ours-graph" or (side == "ours-default" and train_default(device)[1])
 
 
 def run_all(args, config, save):
@@ -423,8 +436,8 @@ def run_all(args, config, save):
                 save(results)
                 print(f"\nours-fast, {row_name(row)}, per op:\n{profile_table(ops)}\n", flush=True)
                 continue
-            record(row, side, lambda: ours.run(dev_batches, families_of(side), args.warmup, args.steps,
-                                               graphs=side == "ours-graph"))
+            record(row, side, lambda: ours.run(dev_batches, families_of(side, args.device), args.warmup,
+                                               args.steps, graphs=graphs_of(side, args.device)))
         del ours
         gc.collect()
         if args.device == "cuda":

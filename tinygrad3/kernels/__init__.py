@@ -1,9 +1,12 @@
 """Fused CUDA kernels: the fast path.
 
-The reference path (plain NumPy/CuPy array code in tinygrad3/nn_ops/) is the default and
-the definition of every op. With the fast path on (`TINYGRAD3_FAST=1` in the environment,
-or `set_fast(True)`), an op whose inputs are float16 CuPy arrays calls the fused kernel of
-its family instead; any other input (NumPy, float32, float64) still takes the reference path.
+The reference path (plain NumPy/CuPy array code in tinygrad3/nn_ops/) is the library's default
+and the definition of every op. With the fast path on (`set_fast(True)`, or `with fast():` for
+a block), an op whose inputs are float16 CuPy arrays calls the fused kernel of its family
+instead; any other input (NumPy, float32, float64) still takes the reference path. train.py and
+generate.py turn it on themselves on CUDA with float16 (`--reference` keeps it off). The
+environment variable TINYGRAD3_FAST (1, 0, or a comma-separated list of families) is read once
+at import as an override of that default (`environment_families`).
 RMSNorm's kernels also take float32 x and w and write float32 or float16 y, as the model's
 float32 residual stream and float32 norm weights need. The AdamW kernel works on the
 optimizer's float32 flat buffers (nn/optim.py asks `use_fast` with `dtypes=(np.float32,)`).
@@ -43,7 +46,31 @@ from .. import backend
 FAMILIES = ("rmsnorm", "geglu", "cross_entropy", "attention", "flash_attention", "rope", "qk_norm_rope", "adamw",
             "gemm", "embedding")
 
-_on = frozenset(FAMILIES) if os.environ.get("TINYGRAD3_FAST", "").strip() not in ("", "0") else frozenset()
+
+
+def environment_families(value=None):
+    """The kernel families TINYGRAD3_FAST names (value: that variable's text), or None when unset.
+
+    An override for code that does not choose itself: "1" means every family, "0" none, and a
+    comma-separated list those families. train.py and generate.py choose by their flags and take
+    it only in place of their default."""
+    value = (os.environ.get("TINYGRAD3_FAST", "") if value is None else value).strip()
+    if value == "":
+        return None
+    if value in ("0", "1"):
+        return FAMILIES if value == "1" else ()
+    families = tuple(f.strip() for f in value.split(",") if f.strip())
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"TINYGRAD3_FAST names unknown kernel families {unknown}: use 0, 1 or some of "
+                         f"{', '.join(FAMILIES)}")
+    return families
+
+
+try:
+    _on = frozenset(environment_families() or ())
+except ValueError:  # reported by whoever reads it with a flag to name (train.py, generate.py)
+    _on = frozenset()
 
 
 def set_fast(enabled, families=FAMILIES):
