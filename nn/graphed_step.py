@@ -23,16 +23,17 @@ The loss weight (loss scale / micro-batches) lives in a GPU scalar the graph rea
 scaler may change it between replays without a new capture. `loss_fn(x, y, w)` receives it (w: that
 scalar, or the number itself in the eager first micro-batch): backward will multiply the loss by
 it, so the model may make its head's gradients in the forward (Gemma3's `loss_grad`); a loss_fn may
-also ignore it. The parameters' `.grad` must be
-None when a micro-batch starts (the graph cannot add to arrays it does not own).
+also ignore it. The parameters' `.grad` must be None when a micro-batch starts (the graph cannot
+add to arrays it does not own).
 
 Data parallelism. There is no `.grad` for DataParallel's buckets, and no Python runs during a
 replay to start them. Each rank instead runs its micro-batches through its own GraphedMicroBatch
 (loss weight scale / (grad_accum * world_size)), then `tinygrad3.distributed.allreduce_grad_buffer(
 comm, optimizer)` sums the optimizer's flat buffer over the ranks with one all-reduce, and every
 rank steps. That all-reduce does not overlap with backward: the buffer is final only after the
-update's last replay, and capturing the all-reduce into the graph would repeat it after every
-micro-batch. It costs one all-reduce per update (tinygrad3/distributed/data_parallel.py).
+update's last replay, and no Python runs inside a replay to start it earlier. It costs one
+all-reduce per update, next to grad_accum micro-batches (what overlap would take instead:
+tinygrad3/distributed/data_parallel.py).
 """
 import numpy as np
 

@@ -52,10 +52,12 @@ With CUDA graphs (allreduce_grad_buffer). A micro-batch's forward and backward i
 launch: no Python runs during a replay, so there is no leaf hook to start a bucket, and every
 micro-batch adds into the same flat buffer, so its values are final only after the last replay.
 The sum over ranks therefore runs once per update, after the last micro-batch and before the
-step, and does not overlap with backward: the step waits for it. Capturing the all-reduce into
-the graph would not help: it would run after every micro-batch (grad_accum times the traffic),
-not only the last. What it costs is one all-reduce of the buffer per update, next to grad_accum
-micro-batches of compute; one call (rather than buckets, which only pay off when they overlap)
+step, and does not overlap with backward: the step waits for it. Overlap would need the
+all-reduce inside a graph: a second graph per shape for the update's last micro-batch, with NCCL
+calls captured between its backward kernels, on slices of the flat buffer that backward finishes
+in turn (its layout, decayed parameters first, does not follow backward's order). That would hide
+the all-reduce behind one micro-batch's backward at most, out of grad_accum; without it the cost
+is one all-reduce of the buffer per update. One call (buckets only pay off when they overlap)
 runs at NCCL's full bandwidth and leaves a single collective whose order no rank can get wrong.
 
     for x, y in micro_batches:
