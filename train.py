@@ -83,7 +83,8 @@ def parse_args(argv=None):
     a("--no-progress", action="store_true", help="no tqdm bar (logs still go to log.jsonl)")
     a("--distributed", action="store_true", help="data-parallel over the ranks mpirun starts, one GPU "
       "each, gradients summed by NCCL (by MPI on --device cpu); automatic when mpirun starts several ranks")
-    a("--bucket-mb", type=float, default=25.0, help="gradient all-reduce bucket size (--distributed)")
+    a("--bucket-mb", type=float, default=25.0, help="gradient all-reduce bucket size (--distributed "
+      "without CUDA graphs)")
     a("--reference", action="store_true", help="the readable reference path (plain array code, no fused "
       "kernels, no CUDA graphs); the default on CUDA with float16 is the fast path with CUDA graphs")
     a("--no-cuda-graphs", action="store_true", help="the fused kernels without CUDA graphs")
@@ -180,8 +181,6 @@ def kernel_path(args):
         return families, False, "fast path (no graphs: --no-cuda-graphs)"
     if families != kernels.FAMILIES:  # a family left out calls cuBLAS through CuPy, which capture refuses
         return families, False, "fast path (no graphs: TINYGRAD3_FAST selects only some kernel families)"
-    if args.distributed:
-        return families, False, "fast path (no graphs: --distributed)"
     return families, True, "fast path + CUDA graphs"
 
 
@@ -283,8 +282,9 @@ class Trainer:
             self.graphed = nn.GraphedMicroBatch(self.micro_loss, self.optimizer)
         self.dp = None
         if comm is not None:
-            self.dp = distributed.DataParallel(self.model.parameters(), comm,
-                                               bucket_bytes=int(args.bucket_mb * 2 ** 20))
+            if self.graphed is None:  # graphs add gradients into the optimizer's flat buffer: no .grad
+                self.dp = distributed.DataParallel(self.model.parameters(), comm,
+                                                   bucket_bytes=int(args.bucket_mb * 2 ** 20))
             distributed.broadcast_optimizer(comm, self.optimizer)  # every rank starts from rank 0's bits
         if self.is_main:
             config = {"args": vars(args), "world_size": self.world_size, "model": self.config.to_dict(),
@@ -361,6 +361,8 @@ class Trainer:
             loss_sum += loss.data
         if self.dp is not None:
             self.dp.finish()  # every rank now holds the same summed gradients
+        elif self.comm is not None:
+            distributed.allreduce_grad_buffer(self.comm, self.optimizer)  # graphs: the flat buffer, one call
         lr = self.schedule(self.step)
         result = self.optimizer.step(lr=lr, inv_scale=self.scaler.inv_scale,
                                      clip_norm=args.clip if args.clip > 0 else None)

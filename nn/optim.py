@@ -192,6 +192,11 @@ class AdamW:
                 param.grad_buffer = buffer
 
     @property
+    def grad_buffer(self):
+        """The flat gradient buffer the next `step` reads (where `grads_in_buffer` makes backward add)."""
+        return self._grad
+
+    @property
     def params(self):
         """The parameters this optimizer updates, in the order of its flat buffers."""
         return list(self._params)

@@ -31,7 +31,7 @@ def test_cuda_fp16_defaults_to_every_kernel_and_cuda_graphs(gpu_present):
     (("--reference",), [], False, "reference path (--reference)"),
     (("--no-cuda-graphs",), list(kernels.FAMILIES), False, "fast path (no graphs: --no-cuda-graphs)"),
     (("--dtype", "float32"), [], False, "reference path (the fused kernels take float16, not --dtype float32)"),
-    (("--distributed",), list(kernels.FAMILIES), False, "fast path (no graphs: --distributed)"),
+    (("--distributed",), list(kernels.FAMILIES), True, "fast path + CUDA graphs"),
 ])
 def test_flags_and_unsupported_combinations(gpu_present, flags, families, graphs, path):
     args = _args(*flags)

@@ -180,12 +180,6 @@ def broadcast_optimizer(comm, optimizer, root=0):
     optimizer.sync_params()  # refreshes the fp16 compute copy from the new masters
 
 
-def _grad_buffer(optimizer):
-    """The optimizer's flat gradient buffer (float32; float64 for float64 parameters), where
-    `step` reads the update's gradients and `grads_in_buffer` makes backward add them."""
-    return optimizer._grad
-
-
 def allreduce_grad_buffer(comm, optimizer):
     """Sum the update's gradients over the ranks of `comm`, in place in the optimizer's flat buffer.
 
@@ -200,4 +194,4 @@ def allreduce_grad_buffer(comm, optimizer):
         optimizer.accumulate_grads([param.grad for param in params])
         for param in params:
             param.grad = None
-    comm.allreduce(_grad_buffer(optimizer)).wait()
+    comm.allreduce(optimizer.grad_buffer).wait()
