@@ -12,8 +12,8 @@ how far two identical runs drift apart on this GPU; the embedding backward adds 
 they need not be bitwise equal), and once with --distributed as rank 0 of a one-rank NCCL group:
 the gradient all-reduces on the communication stream, the per-update loss/skip all-reduce and the
 eval reduction, all live. At world size 1 the reduction is the identity, so the distributed run
-must match A as closely as B does: same loss on the first update to the bit, and no larger
-difference than A vs B anywhere after it (plus 1e-6). It also checks that the distributed run took
+must match A about as closely as B does: same loss on the first update to the bit, and after it
+no more than NOISE (4) times the A vs B difference plus FLOOR (1e-5). It also checks that the distributed run took
 the same kernel path as A and that every update reduced each gradient exactly once, in the way its
 path does it. One PASS/FAIL line per check, a summary line, exit status 1 when any check fails.
 """
@@ -34,6 +34,11 @@ import train  # noqa: E402
 from data.meta import is_prepared  # noqa: E402
 from tinygrad3 import backend, distributed  # noqa: E402
 
+# Two plain fp16 runs differ a little (the embedding gradient's float32 atomics add in any order),
+# and the NCCL run is a third sample of that spread, as likely as B to land far from A: the bound is
+# a multiple of the spread plus a floor (losses near 10, masters as a relative L2). A reduction that
+# is wrong (a missed or doubled sum, a scaled one) moves these by 1e-3 or more.
+NOISE, FLOOR = 4, 1e-5
 DATA = os.path.join(ROOT, "data", "synthetic")  # ignored by git: carry it (python -m data.synthetic --out ...)
 UPDATES = 8
 KEYS = ("loss", "grad_norm", "scale", "train", "validation")
@@ -132,8 +137,9 @@ def check_path(name, tmp, comm):
     checks[description] = passed
     checks["first update's loss bitwise equal"] = got["first_loss_equal"]
     checks["same updates skipped"] = got["skipped"]
-    for key in KEYS + ("masters",):
-        checks[f"{key}: |nccl - A| {got[key]:.3g} <= |B - A| {noise[key]:.3g} + 1e-6"] = got[key] <= noise[key] + 1e-6
+    for key in KEYS + ("masters",):  # NOISE x the run-to-run spread: the NCCL run is one more sample of it
+        checks[f"{key}: |nccl - A| {got[key]:.3g} <= {NOISE} x |B - A| {noise[key]:.3g} + {FLOOR:g}"] = \
+            got[key] <= NOISE * noise[key] + FLOOR
     print(f"\n{name}: seconds per update: plain {seconds_per_update(plain_a):.4f}, nccl "
           f"{seconds_per_update(dist):.4f}; bitwise equal to A: {all(got[k] == 0 for k in KEYS + ('masters',))}")
     return checks
