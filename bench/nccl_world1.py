@@ -13,7 +13,7 @@ they need not be bitwise equal), and once with --distributed as rank 0 of a one-
 the gradient all-reduces on the communication stream, the per-update loss/skip all-reduce and the
 eval reduction, all live. At world size 1 the reduction is the identity, so the distributed run
 must match A about as closely as B does: same loss on the first update to the bit, and after it
-no more than NOISE (4) times the A vs B difference plus FLOOR (1e-5). It also checks that the distributed run took
+no more than NOISE (4) times the A vs B difference plus FLOOR (1e-5; 1e-4 for the masters). It also checks that the distributed run took
 the same kernel path as A and that every update reduced each gradient exactly once, in the way its
 path does it. One PASS/FAIL line per check, a summary line, exit status 1 when any check fails.
 """
@@ -36,9 +36,12 @@ from tinygrad3 import backend, distributed  # noqa: E402
 
 # Two plain fp16 runs differ a little (the embedding gradient's float32 atomics add in any order),
 # and the NCCL run is a third sample of that spread, as likely as B to land far from A: the bound is
-# a multiple of the spread plus a floor (losses near 10, masters as a relative L2). A reduction that
-# is wrong (a missed or doubled sum, a scaled one) moves these by 1e-3 or more.
-NOISE, FLOOR = 4, 1e-5
+# a multiple of the spread plus a floor: 1e-5 for the logged numbers (losses near 10), 1e-4 for the
+# masters' relative L2 difference, which the spread itself spans 1e-5 to 7e-5 of over 8 fp16 updates
+# with graphs. A wrong reduction (a missed sum, garbage) moves the masters by far more, and a scaled
+# one (AdamW and the clip hide a factor) shows in grad_norm. That the world-1 all-reduce keeps every
+# bit of the buffer is tests/test_cuda_graph.py's job.
+NOISE, FLOOR = 4, (1e-5, 1e-4)
 DATA = os.path.join(ROOT, "data", "synthetic")  # ignored by git: carry it (python -m data.synthetic --out ...)
 UPDATES = 8
 KEYS = ("loss", "grad_norm", "scale", "train", "validation")
@@ -138,8 +141,9 @@ def check_path(name, tmp, comm):
     checks["first update's loss bitwise equal"] = got["first_loss_equal"]
     checks["same updates skipped"] = got["skipped"]
     for key in KEYS + ("masters",):  # NOISE x the run-to-run spread: the NCCL run is one more sample of it
-        checks[f"{key}: |nccl - A| {got[key]:.3g} <= {NOISE} x |B - A| {noise[key]:.3g} + {FLOOR:g}"] = \
-            got[key] <= NOISE * noise[key] + FLOOR
+        floor = FLOOR[key == "masters"]
+        checks[f"{key}: |nccl - A| {got[key]:.3g} <= {NOISE} x |B - A| {noise[key]:.3g} + {floor:g}"] = \
+            got[key] <= NOISE * noise[key] + floor
     print(f"\n{name}: seconds per update: plain {seconds_per_update(plain_a):.4f}, nccl "
           f"{seconds_per_update(dist):.4f}; bitwise equal to A: {all(got[k] == 0 for k in KEYS + ('masters',))}")
     return checks
