@@ -70,15 +70,24 @@ FP16 = ("--dtype", "float16", "--loss-scale", str(2.0 ** 16), "--scale-growth-in
         "--batch-size", "2", "--block-size", "16", "--eval-batches", "1")
 
 
+class Uninterrupted(dict):
+    """The reference runs, 10 updates each, made on first use: float32, and float16 with a loss
+    scale that moves."""
+
+    def __init__(self, data, parent):
+        super().__init__()
+        self.data, self.parent = data, parent
+
+    def __missing__(self, dtype):
+        out = self.parent.mktemp("whole") / dtype
+        assert train.main(_argv(self.data, out, "--max-updates", "10", *(FP16 if dtype == "float16" else ()))) == 0
+        self[dtype] = str(out)
+        return self[dtype]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(synthetic_dir, tmp_path_factory):
-    """The reference runs (float32 and float16 with a loss scale that moves), 10 updates each."""
-    runs = {}
-    for name, extra in (("float32", ()), ("float16", FP16)):
-        out = tmp_path_factory.mktemp("whole") / name
-        assert train.main(_argv(synthetic_dir, out, "--max-updates", "10", *extra)) == 0
-        runs[name] = str(out)
-    return runs
+    return Uninterrupted(synthetic_dir, tmp_path_factory)
 
 
 def test_the_fp16_reference_run_moves_its_loss_scale(uninterrupted):
@@ -91,9 +100,9 @@ def test_the_fp16_reference_run_moves_its_loss_scale(uninterrupted):
 
 @pytest.mark.parametrize("where, dtype, signals", [
     ("eval", "float32", (signal.SIGTERM,)),        # during the evaluation of update 8
-    ("save", "float32", (signal.SIGINT, signal.SIGTERM)),  # during the save at update 4, twice
+    ("save", "float32", (signal.SIGTERM, signal.SIGINT)),  # during the save at update 4, twice
     ("update", "float16", (signal.SIGHUP,)),       # inside AdamW's update of update 6
-    ("update", "float32", (signal.SIGINT,)),       # inside AdamW's update of update 3
+    ("update", "float32", (signal.SIGTERM,)),      # inside AdamW's update of update 3
 ])
 def test_interrupt_then_resume_equals_the_uninterrupted_run(synthetic_dir, tmp_path, monkeypatch, capfd,
                                                             uninterrupted, where, dtype, signals):
@@ -330,3 +339,21 @@ def test_the_count_of_skipped_updates_survives_a_resume(synthetic_dir, tmp_path,
     assert train.main(_argv(synthetic_dir, out, "--max-updates", "12", "--resume", *diverge)) == 3
     assert [r["step"] for r in _log(out) if r["kind"] == "update"][-1] == 8  # the third skip in a row
     assert "3 updates in a row" in capsys.readouterr().err
+
+
+def test_ranks_stop_together_when_any_rank_got_a_signal():
+    from types import SimpleNamespace
+    from tinygrad3.distributed import InProcessGroup
+
+    def rank_main(comm):
+        trainer = SimpleNamespace(comm=comm, world_size=comm.world_size, step=0)
+        train.Trainer.agree_on_step(trainer, 1.0, False, stop=comm.rank == 2)
+        return trainer.stop_agreed
+
+    def no_signal(comm):
+        trainer = SimpleNamespace(comm=comm, world_size=comm.world_size, step=0)
+        train.Trainer.agree_on_step(trainer, 1.0, False)
+        return trainer.stop_agreed
+
+    assert InProcessGroup(3).run(rank_main) == [True, True, True]
+    assert InProcessGroup(3).run(no_signal) == [False, False, False]
