@@ -160,11 +160,10 @@ def _layout(nodes, edges):
             neighbours[a][1].append(b)
     order = [rows[r] for r in sorted(rows)]
     x = {}
-    for sweep in range(8):
+    for sweep in range(8):  # alternately by the rows above and by the rows below
         _place(order, size, x, neighbours, sweep)
-        for r, keys in enumerate(order):
-            side = 0 if sweep % 2 == 0 else 1
-            keys.sort(key=lambda k: _mean([x[n] for n in neighbours[k][side]], x[k]))
+        for keys in order:
+            keys.sort(key=lambda k: _mean([x[n] for n in neighbours[k][sweep % 2]], x[k]))
     _place(order, size, x, neighbours, 8)
     left = min(x[k] - size[k][0] / 2 for k in size)
     y, top = {}, PAD * 2
