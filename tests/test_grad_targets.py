@@ -1,4 +1,5 @@
-"""Gradients summed in place: Function.grad_target, ADDED, fresh_grads and Tensor.grad_buffer.
+"""Gradients summed in place (tinygrad3/grad_sum.py): Function.grad_target, ADDED, fresh_grads
+and Tensor.grad_buffer.
 
 The engine may offer a backward an array to add its gradient into (the sum of an input's other
 uses, or a leaf's grad_buffer). These tests check that the sums are the same as without, that
@@ -11,6 +12,7 @@ import pytest
 import nn
 import tinygrad3.functional as F
 from tinygrad3 import ADDED, Function, Tensor
+from tinygrad3.grad_sum import InPlaceSums
 from tinygrad3.gradcheck import gradcheck
 from tinygrad3.nn_ops import dense
 
@@ -30,6 +32,19 @@ def spy_targets(monkeypatch):
 
     monkeypatch.setattr(dense, "_product", spy)
     return seen
+
+
+def spy_ownership(monkeypatch):
+    """Function -> whether its output gradient was owned (offerable in place) when the walk reached it."""
+    owned = {}
+    pop = InPlaceSums.pop
+
+    def spy(self, fn):
+        owned[fn] = fn in self.owned
+        return pop(self, fn)
+
+    monkeypatch.setattr(InPlaceSums, "pop", spy)
+    return owned
 
 
 def test_three_linears_of_one_input_add_in_place(rng, monkeypatch):
@@ -65,19 +80,20 @@ def test_multi_use_graph_passes_gradcheck():
                    rng.standard_normal((5, 5))])
 
 
-def test_passed_through_gradient_of_two_inputs_is_not_a_target(rng):
+def test_passed_through_gradient_of_two_inputs_is_not_a_target(rng, monkeypatch):
     """An Add hands one gradient array (here a sum the engine owns) to both its inputs. Neither
     input may treat it as its own: a product later adding into u's gradient in place would change
-    w's too. So after the walk neither u's nor w's gradient was marked as summable in place, while
-    s's (a sum the engine made) was."""
+    w's too. So neither u's nor w's gradient was summable in place when the walk reached them,
+    while s's (a sum the engine made) was."""
     x, a, b, c = leaf(rng, 3, 4), leaf(rng, 4, 4), leaf(rng, 4, 4), leaf(rng, 4, 4)
     u, w = F.linear(x, a), F.linear(x, c)
     s = u + w                                    # one array to u and to w
     m = F.linear(s, b) + s * 2.0                 # s used twice: its gradient is a sum the engine made
     single = Tensor(np.ones(3)) + m.sum(axis=1)  # this Add passes its gradient to m alone
+    owned = spy_ownership(monkeypatch)
     single.sum().backward()
-    assert s._creator._out_grad_owned
-    assert not u._creator._out_grad_owned and not w._creator._out_grad_owned
+    assert owned[s._creator]
+    assert not owned[u._creator] and not owned[w._creator]
     gs = np.ones((3, 4)) @ b.data + 2
     np.testing.assert_allclose(a.grad, gs.T @ x.data, rtol=1e-12)
     np.testing.assert_allclose(c.grad, gs.T @ x.data, rtol=1e-12)
@@ -182,7 +198,7 @@ def test_fast_path_sums_equal_the_engine_sums(gpu_xp):
     """fp16 tiny model on the GPU, fast path: the gradients added in place (q/k/v and gate/up input
     gradients by the GEMMs, the residual stream's by the norm kernels, weights into float32
     buffers) equal those of a pass with in-place sums switched off, within fp16 rounding."""
-    from tinygrad3 import kernels, tensor
+    from tinygrad3 import kernels
     cp = gpu_xp
     model, x, y = tiny_model_and_batch(np.float16)
     model.to(device="cuda")
@@ -192,13 +208,10 @@ def test_fast_path_sums_equal_the_engine_sums(gpu_xp):
         for in_place in (False, True):
             for p in model.parameters():
                 p.grad, p.grad_buffer = None, (cp.zeros(p.shape, np.float32) if in_place else None)
-            target = tensor._target
-            if not in_place:  # no targets at all: the engine makes every sum
-                tensor._target = lambda parent: None
-            try:
+            with pytest.MonkeyPatch.context() as patch:
+                if not in_place:  # no targets at all: the engine makes every sum
+                    patch.setattr(InPlaceSums, "target", lambda self, parent: None)
                 (model(x, y, return_logits=False)[1] * 1024.0).backward()
-            finally:
-                tensor._target = target
             grads.append([cp.asnumpy(p.grad_buffer if in_place else p.grad).astype(np.float64)
                           for p in model.parameters()])
     for (name, _), plain, summed in zip(model.named_parameters(), *grads):

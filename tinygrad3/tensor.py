@@ -1,4 +1,4 @@
-"""Tensor and Function: the whole reverse-mode autograd in one file.
+"""Tensor and Function: the whole reverse-mode autograd.
 
 A `Function` computes its forward on raw arrays (NumPy or CuPy) and knows how to
 turn the gradient of its output into gradients of its inputs. Calling a Function
@@ -8,17 +8,17 @@ a graph.
 The graph holds Functions and leaf tensors only: an intermediate Tensor is
 represented by the Function that made it (every Function has one output), so
 its array is freed as soon as user code drops it, unless a backward saved it.
-`Tensor.backward` visits the Functions in reverse topological order, hands each
-one the gradient summed over all uses of its output, and then releases what the
-Function saved, so activation memory shrinks as the backward pass proceeds.
 
-Summing in place. When a value has several uses (a layer input read by the q, k and v
-projections), its gradient is a sum. By default the engine adds each new contribution to
-the sum so far. A backward may instead add its contribution into that sum itself, when the
-engine offers it (`Function.grad_target(i)`), and return `ADDED` in that input's slot: a GEMM
-then adds its product into the sum (cuBLAS beta = 1) rather than writing a new array that a
-separate pass adds. The engine offers only arrays that nothing else can see: sums it made
-itself, gradients a Function declares new (`fresh_grads`), and a leaf's `grad_buffer`.
+`Tensor.backward` is the textbook algorithm (read it at the end of this file):
+  1. order the Functions so that each comes after every Function it consumes;
+  2. walk them in reverse, handing each the gradient of its output, summed over all its uses;
+  3. call its backward: the chain rule gives one gradient per input;
+  4. add each input's gradient to that input's sum (a leaf's is its `.grad`);
+  5. free what the Function saved, so activation memory shrinks as the pass proceeds.
+The sums live in an accumulator. `GradSums`, below the loop, is the plain one: every addition
+makes a new array. The engine runs its subclass `InPlaceSums` (grad_sum.py): the same sums of
+the same terms in the same order, with the speed machinery (sums made in place by the backwards
+themselves, gradient buffers, a hook on final leaf gradients, deferred GPU checks).
 """
 import contextlib
 import threading
@@ -56,18 +56,6 @@ def enable_grad():
         _mode.grad_enabled = previous
 
 
-class _Added:
-    """The type of ADDED (one instance)."""
-
-    def __repr__(self):
-        return "ADDED"
-
-
-# A backward returns ADDED for input i when it has added input i's gradient into
-# grad_target(i) itself, instead of returning the gradient.
-ADDED = _Added()
-
-
 class Function:
     """One differentiable operation: `forward(*arrays) -> array`, `backward(gy) -> grads`.
 
@@ -78,7 +66,7 @@ class Function:
 
     `fresh_grads = True` declares that backward returns new arrays that nothing else
     refers to (not views of one another), so the engine may later add other contributions
-    into them in place.
+    into them in place (grad_sum.py).
     """
 
     fresh_grads = False
@@ -96,9 +84,7 @@ class Function:
             self._parents = tuple(
                 None if not need else (t if t._creator is None else t._creator)
                 for t, need in zip(tensors, self.needs_grad))
-            self._out_grad = None
-            self._out_grad_owned = False  # may _out_grad be summed into in place?
-            self._out_dtype = out.dtype
+            self._out_dtype = out.dtype  # the dtype its output's gradient is summed in
             out._creator = self
         else:
             self._release()
@@ -116,7 +102,7 @@ class Function:
         It has the shape of input i and holds the gradient summed so far (other uses of the
         input, or earlier backward passes into a leaf's grad_buffer); its dtype may be wider
         than the gradient's (a float32 buffer for float16 weights). A backward that adds its
-        gradient into it returns ADDED for that input.
+        gradient into it returns ADDED for that input (grad_sum.py says which arrays are offered).
         """
         targets = getattr(self, "_targets", None)
         return None if targets is None else targets[i]
@@ -124,10 +110,6 @@ class Function:
     def _release(self):
         for name in [k for k in vars(self) if not k.startswith("_")]:
             delattr(self, name)
-
-
-def _accumulate(current, g):
-    return g if current is None else current + g
 
 
 class Tensor:
@@ -200,57 +182,6 @@ class Tensor:
         """A copy on another device, itself a leaf (use on parameters before building graphs)."""
         return Tensor(backend.to_device(self.data, device), requires_grad=self.requires_grad)
 
-    # ----- backward -----------------------------------------------------------------
-    def backward(self, grad=None, leaf_hook=None, check_deferred=True):
-        """Accumulate d(self)/d(leaf) into every leaf's `.grad`.
-
-        `grad` is the upstream gradient; for a one-element tensor it defaults to 1.
-        The graph is freed as it is walked, so a second backward over it raises.
-
-        `leaf_hook(leaf)`, if given, is called once for every leaf tensor this graph reaches, as
-        soon as this pass can add nothing more to `leaf.grad` (its `.grad` may still be None when
-        every path to it carried no gradient). Data-parallel training uses it to start reducing a
-        gradient across processes while the rest of the backward pass still runs.
-
-        At the end, a failed check that was deferred on the GPU (ids out of range) raises
-        (backend.raise_deferred), so no optimizer step takes gradients computed from bad ids.
-        check_deferred=False leaves that to the caller: a backward run inside another backward
-        (tinygrad3.checkpoint) must not make the host wait for the GPU half-way.
-        """
-        if not self.requires_grad:
-            raise RuntimeError("backward() on a tensor that does not require grad "
-                               "(no input had requires_grad=True, or it was built under no_grad())")
-        xp = backend.get_array_module(self.data)
-        if grad is None:
-            if self.size != 1:
-                raise RuntimeError(f"backward() needs an explicit gradient for a tensor of shape {self.shape}")
-            grad = xp.ones_like(self.data)
-        grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype)
-        if grad.shape != self.shape:
-            raise ValueError(f"gradient shape {grad.shape} does not match tensor shape {self.shape}")
-        if self._creator is None:
-            _give_leaf(self, grad)
-            if leaf_hook is not None:
-                leaf_hook(self)
-            return
-        root = self._creator
-        if not hasattr(root, "_parents"):
-            raise RuntimeError("this graph was already freed by an earlier backward()")
-        root._out_grad = grad
-        order = _topological_order(root)
-        # A leaf's gradient is final once every Function that consumes it has run; counting those
-        # uses up front lets the walk tell the moment without a second pass over the graph.
-        uses = _leaf_uses(order) if leaf_hook is not None else None
-        for fn in reversed(order):
-            gy, fn._out_grad = fn._out_grad, None
-            if gy is not None:  # None: no path from the root passes through this output
-                _backward_one(fn, gy, fn._out_grad_owned)
-            if uses is not None:
-                _count_down(fn, uses, leaf_hook)
-            _drop(fn)
-        if check_deferred:
-            backend.raise_deferred()
-
     # ----- operators (implemented in ops.py) -----------------------------------
     def __add__(self, other): return ops.add(self, other)
     def __radd__(self, other): return ops.add(other, self)
@@ -276,90 +207,112 @@ class Tensor:
     def log(self): return ops.log(self)
     def astype(self, dtype): return ops.astype(self, dtype)
 
+    # ----- backward (the algorithm; the accumulator GradSums follows) -----------------
+    def backward(self, grad=None, leaf_hook=None, check_deferred=True):
+        """Accumulate d(self)/d(leaf) into every leaf's `.grad`.
 
-def _match(g, like):
-    """Cast a gradient to the leaf's dtype (a leaf's grad always has the leaf's dtype)."""
-    return g if g.dtype == like.dtype else g.astype(like.dtype)
+        `grad` is the upstream gradient; for a one-element tensor it defaults to 1.
+        The graph is freed as it is walked, so a second backward over it raises.
+
+        `leaf_hook(leaf)`, if given, is called once for every leaf tensor this graph reaches, as
+        soon as this pass can add nothing more to `leaf.grad` (its `.grad` may still be None when
+        every path to it carried no gradient). Data-parallel training uses it to start reducing a
+        gradient across processes while the rest of the backward pass still runs.
+
+        At the end, a failed check that was deferred on the GPU (ids out of range) raises
+        (backend.raise_deferred), so no optimizer step takes gradients computed from bad ids.
+        check_deferred=False leaves that to the caller: a backward run inside another backward
+        (tinygrad3.checkpoint) must not make the host wait for the GPU half-way.
+        """
+        grad = _upstream(self, grad)
+        root = self._creator
+        if root is not None and not hasattr(root, "_parents"):
+            raise RuntimeError("this graph was already freed by an earlier backward()")
+        order = [] if root is None else _topological_order(root)  # each after all it consumes
+        sums = InPlaceSums(order, leaf_hook, check_deferred)
+        if root is None:  # self is a leaf: its gradient is grad itself
+            sums.add(self, grad)
+            sums.finish_leaf(self)
+            return
+        sums.add(root, grad)
+        for fn in reversed(order):           # so fn runs after every Function that consumes it
+            gy = sums.pop(fn)                # dL/d(fn's output), summed over all its uses
+            if gy is not None:               # None: no path from the root passes through fn
+                fn._targets = tuple(sums.target(parent) for parent in fn._parents)  # (in place: grad_target)
+                grads = fn.backward(gy)      # the chain rule: dL/d(each input of fn)
+                grads = grads if isinstance(grads, tuple) else (grads,)
+                sums.returned(fn, gy, grads)  # (in place: which of grads may be summed into later)
+                for parent, g in zip(fn._parents, grads):
+                    sums.add(parent, g)      # summed per input
+            sums.done(fn)                    # (leaf_hook: the leaves whose last use was fn are final)
+            _free(fn)                        # what fn saved for its backward, and its links
+        sums.close()                         # (deferred GPU checks)
 
 
-def _backward_one(fn, gy, gy_owned):
-    """Run one Function's backward and hand each gradient to its parent.
+class GradSums:
+    """The accumulator of the backward loop, plain: the sums of the gradients received so far.
 
-    Before the call the Function learns, per input, where it may add its gradient in place
-    (grad_target): a leaf's grad_buffer, or a non-leaf's sum so far when the engine owns it.
-    After it, ownership of each handed-on gradient is decided: new arrays of a `fresh_grads`
-    Function, sums and casts the engine made, and gy itself passed through to exactly one input
-    (nothing else holds it once this backward is done) may be summed into later.
+    Per Function, the gradient of its output (a dict, emptied as the walk proceeds); per leaf,
+    its `.grad`. Each contribution is first cast to the dtype of the value it is the gradient of
+    (a float16 branch of a float32 sum gets a float16 gradient), then added to the sum so far as
+    a new array (the first one is kept as it is). The other methods are the loop's extension
+    points, which do nothing here; grad_sum.InPlaceSums, the engine's accumulator, uses them.
     """
-    fn._targets = tuple(_target(parent) for parent in fn._parents)
-    grads = fn.backward(gy)
-    if not isinstance(grads, tuple):
-        grads = (grads,)
-    slots = {}
-    for g in grads:
-        slots[id(g)] = slots.get(id(g), 0) + 1
-    for parent, g, target in zip(fn._parents, grads, fn._targets):
+
+    def __init__(self):
+        self.out_grads = {}
+
+    def add(self, parent, g):
+        """Add g to the gradient of parent: a leaf Tensor, a Function (its output) or None (a constant)."""
         if parent is None or g is None:
-            continue
-        if g is ADDED:
-            if target is None:
-                raise RuntimeError(f"{type(fn).__name__}.backward returned ADDED for an input that had no "
-                                   "grad_target")
-            continue
+            return
         if isinstance(parent, Tensor):
-            _give_leaf(parent, g)
-            continue
-        owned = slots[id(g)] == 1 and (fn.fresh_grads or (g is gy and gy_owned))
-        if g.dtype != parent._out_dtype:  # a gradient has its tensor's dtype (fp16 branch of an fp32 sum)
-            g, owned = g.astype(parent._out_dtype), True
-        if parent._out_grad is None:
-            parent._out_grad, parent._out_grad_owned = g, owned
+            g = _cast(g, parent.dtype)
+            parent.grad = g if parent.grad is None else parent.grad + g
         else:
-            parent._out_grad, parent._out_grad_owned = parent._out_grad + g, True
+            g = _cast(g, parent._out_dtype)
+            self.out_grads[parent] = g if parent not in self.out_grads else self.out_grads[parent] + g
+
+    def pop(self, fn):
+        """The gradient of fn's output, summed over all its uses (None when nothing reached it)."""
+        return self.out_grads.pop(fn, None)
+
+    def target(self, parent):
+        """Extension point: an array a backward may add parent's gradient into (Function.grad_target)."""
+        return None
+
+    def returned(self, fn, gy, grads):
+        """Extension point: fn's backward turned gy into grads, which are about to be added."""
+
+    def done(self, fn):
+        """Extension point: fn's backward is over (and with it every use of fn's inputs by fn)."""
+
+    def finish_leaf(self, leaf):
+        """Extension point: nothing more will be added to leaf's gradient in this pass."""
+
+    def close(self):
+        """Extension point: the walk is over."""
 
 
-def _target(parent):
-    """The array a backward may add parent's gradient into, or None."""
-    if isinstance(parent, Tensor):
-        return parent.grad_buffer
-    if parent is not None and parent._out_grad_owned:
-        return parent._out_grad
-    return None
+def _cast(g, dtype):
+    """A gradient has the dtype of its value."""
+    return g if g.dtype == dtype else g.astype(dtype)
 
 
-def _give_leaf(leaf, g):
-    """Add g to a leaf's gradient: into its grad_buffer when it has one, else into `.grad`."""
-    if leaf.grad_buffer is None:
-        leaf.grad = _accumulate(leaf.grad, _match(g, leaf.data))
-    else:
-        xp = backend.get_array_module(leaf.grad_buffer)
-        xp.add(leaf.grad_buffer, g, out=leaf.grad_buffer)
-
-
-def _leaf_uses(order):
-    """id(leaf) -> how many input slots of the graph's Functions take that leaf."""
-    uses = {}
-    for fn in order:
-        for parent in fn._parents:
-            if isinstance(parent, Tensor):
-                uses[id(parent)] = uses.get(id(parent), 0) + 1
-    return uses
-
-
-def _count_down(fn, uses, leaf_hook):
-    """fn has run: one use fewer for each of its leaf parents; call the hook on those now final."""
-    for parent in fn._parents:
-        if isinstance(parent, Tensor):
-            uses[id(parent)] -= 1
-            if uses[id(parent)] == 0:
-                leaf_hook(parent)
-
-
-def _drop(fn):
-    """Free a Function's saved arrays and its links once its backward has run."""
-    fn._release()
-    del fn._parents
-    fn.__dict__.pop("_targets", None)
+def _upstream(tensor, grad):
+    """The raw gradient backward starts from: grad, or 1 for a one-element tensor."""
+    if not tensor.requires_grad:
+        raise RuntimeError("backward() on a tensor that does not require grad "
+                           "(no input had requires_grad=True, or it was built under no_grad())")
+    xp = backend.get_array_module(tensor.data)
+    if grad is None:
+        if tensor.size != 1:
+            raise RuntimeError(f"backward() needs an explicit gradient for a tensor of shape {tensor.shape}")
+        grad = xp.ones_like(tensor.data)
+    grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=tensor.dtype)
+    if grad.shape != tensor.shape:
+        raise ValueError(f"gradient shape {grad.shape} does not match tensor shape {tensor.shape}")
+    return grad
 
 
 def _topological_order(root):
@@ -382,4 +335,12 @@ def _topological_order(root):
     return order
 
 
+def _free(fn):
+    """Free a Function's saved arrays and its links once its backward has run."""
+    fn._release()
+    del fn._parents
+    fn.__dict__.pop("_targets", None)
+
+
+from .grad_sum import ADDED, InPlaceSums  # noqa: E402,F401  (the engine's accumulator, a GradSums)
 from . import ops  # noqa: E402  (ops needs Tensor and Function defined above)
