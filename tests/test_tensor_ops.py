@@ -118,6 +118,53 @@ def test_max_ties_share_gradient(xp, torch):
     np.testing.assert_array_equal(Tensor(t.grad).numpy(), [[0, 0.5, 0.5], [0, 0, 0]])
 
 
+# Rows with three, four and two tied maxima (and, for the full reduction, a 4 tied across rows).
+TIES = np.array([[1.0, 3.0, 3.0, 3.0, -2.0],
+                 [2.0, 2.0, 2.0, 2.0, 0.5],
+                 [0.0, 4.0, -1.0, 4.0, 1.0]])
+
+
+def test_max_three_and_four_ties_split_evenly_as_torch_amax(xp, torch):
+    """k tied maxima get 1/k each (not the 1/2 an average of one-sided derivatives would give),
+    as torch.amax and torch's full max(); over rows, over a tuple of axes and over everything."""
+    compare_with_torch(torch, xp, lambda a: a.max(axis=1), lambda a: a.amax(dim=1), [TIES])
+    compare_with_torch(torch, xp, lambda a: a.max(), lambda a: a.max(), [TIES])
+    cube = np.stack([TIES, TIES[::-1], np.full_like(TIES, -5.0)])  # ties across the reduced axes 0 and 2
+    compare_with_torch(torch, xp, lambda a: a.max(axis=(0, 2)), lambda a: a.amax(dim=(0, 2)), [cube])
+    t = Tensor(xp.asarray(TIES), requires_grad=True)
+    t.max(axis=1).sum().backward()
+    third, quarter = 1 / 3, 1 / 4
+    np.testing.assert_array_equal(Tensor(t.grad).numpy(), [[0, third, third, third, 0],
+                                                           [quarter, quarter, quarter, quarter, 0],
+                                                           [0, 0.5, 0, 0.5, 0]])
+
+
+def test_max_gradient_at_ties_against_finite_differences():
+    """At a tie the max has no derivative, so finite differences cannot check the gradient entry
+    by entry: along one tied coordinate the difference quotient is 1 from the right, 0 from the
+    left. What they can check, with the rows' max f (piecewise linear, so the quotients are exact
+    up to rounding):
+      * along a direction d that is equal on each row's tied entries, f is linear near the tie
+        (the tied entries move together and stay the maximum): the central difference must
+        equal g . d, which 1/k per tie gives (1/2 each would give k/2 times too much);
+      * along any d, the right quotient is the largest d_i over the ties, and g, a subgradient
+        of the convex f, satisfies g . d <= it (and >= minus the left quotient).
+    """
+    rng = np.random.default_rng(0)
+    t = Tensor(TIES, requires_grad=True)
+    t.max(axis=1).sum().backward()
+    f = lambda a: a.max(axis=1).sum()  # noqa: E731
+    tied, h = TIES == TIES.max(axis=1, keepdims=True), 1e-6
+    for _ in range(20):
+        d = rng.standard_normal(TIES.shape)
+        along = np.where(tied, rng.standard_normal((3, 1)), d)  # one value per row on its ties
+        central = (f(TIES + h * along) - f(TIES - h * along)) / (2 * h)
+        assert central == pytest.approx(np.sum(t.grad * along), rel=1e-8, abs=1e-9)
+        right, left = (f(TIES + h * d) - f(TIES)) / h, (f(TIES) - f(TIES - h * d)) / h
+        assert left - 1e-8 <= np.sum(t.grad * d) <= right + 1e-8
+        assert right == pytest.approx(np.where(tied, d, -np.inf).max(axis=1).sum(), rel=1e-8, abs=1e-9)
+
+
 # ----- the engine -----------------------------------------------------------------------
 
 def leaf(xp, rng, *shape, dtype=np.float64):

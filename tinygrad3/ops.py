@@ -189,8 +189,14 @@ class Max(Function):
             tuple(n for i, n in enumerate(a.shape) if i not in self.axes))
 
     def backward(self, gy):
-        """The max depends only on its arg-max elements; ties share the gradient equally
-        (the average of the one-sided derivatives, as torch.amax)."""
+        """y = max_i a_i over the reduced axes. With one maximum a_j, dy/da = e_j. Where k >= 2
+        entries tie for the maximum, y is not differentiable: raising a tied a_i moves y at rate 1,
+        lowering it moves y at rate 0. The subgradients there are the convex combinations of the
+        tied e_i (weights >= 0 summing to 1); this backward takes the even one, gy / k to each
+        tied maximum (mask / count) and 0 elsewhere: symmetric in the ties, the subgradient of
+        least norm, and exact along moves that shift all tied entries together (y moves with
+        them). torch.amax and the full torch.max() split the same way; torch.max(dim) gives all of
+        gy to the one index it returns."""
         mask = (self.a == self.y).astype(gy.dtype)
         count = mask.sum(axis=self.axes, keepdims=True)
         g = gy if self.keepdims else _expand_reduced(gy, self.y.shape, self.axes)
