@@ -26,20 +26,35 @@ dL/dx and the same contributions to theta's gradients:
   * dL/dx: the inner leaf x' sums the contributions of x's uses inside fn, which is what the
     outer backward would have summed into x's gradient from those same uses;
   * theta: the inner backward accumulates into `theta.grad` itself, as the outer one would have.
-Equal as numbers, not merely close: the only freedom is the order of floating-point additions
-where a gradient has several contributions (x' sums fn's uses before the outer backward adds
-anything else, and the inner walk visits fn's Functions in its own order). With two
-contributions a + b = b + a exactly; with three or more the last bits may differ. In Gemma 3
-every checkpointed layer input has two uses (norm and residual) and every parameter one use per
-layer, so training with recompute gives the same bits (so it does in our CPU runs; the tests in
-tests/test_checkpoint.py and tests/test_train.py compare to 1e-12 in float64, 1e-6 in float32).
+Equal as numbers, not merely close, on NumPy: the only freedom is the order of floating-point
+additions where a gradient has several contributions (x' sums fn's uses before the outer backward
+adds anything else, and the inner walk visits fn's Functions in its own order). With two
+contributions a + b = b + a exactly; with three or more the last bits may differ. In Gemma 3 every
+checkpointed layer input has two uses (norm and residual) and every parameter one use per layer,
+so on NumPy training with recompute gives the same bits (tests/test_checkpoint.py and
+tests/test_train.py check to 1e-12 in float64 and 1e-6 in float32).
 What fn must therefore be: a pure function of its inputs and closure. No side effects (it runs
 twice: a KV cache would be appended to twice), no randomness that differs between the runs
 (dropout would need its seed replayed), the same parameter values and the same kernel settings
-(fast path on or off) at backward time as at forward time. The engine's ops are deterministic in
-this sense: NumPy and CuPy array code, and on the fast path fused kernels without atomic additions
-and cuBLAS GEMMs (same call, same GPU, same bits). The ops compute the same values with recording
-on or off; recording only decides what they keep.
+(fast path on or off) at backward time as at forward time. The forwards are deterministic in this
+sense: NumPy and CuPy array code, and on the fast path fused kernels (no atomic additions in any
+forward) and cuBLAS GEMMs (same call, same GPU, same bits), so the recomputed activations are the
+original ones, bit for bit. The ops compute the same values with recording on or off; recording
+only decides what they keep.
+On the GPU, the gradients are not bit-reproducible in two places, with or without recompute:
+  * scatter-adds run on atomic additions, whose order varies from run to run: the embedding's
+    weight gradient (the fast path's kernel in kernels/embedding.py, float32 atomicAdd; otherwise
+    cupy.add.at) and the backward of indexing with integer arrays (cupy.add.at). With repeated
+    ids their sums differ in the last bits between any two backward passes, so two GPU runs, or
+    a run with recompute and one without, agree only that closely where such a sum is involved
+    (in Gemma 3 the embedding lies outside the checkpointed layers, but its gradient and every
+    update after it are affected all the same);
+  * inside fn the segment's input x' is a leaf, which is offered no in-place target
+    (grad_sum.py), so a sum that a fast-path kernel would add into the outer graph's target
+    (rounding once) is made by a separate addition instead (rounding the kernel's result first):
+    the last bits of x's gradient can differ.
+So tests/test_checkpoint.py's GPU test compares the fp16 fast path with and without recompute to
+a tolerance (1e-3 of each gradient's largest entry), not bit for bit.
 
 Cost: one more forward of fn per backward (about a third more arithmetic for a transformer
 layer, whose backward costs about two forwards), for not keeping fn's activations between the
@@ -59,7 +74,7 @@ Decisions, case by case:
     hook right after the node's backward, or later if another part of the graph (another
     checkpoint, or an ordinary op) also uses them. That is what data parallelism needs to start a
     bucket's all-reduce during backward (tinygrad3/distributed). A Function's backward never sees
-    the hook itself, so reporting the leaves is how they reach it without a change to tensor.py.
+    the hook itself, so reporting the leaves is how they reach it without a change to the engine.
     A closure leaf left out of `params` still gets exactly its gradient, but the hook is not
     called for it in that pass (DataParallel then reduces it in finish(), with no overlap).
   * No input and no listed param requires grad: there is no gradient to send upstream through the
