@@ -1,4 +1,4 @@
-"""Gemma's RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + w), math in float32."""
+"""Gemma's RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + w), math in float32 (float64 stays float64)."""
 import numpy as np
 
 from ..backend import get_array_module
@@ -10,10 +10,20 @@ from .common import compute_dtype
 class RMSNorm(Function):
     """Normalise the last axis by its root mean square, then scale by (1 + w).
 
+    y = x r (1 + w) with r = 1 / sqrt(mean(x^2) + eps), over the D features of a row. eps is added
+    to the mean square, inside the square root, and enters only through r: as in Hugging Face's
+    Gemma3RMSNorm (x * rsqrt(x.pow(2).mean(-1) + eps), eps = rms_norm_eps = 1e-6 added in float32),
+    not to the RMS (x / (sqrt(mean(x^2)) + eps) is another function). It keeps r finite for an
+    all-zero row (y = 0 there) and changes little where mean(x^2) >> eps. The scale (1 + w) comes
+    after and does not touch eps: w is stored as an offset from 1 (zero means identity), as Gemma's
+    checkpoints store it; a Llama-style norm weight (the scale itself, initialised to 1) would have
+    to be loaded as w - 1.
+
     As Hugging Face's Gemma3RMSNorm: x is upcast to float32 (at least), normalised,
     multiplied by (1 + w) in float32 and cast back to x's dtype, or to `out_dtype` when
     given: a float32 x normalised straight to float16 is rounded once, exactly as the
-    float32 result followed by a cast.
+    float32 result followed by a cast. A float64 x is computed in float64 (gradcheck), where
+    HF's x.float() would compute in float32.
     """
 
     fresh_grads = True  # dx and dw are new arrays
@@ -41,9 +51,14 @@ class RMSNorm(Function):
         """Write n = x r with r = (mean(x^2) + eps)^(-1/2) and y = n (1 + w), over D features.
 
         dL/dw_k = sum over all rows of g_k n_k.
-        dL/dn_k = h_k = g_k (1 + w_k). Since dr/dx_k = -r^3 x_k / D,
-        dL/dx_k = h_k r + sum_j h_j x_j (-r^3 x_k / D) = r (h_k - n_k mean_j(h_j n_j)):
-        the gradient of n with its component along n removed, scaled by r.
+        dL/dn_k = h_k = g_k (1 + w_k). eps is a constant inside r, so with m = mean(x^2),
+        dr/dx_k = -(1/2) (m + eps)^(-3/2) (2 x_k / D) = -r^3 x_k / D, and
+        dL/dx_k = h_k r + sum_j h_j x_j (-r^3 x_k / D) = r (h_k - n_k mean_j(h_j n_j)),
+        exact for every eps >= 0. With eps = 0, n has unit mean square and this is h with its
+        component along n removed, scaled by r (y does not change when x is scaled, so
+        x . dL/dx = 0). With eps > 0, mean(n^2) = m / (m + eps) < 1 and
+        x . dL/dx = D mean(h n) eps / (m + eps): scaling x then changes y slightly, noticeably
+        only for rows whose m is not large against eps.
 
         The final cast to the output dtype is the identity on values, so g (in that dtype)
         enters the same float32 math; dx is cast to x's dtype and dw to w's.
