@@ -13,28 +13,17 @@ import pytest
 
 import nn
 import train
+from train_runs import read_log, tiny_argv
 from data.loader import BatchLoader
 from models import Gemma3, Gemma3Config
 from nn.checkpoint import load_weights
 from nn.run_dir import RunLock
-from tinygrad3 import Tensor
 
 TIMING = ("seconds", "tok_s", "mfu")
 
 
-def _argv(data, out, *extra):
-    return ["--preset", "tiny", "--device", "cpu", "--data", data, "--out", str(out), "--batch-size", "4",
-            "--block-size", "32", "--grad-accum", "2", "--warmup", "3", "--lr", "3e-3", "--min-lr", "3e-4",
-            "--eval-every", "4", "--eval-batches", "2", "--no-progress", *extra]
-
-
-def _log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def _same_run(whole, split):
-    a, b = _log(whole), _log(split)
+    a, b = read_log(whole), read_log(split)
     assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]
     for ra, rb in zip(a, b):
         assert {k: v for k, v in ra.items() if k not in TIMING} == {k: v for k, v in rb.items() if k not in TIMING}
@@ -80,7 +69,7 @@ class Uninterrupted(dict):
 
     def __missing__(self, dtype):
         out = self.parent.mktemp("whole") / dtype
-        assert train.main(_argv(self.data, out, "--max-updates", "10", *(FP16 if dtype == "float16" else ()))) == 0
+        assert train.main(tiny_argv(self.data, out, "--max-updates", "10", *(FP16 if dtype == "float16" else ()))) == 0
         self[dtype] = str(out)
         return self[dtype]
 
@@ -91,7 +80,7 @@ def uninterrupted(synthetic_dir, tmp_path_factory):
 
 
 def test_the_fp16_reference_run_moves_its_loss_scale(uninterrupted):
-    records = [r for r in _log(uninterrupted["float16"]) if r["kind"] == "update"]
+    records = [r for r in read_log(uninterrupted["float16"]) if r["kind"] == "update"]
     scales = [r["scale"] for r in records]
     assert any(r["skipped"] for r in records) and not all(r["skipped"] for r in records)
     assert len(set(scales)) >= 3  # doubled after 2 clean updates, halved on each overflow
@@ -115,41 +104,41 @@ def test_interrupt_then_resume_equals_the_uninterrupted_run(synthetic_dir, tmp_p
         _signal_on_call(monkeypatch, train, "save_checkpoint", 1, signals)
         stopped_at = 4
     else:  # AdamW._update runs once per update it does not skip: the signal lands in the third one
-        updates = [r for r in _log(uninterrupted[dtype]) if r["kind"] == "update"]
+        updates = [r for r in read_log(uninterrupted[dtype]) if r["kind"] == "update"]
         stopped_at = [r["step"] for r in updates if not r["skipped"]][2]
         _signal_on_call(monkeypatch, nn.AdamW, "_update", 3, signals)
-    assert train.main(_argv(synthetic_dir, split, "--max-updates", "10", *extra)) == 130
+    assert train.main(tiny_argv(synthetic_dir, split, "--max-updates", "10", *extra)) == 130
     err = capfd.readouterr().err
     assert "Traceback" not in err and signal.Signals(signals[0]).name in err
     if len(signals) > 1:
         assert "already stopping" in err
     state = json.loads((split / "last" / "state.json").read_text())
     assert state["step"] == stopped_at
-    assert [r["step"] for r in _log(split)][-1] == stopped_at
+    assert [r["step"] for r in read_log(split)][-1] == stopped_at
     monkeypatch.undo()
-    assert train.main(_argv(synthetic_dir, split, "--max-updates", "10", "--resume", *extra)) == 0
+    assert train.main(tiny_argv(synthetic_dir, split, "--max-updates", "10", "--resume", *extra)) == 0
     _same_run(uninterrupted[dtype], str(split))
 
 
 def test_kill_during_a_log_write_leaves_a_torn_line_that_resume_drops(synthetic_dir, tmp_path, uninterrupted):
     out = tmp_path / "torn"
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "4")) == 0  # saved at 4
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "4")) == 0  # saved at 4
     with open(out / "log.jsonl", "a") as f:
         f.write('{"kind": "update", "loss": 3.1')  # update 5's record, cut off
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "10", "--resume")) == 0
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "10", "--resume")) == 0
     _same_run(uninterrupted["float32"], str(out))
 
 
-def test_a_failing_log_rewrite_keeps_the_old_log(synthetic_dir, tmp_path, monkeypatch):
+def test_a_failing_log_rewrite_keeps_the_oldread_log(synthetic_dir, tmp_path, monkeypatch):
     out = tmp_path / "rewrite"
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "4")) == 0
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "4")) == 0
     before = (out / "log.jsonl").read_text()
 
     def no_space(*args):
         raise OSError(28, "No space left on device", str(out / "log.jsonl"))
 
     monkeypatch.setattr(os, "replace", no_space)
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "8", "--resume")) == 2
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "8", "--resume")) == 2
     assert (out / "log.jsonl").read_text() == before
 
 
@@ -157,8 +146,8 @@ def test_the_first_update_has_the_mean_gradient_and_every_lr_is_the_schedule(syn
     """grad_norm of update 1 (no clip) against an independent float64 mean over the micro-batches;
     every logged lr against the closed-form warmup + cosine at the update's index."""
     out = tmp_path / "norm"
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "12", "--clip", "0")) == 0
-    records = [r for r in _log(out) if r["kind"] == "update"]
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "12", "--clip", "0")) == 0
+    records = [r for r in read_log(out) if r["kind"] == "update"]
 
     model = Gemma3(Gemma3Config.tiny(), seed=0)
     model.to(dtype=np.float64)
@@ -184,20 +173,20 @@ def test_the_first_update_has_the_mean_gradient_and_every_lr_is_the_schedule(syn
 # ----- the run directory -------------------------------------------------------------------------------
 def test_a_run_without_last_is_still_a_run(synthetic_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "4")) == 0
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "4")) == 0
     import shutil
     shutil.rmtree(out / "last")
     best = (out / "best.safetensors").read_bytes()
     log = (out / "log.jsonl").read_text()
     capsys.readouterr()
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "4", "--seed", "1")) == 2
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "4", "--seed", "1")) == 2
     err = capsys.readouterr().err
     assert "already holds a run" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert (out / "best.safetensors").read_bytes() == best and (out / "log.jsonl").read_text() == log
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "4", "--resume")) == 2
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "4", "--resume")) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "4", "--seed", "1", "--overwrite")) == 0
-    fresh = _log(out)
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "4", "--seed", "1", "--overwrite")) == 0
+    fresh = read_log(out)
     assert [r["step"] for r in fresh if r["kind"] == "update"] == [1, 2, 3, 4]  # replaced, not appended
     assert (out / "best.safetensors").read_bytes() != best
 
@@ -205,26 +194,26 @@ def test_a_run_without_last_is_still_a_run(synthetic_dir, tmp_path, capsys):
 def test_out_that_is_a_file_and_two_runs_at_once_are_refused(synthetic_dir, tmp_path, capsys):
     path = tmp_path / "file"
     path.write_text("x")
-    assert train.main(_argv(synthetic_dir, path, "--max-updates", "3")) == 2
+    assert train.main(tiny_argv(synthetic_dir, path, "--max-updates", "3")) == 2
     assert "is a file" in capsys.readouterr().err
     out = tmp_path / "busy"
     with RunLock(str(out)):
-        assert train.main(_argv(synthetic_dir, out, "--max-updates", "3")) == 2
+        assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "3")) == 2
         err = capsys.readouterr().err
         assert f"pid {os.getpid()}" in err and "another train.py" in err
         assert not (out / "log.jsonl").exists()
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "3")) == 0  # the lock went with its holder
-    assert train.main(_argv(synthetic_dir, out, "--resume", "--overwrite")) == 2
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "3")) == 0  # the lock went with its holder
+    assert train.main(tiny_argv(synthetic_dir, out, "--resume", "--overwrite")) == 2
 
 
 def test_stale_temporaries_of_a_killed_save_are_removed(synthetic_dir, tmp_path):
     out = tmp_path / "stale"
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "4")) == 0
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "4")) == 0
     (out / ".tmp-ckpt-abc123").mkdir()
     (out / ".tmp-ckpt-abc123" / "model.safetensors").write_bytes(b"x" * 100)
     (out / ".tmp-xyz.safetensors").write_bytes(b"x" * 100)
     (out / "notes.txt").write_text("mine")
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "8", "--resume")) == 0
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "8", "--resume")) == 0
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".tmp")) == []
     assert (out / "notes.txt").read_text() == "mine"
 
@@ -235,36 +224,36 @@ def test_resume_refuses_other_data_and_another_dtype(synthetic_dir, tmp_path, ca
     other = tmp_path / "other-data"
     prepare_synthetic(str(other), n_stories=300, seed=7)
     out = tmp_path / "run"
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "4")) == 0
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "4")) == 0
     capsys.readouterr()
-    assert train.main(_argv(str(other), out, "--max-updates", "8", "--resume")) == 2
+    assert train.main(tiny_argv(str(other), out, "--max-updates", "8", "--resume")) == 2
     err = capsys.readouterr().err
     assert "other data" in err and "--data" in err
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "8", "--resume", "--dtype", "float64")) == 2
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "8", "--resume", "--dtype", "float64")) == 2
     assert "--dtype float32" in capsys.readouterr().err
 
 
 def test_damaged_or_non_finite_checkpoints_are_one_line(synthetic_dir, tmp_path, capsys):
     from safetensors.numpy import load_file, save_file
     out = tmp_path / "run"
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "4")) == 0
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "4")) == 0
     path = out / "last" / "optimizer.safetensors"
     arrays = load_file(str(path))
     good = path.read_bytes()
     arrays["m"][3] = np.nan
     save_file(arrays, str(path))
     capsys.readouterr()
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "8", "--resume")) == 2
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "8", "--resume")) == 2
     err = capsys.readouterr().err
     assert "optimizer.safetensors" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     path.write_bytes(good[:len(good) // 2])  # truncated
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "8", "--resume")) == 2
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "8", "--resume")) == 2
     err = capsys.readouterr().err
     assert "optimizer.safetensors" in err and len(err.strip().splitlines()) == 1
     path.write_bytes(good)
     state = out / "last" / "state.json"
     state.write_text(state.read_text()[:40])
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "8", "--resume")) == 2
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "8", "--resume")) == 2
     err = capsys.readouterr().err
     assert "state.json" in err and len(err.strip().splitlines()) == 1
 
@@ -278,7 +267,7 @@ def test_a_save_that_fails_in_the_loop_ends_the_run_with_one_line(synthetic_dir,
         raise train.CheckpointError("refusing to save the model weights: non-finite values in w")
 
     monkeypatch.setattr(train, "save_checkpoint", refuse)
-    assert train.main(_argv(synthetic_dir, tmp_path / "run", "--max-updates", "4")) == 1
+    assert train.main(tiny_argv(synthetic_dir, tmp_path / "run", "--max-updates", "4")) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert ("No space left" if failure == "disk full" else "non-finite") in err and "--resume" in err
@@ -287,16 +276,16 @@ def test_a_save_that_fails_in_the_loop_ends_the_run_with_one_line(synthetic_dir,
 # ----- divergence --------------------------------------------------------------------------------------
 def test_a_diverged_float32_run_stops_with_an_error(synthetic_dir, tmp_path, capsys):
     out = tmp_path / "diverged"
-    status = train.main(_argv(synthetic_dir, out, "--max-updates", "40", "--lr", "1e3", "--min-lr", "1",
+    status = train.main(tiny_argv(synthetic_dir, out, "--max-updates", "40", "--lr", "1e3", "--min-lr", "1",
                               "--warmup", "0", "--max-skipped-updates", "3"))
     err = capsys.readouterr().err
     assert status == 3 and "diverged" in err and "--lr" in err and len(err.strip().splitlines()) == 1
-    updates = [r for r in _log(out) if r["kind"] == "update"]
+    updates = [r for r in read_log(out) if r["kind"] == "update"]
     assert updates[-3:] and all(r["skipped"] for r in updates[-3:]) and len(updates) < 40
 
 
 def test_skips_stop_the_run_only_when_the_loss_scale_cannot_fall(synthetic_dir, tmp_path):
-    trainer = train.Trainer(train.parse_args(_argv(synthetic_dir, tmp_path / "t", *FP16,
+    trainer = train.Trainer(train.parse_args(tiny_argv(synthetic_dir, tmp_path / "t", *FP16,
                                                    "--max-skipped-updates", "2")))
     trainer.skipped_in_a_row = 5
     trainer.check_progress()  # scale 2^24: halving can still recover
@@ -324,7 +313,7 @@ def test_skips_stop_the_run_only_when_the_loss_scale_cannot_fall(synthetic_dir, 
 def test_bad_settings_are_one_line_naming_the_flag(synthetic_dir, tmp_path, capsys, monkeypatch, flags, says):
     monkeypatch.setattr(train.backend, "cuda_available", lambda: False)  # as on a machine without a GPU
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(_argv(synthetic_dir, tmp_path / "x", *flags))
+        train.parse_args(tiny_argv(synthetic_dir, tmp_path / "x", *flags))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err and "warmup_steps" not in err and "peak_lr" not in err
@@ -333,11 +322,11 @@ def test_bad_settings_are_one_line_naming_the_flag(synthetic_dir, tmp_path, caps
 def test_the_count_of_skipped_updates_survives_a_resume(synthetic_dir, tmp_path, capsys):
     out = tmp_path / "diverging"
     diverge = ("--lr", "1e3", "--min-lr", "1", "--warmup", "0", "--max-skipped-updates", "3", "--eval-every", "7")
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "7", *diverge)) == 0
-    skipped = [r["skipped"] for r in _log(out) if r["kind"] == "update"]
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "7", *diverge)) == 0
+    skipped = [r["skipped"] for r in read_log(out) if r["kind"] == "update"]
     assert skipped[-3:] == [False, True, True]  # the weights overflow after a few updates at lr 1e3
-    assert train.main(_argv(synthetic_dir, out, "--max-updates", "12", "--resume", *diverge)) == 3
-    assert [r["step"] for r in _log(out) if r["kind"] == "update"][-1] == 8  # the third skip in a row
+    assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "12", "--resume", *diverge)) == 3
+    assert [r["step"] for r in read_log(out) if r["kind"] == "update"][-1] == 8  # the third skip in a row
     assert "3 updates in a row" in capsys.readouterr().err
 
 
