@@ -13,9 +13,10 @@ they need not be bitwise equal), and once with --distributed as rank 0 of a one-
 the gradient all-reduces on the communication stream, the per-update loss/skip all-reduce and the
 eval reduction, all live. At world size 1 the reduction is the identity, so the distributed run
 must match A about as closely as B does: same loss on the first update to the bit, and after it
-no more than NOISE (4) times the A vs B difference plus FLOOR (1e-5; 1e-4 for the masters). It also checks that the distributed run took
-the same kernel path as A and that every update reduced each gradient exactly once, in the way its
-path does it. One PASS/FAIL line per check, a summary line, exit status 1 when any check fails.
+no more than NOISE (4) times the A vs B difference plus FLOOR (1e-5; 1e-4 for the masters). It
+also checks that the distributed run took the same kernel path as A and that every update reduced
+each gradient exactly once, in the way its path does it. One PASS/FAIL line per check, a summary
+line, exit status 1 when any check fails.
 """
 import argparse
 import contextlib

@@ -250,7 +250,6 @@ def profile_ops(ours, batches, steps):
 def kernel_profile(ours, batches, steps):
     """GPU time per kernel name over `steps` ours-graph updates, biggest first (kernel launches
     inside CUDA graphs are traced by CUPTI like any other). Needs torch (for its profiler)."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
     with kernels.fast(True):
         graphed = nn.GraphedMicroBatch(ours.micro_loss, ours.opt)

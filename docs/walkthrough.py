@@ -153,7 +153,8 @@ def show_backward(steps, first, size, weight, held_after):
     total = sum(value for _, _, value in parts)
     print("residual stream entering layer 0 (the Mul's output), unscaled: contributions of norm "
           + " and ".join(f"{np.linalg.norm(v) / weight:.4f} ({sender})" for sender, _, v in parts)
-          + f", their sum {np.linalg.norm(stream) / weight:.4f}; max |sum - gradient| = {np.abs(total - stream).max():g}")
+          + f", their sum {np.linalg.norm(stream) / weight:.4f}; "
+          f"max |sum - gradient| = {np.abs(total - stream).max():g}")
     print()
 
 

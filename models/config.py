@@ -76,8 +76,9 @@ class Gemma3Config:
     def tiny(cls, vocab_size=padded_vocab(GPT2_VOCAB), unpadded_vocab_size=GPT2_VOCAB):
         """Small enough to train on a CPU in minutes, yet with both layer types, a sliding window
         shorter than typical test sequences, and multi-query attention (4 query heads, 1 KV head)."""
-        return cls(vocab_size=vocab_size, unpadded_vocab_size=unpadded_vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                   num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+        return cls(vocab_size=vocab_size, unpadded_vocab_size=unpadded_vocab_size, hidden_size=64,
+                   intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                   head_dim=16, sliding_window=8,
                    layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                    query_pre_attn_scalar=16, max_position_embeddings=2048)
 

@@ -267,7 +267,9 @@ static void emu_cp_async(void* dst, const void* src, int bytes, bool valid) {
     else { std::vector<EmuCopy> one{c}; emu_land(one); }
 }
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) { emu_cp_async(dst, src, 16, valid); }
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    emu_cp_async(dst, src, 16, valid);
+}
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) { emu_cp_async(dst, src, 4, valid); }
 __device__ __forceinline__ void cp_async_commit() {
     emu_cur->groups.push_back(emu_cur->open);
@@ -387,8 +389,8 @@ class Emulator:
             decl = ", ".join(f"{t} {n}" for t, n in params)
             call = ", ".join(n for _, n in params)
             wrappers.append(f'extern "C" void emu_launch_{name}(int emu_gx, int emu_gy, int emu_gz, int emu_threads, '
-                            f'int emu_by, int emu_shared, {decl}) {{ emu_run(emu_gx, emu_gy, emu_gz, emu_threads, emu_by, emu_shared, '
-                            f'[=] {{ {name}({call}); }}); }}')
+                            f'int emu_by, int emu_shared, {decl}) {{ emu_run(emu_gx, emu_gy, emu_gz, emu_threads, '
+                            f'emu_by, emu_shared, [=] {{ {name}({call}); }}); }}')
         code = PRELUDE + _strip_ptx(source) + "\n" + "\n".join(wrappers) + "\n"
         self.lib = ctypes.CDLL(_compile(code))
         self.lib.emu_options(int(deferred), int(reverse))

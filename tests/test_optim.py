@@ -316,7 +316,8 @@ def test_state_dict_round_trip_resumes_bit_identically(dtype):
 def test_load_state_dict_rejects_another_model():
     state = AdamW(make_params(initial_values(), np.float32)).state_dict()
     smaller = [(n, p) for n, p in make_params(initial_values(), np.float32) if n != "lm_head.weight"]
-    with pytest.raises(ValueError, match="optimizer state is for a different model: saved lm_head.weight is not in this model"):
+    with pytest.raises(ValueError, match="optimizer state is for a different model: "
+                                         "saved lm_head.weight is not in this model"):
         AdamW(smaller).load_state_dict(state)
     reshaped = [(n, Parameter(np.zeros((3, 3), np.float32)) if n == "lm_head.weight" else p)
                 for n, p in make_params(initial_values(), np.float32)]
@@ -445,9 +446,10 @@ def test_fused_step_matches_reference_path(gpu_xp, monkeypatch, precision):
     for name in SHAPES:
         p = fused[name]
         assert p.dtype == ref[name].dtype
-        np.testing.assert_array_equal(gpu_xp.asnumpy(p.data), gpu_xp.asnumpy(fused_opt.master_of(name).astype(p.dtype)),
-                                      err_msg=name)  # the kernel wrote the fp16 copy
-        np.testing.assert_allclose(gpu_xp.asnumpy(p.data).astype(np.float32), gpu_xp.asnumpy(ref[name].data).astype(np.float32),
+        np.testing.assert_array_equal(gpu_xp.asnumpy(p.data),  # the kernel wrote the fp16 copy
+                                      gpu_xp.asnumpy(fused_opt.master_of(name).astype(p.dtype)), err_msg=name)
+        np.testing.assert_allclose(gpu_xp.asnumpy(p.data).astype(np.float32),
+                                   gpu_xp.asnumpy(ref[name].data).astype(np.float32),
                                    rtol=2e-3, atol=1e-6, err_msg=name)
 
 

@@ -5,5 +5,5 @@ from .tensor import ADDED, Function, Tensor, enable_grad, is_grad_enabled, no_gr
 from .gradcheck import gradcheck
 from . import functional
 
-__all__ = ["Tensor", "Function", "ADDED", "no_grad", "enable_grad", "is_grad_enabled", "gradcheck", "functional", "backend",
-           "get_array_module", "default_device", "cuda_available"]
+__all__ = ["Tensor", "Function", "ADDED", "no_grad", "enable_grad", "is_grad_enabled", "gradcheck", "functional",
+           "backend", "get_array_module", "default_device", "cuda_available"]
