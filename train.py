@@ -1,6 +1,8 @@
 """Train Gemma 3 on TinyStories with tinygrad3.
 
-    python train.py                                              # the real job: 270M preset, CUDA, fp16
+    python train.py                                              # the real job: 270M preset, CUDA, fp16,
+                                                                 # fused kernels + CUDA graphs
+    python train.py --reference                                  # the readable reference path
     python train.py --preset tiny --device cpu --data synthetic  # learns on a CPU in minutes
     python train.py --resume                                     # continue runs/<preset> from `last`
     mpirun -n 8 python train.py --distributed                    # data-parallel over 8 GPUs (NCCL)
@@ -15,6 +17,10 @@ directory holds config.json, log.jsonl (every update and eval), loss.png, best.s
 With --distributed (automatic when mpirun starts several ranks) every rank trains a replica on its
 own batches and the gradients are summed over ranks by NCCL, bucket by bucket during backward; one
 update then covers world_size x grad_accum micro-batches. Only rank 0 writes the run directory.
+
+Ctrl-C, SIGTERM and SIGHUP stop the run after the current update (and its eval and save), with
+`last` saved there: --resume then continues exactly. A directory that holds a run is refused
+unless --resume or --overwrite; one process at a time writes it (a lock file).
 """
 import argparse
 import json
