@@ -327,7 +327,7 @@ class Trainer:
                                       f"{state['args'][key]}; resuming with {getattr(self.args, key)} would "
                                       f"not continue the same run: pass --{key.replace('_', '-')} "
                                       f"{state['args'][key]}, or start a new --out")
-        saved_kernels = state["args"].get("kernels")
+        saved_kernels = state.get("kernels")
         if saved_kernels is not None and saved_kernels != self.args.kernels:
             if not self.args.allow_kernel_change:
                 raise CheckpointError(f"{self.last_dir} was trained on {describe_kernels(saved_kernels)}; this "
@@ -443,7 +443,8 @@ class Trainer:
         state = dict(step=self.step, tokens=self.tokens, best_val=self.best_val, optimizer=optim,
                      skipped_in_a_row=self.skipped_in_a_row,
                      scaler=self.scaler.state_dict(), world_size=self.world_size, loaders=loaders,
-                     config=self.config.to_dict(), args=vars(self.args), data=self.data_identity)
+                     config=self.config.to_dict(), args=vars(self.args), data=self.data_identity,
+                     kernels=self.args.kernels)
         save_checkpoint(self.last_dir, self.master_weights(), arrays, state)
 
     # ----- the loop -----------------------------------------------------------------------------

@@ -76,10 +76,10 @@ def test_the_cpu_runs_the_reference_path_and_records_it(synthetic_dir, tmp_path,
     assert "kernels: reference path (cpu)" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     state = json.loads((out / "last" / "state.json").read_text())
-    assert config["kernels"] == state["args"]["kernels"] == {"families": [], "cuda_graphs": False}
+    assert config["kernels"] == state["kernels"] == {"families": [], "cuda_graphs": False}
 
     # A checkpoint saved on the fast path does not silently continue on another one.
-    state["args"]["kernels"] = {"families": list(kernels.FAMILIES), "cuda_graphs": True}
+    state["kernels"] = {"families": list(kernels.FAMILIES), "cuda_graphs": True}
     (out / "last" / "state.json").write_text(json.dumps(state))
     assert train.main(argv[:-5] + ["--max-updates", "3", "--resume", "--eval-every", "2", "--eval-batches", "1",
                                    "--no-progress"]) == 2
@@ -88,4 +88,4 @@ def test_the_cpu_runs_the_reference_path_and_records_it(synthetic_dir, tmp_path,
     assert train.main(argv[:-5] + ["--max-updates", "3", "--resume", "--allow-kernel-change", "--eval-every",
                                    "2", "--eval-batches", "1", "--no-progress"]) == 0
     assert "note: the kernel path changes" in capsys.readouterr().out
-    assert json.loads((out / "last" / "state.json").read_text())["args"]["kernels"]["families"] == []
+    assert json.loads((out / "last" / "state.json").read_text())["kernels"]["families"] == []
