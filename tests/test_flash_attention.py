@@ -24,6 +24,7 @@ from tinygrad3 import Tensor, backend
 from tinygrad3.kernels import attention, fast
 from tinygrad3.kernels import flash_attention as flash
 from tinygrad3.kernels.cuda import PRELUDE
+from tinygrad3.nn_ops.attention import Attention, causal_mask
 
 import cuda_emulator
 from test_kernels import poison
@@ -106,7 +107,7 @@ def test_reference_logsumexp(rng, b, hq, hkv, tq, tk, d, window):
     q, k, v, _ = inputs(rng, b, hq, hkv, tq, tk, d, np.float64)
     scale, offset = d ** -0.5, tk - tq
     s = scale * q @ np.swapaxes(k[:, np.arange(hq) // (hq // hkv)], -1, -2)
-    s = np.where(flash._visible(0, tq, 0, tk, offset, window), s, -np.inf)
+    s = np.where(causal_mask(np, tq, tk, offset, window), s, -np.inf)
     m = s.max(axis=-1, keepdims=True)
     expected = (m + np.log(np.exp(s - m).sum(axis=-1, keepdims=True)))[..., 0]
     close(flash.reference_forward(q, k, v, scale, window, offset)[1], expected, 1e-12, "lse")
@@ -118,7 +119,7 @@ def test_visited_tiles_are_the_tiles_with_a_visible_entry(tq, tk, window):
     """Tile skipping is exact: every tile pair with a visible entry is visited (by the query tile's
     key loop and by the key tile's query loop), none without one."""
     offset = tk - tq
-    seen = flash._visible(0, tq, 0, tk, offset, window)
+    seen = causal_mask(np, tq, tk, offset, window)
     for bq, bk in ((flash.FWD_BQ, flash.FWD_BK), (flash.DQ_BQ, flash.DQ_BK)):
         for i0 in range(0, tq, bq):
             wanted = {j0 // bk for j0 in range(0, tk, bk) if seen[i0:i0 + bq, j0:j0 + bk].any()}
@@ -140,7 +141,7 @@ def test_tiles_inside_the_mask(tq, tk, window):
         for i0 in range(0, tq, rows):
             for j0 in range(0, tk, keys):
                 inside = i0 + rows <= tq and j0 + keys <= tk
-                expected = inside and flash._visible(i0, i0 + rows, j0, j0 + keys, offset, window).all()
+                expected = inside and causal_mask(np, rows, keys, offset, window, i0, j0).all()
                 assert flash.all_visible(i0, rows, j0, keys, tq, tk, offset, window) == expected, (i0, j0, rows)
 
 
@@ -434,7 +435,7 @@ def test_flash_fast_path_equals_reference_path(gpu_xp, rng, b, hq, hkv, tq, tk, 
     def run():
         tensors = [Tensor(a, requires_grad=True) for a in (q, k, v)]
         out = fn(*tensors)
-        kernel = out._creator.kernel  # (the Function's attributes are freed by its backward)
+        kernel = type(out._creator)
         out.backward(gy)
         return kernel, out.data, [t.grad for t in tensors]
 
@@ -442,7 +443,7 @@ def test_flash_fast_path_equals_reference_path(gpu_xp, rng, b, hq, hkv, tq, tk, 
         _, ref_out, ref_grads = run()
     with fast(True, families=("flash_attention",)):
         kernel, out, grads = run()
-    assert kernel is flash
+    assert kernel is flash.FlashAttention
     close(out, ref_out, 4e-3, "out")
     for name, g, rg in zip("qkv", grads, ref_grads):
         assert g.dtype == np.float16 and g.shape == rg.shape, name
@@ -465,7 +466,7 @@ def test_fast_path_bthd_equals_reference_path(gpu_xp, rng, families, b, hq, hkv,
     def run():
         tensors = [Tensor(a, requires_grad=True) for a in (q, k, v)]
         out = F.attention(*tensors, d ** -0.5, window=window, q_offset=tk - tq, out_layout="bthd")
-        kernel = out._creator.kernel
+        kernel = type(out._creator)
         out.backward(gy)
         return kernel, out.data, [t.grad for t in tensors]
 
@@ -473,7 +474,7 @@ def test_fast_path_bthd_equals_reference_path(gpu_xp, rng, families, b, hq, hkv,
         _, ref_out, ref_grads = run()
     with fast(True, families=families):
         kernel, out, grads = run()
-    assert kernel is (flash if families == ("flash_attention",) else attention)
+    assert kernel is (flash.FlashAttention if families == ("flash_attention",) else attention.FusedAttention)
     assert out.shape == (b, tq, hq, d) and out.flags.c_contiguous
     close(out, ref_out, 4e-3, "out")
     for name, g, rg in zip("qkv", grads, ref_grads):
@@ -488,6 +489,7 @@ def test_flash_declines_to_the_attention_family(gpu_xp, rng):
     cp = gpu_xp
     arrays = [cp.asarray(a) for a in inputs(rng, 1, 2, 1, 9, 9, 8)[:3]]
     with fast(True, families=("flash_attention", "attention")):
-        assert F.attention(*(Tensor(a, requires_grad=True) for a in arrays), 0.3, window=4)._creator.kernel is attention
+        out = F.attention(*(Tensor(a, requires_grad=True) for a in arrays), 0.3, window=4)
+        assert type(out._creator) is attention.FusedAttention
     with fast(True, families=("flash_attention",)):
-        assert F.attention(*(Tensor(a, requires_grad=True) for a in arrays), 0.3, window=4)._creator.kernel is None
+        assert type(F.attention(*(Tensor(a, requires_grad=True) for a in arrays), 0.3, window=4)._creator) is Attention

@@ -7,7 +7,7 @@ import nn
 import tinygrad3.functional as F
 from tinygrad3 import Tensor
 from tinygrad3.backend import to_numpy
-from tinygrad3.nn_ops.norm import RMSNorm
+from tinygrad3.nn_ops.rmsnorm import RMSNorm
 
 TOL = 2e-3  # about two float16 ulps of relative error, measured against the largest value
 

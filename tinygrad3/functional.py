@@ -1,21 +1,27 @@
 """Neural-network functions with hand-written backward passes (import as F).
 
-Each function is a thin wrapper: it checks its arguments and calls one Function class
-from tinygrad3/nn_ops/, where the forward and the derivation of the backward live.
+Each function is a thin wrapper: it checks its arguments and calls one Function class.
+The reference Functions live in tinygrad3/nn_ops/<op>.py, with the forward and the derivation
+of the backward; the fast path's (fused kernels) in tinygrad3/kernels/<op>.py. Which of them
+runs is decided here and only here, in the `_*_class` functions below: the kernel's when its
+family is on (kernels.use_fast) and it takes the arrays, else the reference.
 Half-precision inputs are computed in float32 and returned in their own dtype;
 float64 inputs stay float64 (that is what gradcheck uses).
 """
 import numpy as np
 
-from .nn_ops.activation import GeGLU, GeluTanh, LogSoftmax, Softmax
+from .kernels import attention as attention_k, cross_entropy as cross_entropy_k, embedding as embedding_k
+from .kernels import flash_attention as flash_k, geglu as geglu_k, gemm as gemm_k, qk_norm_rope as qk_norm_rope_k
+from .kernels import rmsnorm as rmsnorm_k, rope as rope_k, use_fast
 from .nn_ops.attention import Attention
 from .nn_ops.common import as_index_array
+from .nn_ops.cross_entropy import CrossEntropy
 from .nn_ops.dense import Embedding, Linear
+from .nn_ops.geglu import GeGLU, GeluTanh
 from .nn_ops.linear_cross_entropy import LinearCrossEntropy
-from .nn_ops.loss import CrossEntropy
-from .nn_ops.norm import ResidualRMSNorm, RMSNorm
-from .nn_ops.qk_norm_rope import QKNormRoPE, fused
+from .nn_ops.rmsnorm import ResidualRMSNorm, RMSNorm
 from .nn_ops.rope import RoPE
+from .nn_ops.softmax import LogSoftmax, Softmax
 from .tensor import Tensor
 
 __all__ = ["linear", "embedding", "rms_norm", "rope", "qk_norm_rope", "attention", "gelu_tanh", "geglu", "softmax",
@@ -31,7 +37,7 @@ def linear(x, weight):
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"linear: x has {x.shape[-1]} input features, weight {tuple(weight.shape)} expects "
                          f"{weight.shape[-1]}")
-    return Linear()(x, weight)
+    return _linear_class(_data(x), _data(weight))()(x, weight)
 
 
 def embedding(ids, weight):
@@ -42,7 +48,7 @@ def embedding(ids, weight):
     the next copy to the host, see nn_ops/common.check_range).
     """
     ids = as_index_array(_data(ids), _data(weight), "embedding ids", weight.shape[0])
-    return Embedding()(ids, weight)
+    return _embedding_class(_data(weight))()(ids, weight)
 
 
 def rms_norm(x, weight, eps=1e-6, out_dtype=None, residual=None):
@@ -61,8 +67,11 @@ def rms_norm(x, weight, eps=1e-6, out_dtype=None, residual=None):
             raise ValueError("rms_norm: out_dtype and residual do not combine (the sum takes the promoted dtype)")
         if tuple(residual.shape) != tuple(x.shape):
             raise ValueError(f"rms_norm: residual of shape {tuple(residual.shape)} does not match x {tuple(x.shape)}")
-        return ResidualRMSNorm(eps)(residual, x, weight)
-    return RMSNorm(eps, out_dtype)(x, weight)
+        h, xd, wd = _data(residual), _data(x), _data(weight)
+        if _residual_rms_norm_fused(h, xd, wd):
+            return rmsnorm_k.FusedResidualRMSNorm(eps)(residual, x, weight)
+        return ResidualRMSNorm(_rms_norm_class(xd, wd, None)(eps))(residual, x, weight)
+    return _rms_norm_class(_data(x), _data(weight), out_dtype)(eps, out_dtype)(x, weight)
 
 
 def rope(x, base, offset=0):
@@ -73,7 +82,7 @@ def rope(x, base, offset=0):
     """
     if x.shape[-1] % 2:
         raise ValueError(f"rope needs an even last dimension, got {x.shape[-1]}")
-    return RoPE(base, _position_offset(offset))(x)
+    return _rope_class(_data(x))(base, _position_offset(offset))(x)
 
 
 def _position_offset(offset):
@@ -94,8 +103,8 @@ def qk_norm_rope(x, weight, eps, base, offset=0):
         raise ValueError(f"qk_norm_rope: x must be (B, T, H, D) and weight (D,), got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
     offset = _position_offset(offset)
-    if fused(_data(x), _data(weight)):
-        return QKNormRoPE(eps, base, offset)(x, weight)
+    if _qk_norm_rope_fused(_data(x), _data(weight)):
+        return qk_norm_rope_k.QKNormRoPE(eps, base, offset)(x, weight)
     return rope(rms_norm(x, weight, eps).transpose(0, 2, 1, 3), base, offset)
 
 
@@ -126,7 +135,8 @@ def attention(q, k, v, scale, window=None, q_offset=None, out_layout="bhtd"):
     if out_layout not in ("bhtd", "bthd"):
         raise ValueError(f'attention: out_layout must be "bhtd" (B, Hq, Tq, D) or "bthd" (B, Tq, Hq, D), '
                          f"got {out_layout!r}")
-    return Attention(scale, window, q_offset, out_layout)(q, k, v)
+    attention_class = _attention_class(_data(q), _data(k), _data(v), window, q_offset)
+    return attention_class(scale, window, q_offset, out_layout)(q, k, v)
 
 
 def gelu_tanh(x):
@@ -141,7 +151,7 @@ def geglu(gate, up):
         raise ValueError(f"geglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
     if gate.dtype != up.dtype:
         raise TypeError(f"geglu: gate is {gate.dtype} but up is {up.dtype}")
-    return GeGLU()(gate, up)
+    return _geglu_class(_data(gate), _data(up))()(gate, up)
 
 
 def softmax(x, axis=-1):
@@ -166,7 +176,7 @@ def cross_entropy(logits, targets, ignore_index=-1):
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"cross_entropy: targets of shape {tuple(targets.shape)} do not match logits "
                          f"{tuple(logits.shape)} (expected {tuple(logits.shape[:-1])})")
-    return CrossEntropy(ignore_index)(logits, targets)
+    return _cross_entropy_class(_data(logits))(ignore_index)(logits, targets)
 
 
 def linear_cross_entropy(x, weight, targets, ignore_index=-1, valid_vocab=None, block_rows=None,
@@ -198,4 +208,57 @@ def linear_cross_entropy(x, weight, targets, ignore_index=-1, valid_vocab=None, 
         raise ValueError(f"linear_cross_entropy: block_rows must be >= 1, got {block_rows}")
     if expected_grad is not None and not hasattr(expected_grad, "shape") and not float(expected_grad):
         raise ValueError("linear_cross_entropy: expected_grad must be nonzero (the backward divides by it)")
-    return LinearCrossEntropy(ignore_index, valid_vocab, block_rows, expected_grad)(x, weight, targets)
+    mm = gemm_k.mm if _linear_class(_data(x), _data(weight)) is gemm_k.GemmLinear else None
+    return LinearCrossEntropy(ignore_index, valid_vocab, block_rows, expected_grad, mm,
+                              _cross_entropy_class)(x, weight, targets)
+
+
+# ----- which Function computes an op: the fast path's (tinygrad3/kernels/<op>.py) where its family
+# is on and its kernels take the arrays, else the reference (tinygrad3/nn_ops/<op>.py)
+
+def _linear_class(x, w):
+    return gemm_k.GemmLinear if use_fast("gemm", x, w) else Linear
+
+
+def _embedding_class(w):
+    """FusedEmbedding adds its backward's rows by the kernel where its arrays allow (embedding_k.supports)."""
+    return embedding_k.FusedEmbedding if use_fast("embedding", w, dtypes=tuple(embedding_k.GY_TYPES)) else Embedding
+
+
+def _rms_norm_class(x, w, out_dtype):
+    out = x.dtype if out_dtype is None else out_dtype
+    fused = use_fast("rmsnorm", x, w, dtypes=rmsnorm_k.DTYPES) and rmsnorm_k.supports(x, out)
+    return rmsnorm_k.FusedRMSNorm if fused else RMSNorm
+
+
+def _residual_rms_norm_fused(h, x, w):
+    """The residual form's kernels: the norm's inputs as _rms_norm_class takes them, a float32 h."""
+    return (use_fast("rmsnorm", x, w, dtypes=rmsnorm_k.DTYPES) and use_fast("rmsnorm", h, dtypes=(np.float32,))
+            and h.shape == x.shape and rmsnorm_k.supports(x, np.float32))
+
+
+def _rope_class(x):
+    return rope_k.FusedRoPE if use_fast("rope", x) else RoPE
+
+
+def _qk_norm_rope_fused(x, w):
+    """float16 CuPy x (B, T, H, D) and float16 or float32 w: one kernel each way, else the composition."""
+    return (use_fast("qk_norm_rope", x) and use_fast("qk_norm_rope", w, dtypes=qk_norm_rope_k.W_DTYPES)
+            and qk_norm_rope_k.supports(x))
+
+
+def _attention_class(q, k, v, window, q_offset):
+    """The flash kernels where they take the shapes, else cuBLAS GEMMs and a fused softmax, else the reference."""
+    if use_fast("flash_attention", q, k, v) and flash_k.supports(q, k, v, window, q_offset):
+        return flash_k.FlashAttention
+    if use_fast("attention", q, k, v):
+        return attention_k.FusedAttention
+    return Attention
+
+
+def _geglu_class(gate, up):
+    return geglu_k.FusedGeGLU if use_fast("geglu", gate, up) else GeGLU
+
+
+def _cross_entropy_class(logits):
+    return cross_entropy_k.FusedCrossEntropy if use_fast("cross_entropy", logits) else CrossEntropy

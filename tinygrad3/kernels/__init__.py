@@ -13,8 +13,9 @@ optimizer's float32 flat buffers (nn/optim.py asks `use_fast` with `dtypes=(np.f
 The embedding kernel adds float16 or float32 output gradients into a float32 accumulator.
 
 One module per kernel family, each holding its CUDA source, the derivation of what it
-computes, and a NumPy function computing the same thing step for step (the kernel's
-reference in tests):
+computes, the fast path's Function (a subclass of the op's reference Function in nn_ops/,
+picked by tinygrad3/functional.py, the one place that chooses), and a NumPy function
+computing the same thing step for step (the kernel's reference in tests):
 
     rmsnorm.py        RMSNorm forward/backward, a warp per row with vector loads (also h + norm(x), the residual form)
     geglu.py          gelu_tanh(gate) * up forward/backward, 16-byte accesses

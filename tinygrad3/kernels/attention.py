@@ -20,6 +20,7 @@ a flash attention; fully masked blocks (outside a sliding window) are computed a
 """
 import numpy as np
 
+from ..nn_ops.attention import Attention, causal_mask
 from .cuda import kernel
 from .gemm import bmm, reference_bmm
 
@@ -123,14 +124,20 @@ def backward(go, q, k, v, p, scale, window, q_offset, needs=(True, True, True)):
     return gq, gk, gv
 
 
+class FusedAttention(Attention):
+    """Attention (nn_ops/attention.py) by the GEMMs and kernels above; saves P (F.attention picks it)."""
+
+    def forward(self, q, k, v):
+        out, self.p = forward(q, k, v, self.scale, self.window, self.q_offset)
+        self.q, self.k, self.v = q, k, v
+        return self._in_layout(out)
+
+    def backward(self, gy):
+        return backward(self._out_as_bhtd(gy), self.q, self.k, self.v, self.p, self.scale, self.window,
+                        self.q_offset, self.needs_grad)
+
+
 # ----- NumPy reference ------------------------------------------------------------------------
-
-def _visible(tq, tk, q_offset, window):
-    pos = q_offset + np.arange(tq)[:, None]
-    key = np.arange(tk)[None, :]
-    lo = 0 if window is None else pos - window + 1
-    return (key <= pos) & (key >= lo)
-
 
 def _grouped_ref(q, k, v):
     b, hkv = q.shape[0], k.shape[1]
@@ -143,7 +150,7 @@ def reference_forward(q, k, v, scale, window, q_offset):
     tq, tk = q.shape[2], k.shape[2]
     s = reference_bmm(qg, kg, trans_b=True, alpha=scale, out_dtype=np.float32)
     s = s.reshape(s.shape[0], -1, tq, tk)
-    visible = _visible(tq, tk, q_offset, window)
+    visible = causal_mask(np, tq, tk, q_offset, window)
     m = np.where(visible, s, -np.inf).max(axis=-1, keepdims=True)
     e = np.where(visible, np.exp(s - m), 0)
     p = (e / e.sum(axis=-1, keepdims=True)).astype(np.float16).reshape(qg.shape[0], -1, tk)
@@ -158,6 +165,6 @@ def reference_backward(go, q, k, v, p, scale, window, q_offset):
     dp = reference_bmm(g, vg, trans_b=True, out_dtype=np.float32)
     pf = p.astype(np.float32)
     ds = pf * (dp - (pf * dp).sum(axis=-1, keepdims=True)) * np.float32(scale)
-    visible = np.tile(_visible(tq, tk, q_offset, window), (ds.shape[1] // tq, 1))
+    visible = np.tile(causal_mask(np, tq, tk, q_offset, window), (ds.shape[1] // tq, 1))
     ds = np.where(visible, ds, 0).astype(np.float16)
     return reference_bmm(ds, kg).reshape(q.shape), reference_bmm(ds, qg, trans_a=True).reshape(k.shape), gv

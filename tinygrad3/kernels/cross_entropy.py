@@ -23,6 +23,7 @@ stay inside their arrays.
 """
 import numpy as np
 
+from ..nn_ops.cross_entropy import CrossEntropy
 from .cuda import kernel
 
 THREADS = 256
@@ -140,6 +141,20 @@ def backward(gy, logits, targets, lse, denom, ignore_index, valid=None, in_place
                                  (z, t, lse, coef, gx, np.int32(v), np.int32(valid or v), np.int64(ignore_index),
                                   np.int32(_vec(z))))
     return gx.reshape(logits.shape)
+
+
+class FusedCrossEntropy(CrossEntropy):
+    """CrossEntropy (nn_ops/cross_entropy.py) by the kernels above, no float32 copy of the logits
+    (F.cross_entropy and the blocks of F.linear_cross_entropy pick it)."""
+
+    def forward(self, logits, targets):
+        loss, self.lse, self.denom = forward(logits, targets, self.ignore_index, self.valid_vocab)
+        self.logits, self.targets = logits, targets
+        return loss
+
+    def backward(self, gy):
+        return backward(gy, self.logits, self.targets, self.lse, self.denom, self.ignore_index, self.valid_vocab,
+                        in_place=self.overwrite), None
 
 
 # ----- NumPy reference ------------------------------------------------------------------------

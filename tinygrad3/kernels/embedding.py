@@ -17,6 +17,7 @@ so the last bits of a row with repeated ids may too (as with cupy.add.at). An id
 import numpy as np
 
 from .. import backend
+from ..nn_ops.dense import Embedding
 from .cuda import VECTOR_IO, address, grid_stride_blocks, kernel
 
 THREADS = 256
@@ -112,6 +113,17 @@ def embedding_backward(ids, gy, out):
         _launch(name, _blocks(n), (ids, gy, out, np.int64(n), np.int64(out.shape[0]), np.int32(d),
                                    np.int32(vector_ok(gy, out))))
     return out
+
+
+class FusedEmbedding(Embedding):
+    """Embedding (nn_ops/dense.py) whose backward adds its rows by the kernel above where the arrays
+    are ones it `supports` (a float32 CuPy accumulator), else as the reference does (F.embedding
+    picks it)."""
+
+    def add_rows(self, acc, ids, gy):
+        if supports(ids, gy, acc):
+            return embedding_backward(ids, gy, acc)
+        return super().add_rows(acc, ids, gy)
 
 
 # ----- NumPy reference ------------------------------------------------------------------------

@@ -89,6 +89,7 @@ import functools
 import numpy as np
 
 from .. import backend
+from ..nn_ops.attention import Attention, causal_mask
 from .cuda import kernel
 
 FWD_BQ, FWD_BK, FWD_THREADS = 64, 64, 128  # forward: queries x keys per tile, threads per block
@@ -811,6 +812,20 @@ def backward(gy, q, k, v, out, lse, scale, window, q_offset, needs_grad=(True, T
     return gq, gk if needs_grad[1] else None, gv if needs_grad[2] else None
 
 
+class FlashAttention(Attention):
+    """Attention (nn_ops/attention.py) by the flash kernels above: saves the output and the row
+    logsumexp, no T x T matrix (F.attention picks it for the inputs `supports` takes)."""
+
+    def forward(self, q, k, v):
+        out, self.lse = forward(q, k, v, self.scale, self.window, self.q_offset, self.out_layout)
+        self.q, self.k, self.v, self.out = q, k, v, out
+        return out
+
+    def backward(self, gy):
+        return backward(gy, self.q, self.k, self.v, self.out, self.lse, self.scale, self.window, self.q_offset,
+                        self.needs_grad, self.out_layout)
+
+
 # ----- NumPy reference ------------------------------------------------------------------------
 # The kernels' algorithm in array code: the same tiles, visited in the same order, with the same
 # roundings (P and dS to the input dtype before they multiply, like the kernels' float16
@@ -822,19 +837,10 @@ def _compute_dtype(dtype):
     return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
 
 
-def _visible(i0, i1, j0, j1, q_offset, window):
-    """Boolean (i1 - i0, j1 - j0): query row i sees key j (kernel: visible())."""
-    pos = q_offset + np.arange(i0, i1)[:, None]
-    key = np.arange(j0, j1)[None, :]
-    seen = key <= pos
-    if window is not None:
-        seen &= key > pos - window
-    return seen
-
-
 def all_visible(i0, rows, j0, keys, tq, tk, q_offset, window):
     """Every query of [i0, i0 + rows) sees every key of [j0, j0 + keys), all inside the arrays:
-    the kernels then skip the per-entry test (kernel: all_visible(), window 0 for none)."""
+    the kernels then skip the per-entry test (kernel: all_visible(), window 0 for none; the
+    per-entry test, visible(), is causal_mask's rule)."""
     return (i0 + rows <= tq and j0 + keys <= tk and j0 + keys - 1 <= q_offset + i0
             and (window is None or j0 > q_offset + i0 + rows - 1 - window))
 
@@ -884,7 +890,7 @@ def reference_forward(q, k, v, scale, window, q_offset, out_layout="bhtd"):
         for jt in key_tiles(i0, tq, q_offset, window, FWD_BQ, FWD_BK):
             j0, j1 = jt * FWD_BK, min((jt + 1) * FWD_BK, tk)
             s = (qt @ kh[:, :, j0:j1].astype(c).swapaxes(-1, -2)) * cs
-            s = np.where(_visible(i0, i1, j0, j1, q_offset, window), s, -np.inf)
+            s = np.where(causal_mask(np, i1 - i0, j1 - j0, q_offset, window, i0, j0), s, -np.inf)
             m_new = np.maximum(m, s.max(axis=-1))
             base = np.where(m_new == -np.inf, 0, m_new)   # a row masked so far: subtract 0
             alpha = np.exp2(m - base)
@@ -920,7 +926,7 @@ def reference_backward(gy, q, k, v, out, lse, scale, window, q_offset, out_layou
             j0, j1 = jt * DQ_BK, min((jt + 1) * DQ_BK, tk)
             kt, vt = kh[:, :, j0:j1].astype(c), vh[:, :, j0:j1].astype(c)
             p = np.exp2((qt @ kt.swapaxes(-1, -2)) * cs - l2[:, :, i0:i1, None])
-            p = np.where(_visible(i0, i1, j0, j1, q_offset, window), p, 0)
+            p = np.where(causal_mask(np, i1 - i0, j1 - j0, q_offset, window, i0, j0), p, 0)
             dp = gt @ vt.swapaxes(-1, -2)
             acc += rnd(p * (dp - drow[:, :, i0:i1, None]) * sc) @ kt
         dq[:, :, i0:i1] = acc.astype(q.dtype)
@@ -939,7 +945,7 @@ def reference_backward(gy, q, k, v, out, lse, scale, window, q_offset, out_layou
                 i0, i1 = it * KV_BQ, min((it + 1) * KV_BQ, tq)
                 qt, gt = qg[:, :, hh, i0:i1].astype(c), gg[:, :, hh, i0:i1].astype(c)
                 pt = np.exp2((kt @ qt.swapaxes(-1, -2)) * cs - l2g[:, :, hh, None, i0:i1])
-                pt = np.where(_visible(i0, i1, j0, j1, q_offset, window).T, pt, 0)
+                pt = np.where(causal_mask(np, i1 - i0, j1 - j0, q_offset, window, i0, j0).T, pt, 0)
                 adv += rnd(pt) @ gt
                 dpt = vt @ gt.swapaxes(-1, -2)
                 adk += rnd(pt * (dpt - drg[:, :, hh, None, i0:i1]) * sc) @ qt

@@ -32,6 +32,7 @@ import math
 import numpy as np
 
 from ..backend import get_array_module
+from ..nn_ops.geglu import GeGLU
 from .cuda import address, grid_stride_blocks, kernel
 
 THREADS = 256
@@ -201,6 +202,17 @@ def backward(gy, gate, up):
     if gate.size:
         _run("geglu_bwd", (gy, gate, up, g_gate, g_up), gate.size)
     return g_gate, g_up
+
+
+class FusedGeGLU(GeGLU):
+    """GeGLU (nn_ops/geglu.py) by the kernels above, one pass each way (F.geglu picks it)."""
+
+    def forward(self, gate, up):
+        self.gate, self.up = gate, up
+        return forward(gate, up)
+
+    def backward(self, gy):
+        return backward(gy, self.gate, self.up)
 
 
 # ----- NumPy reference ------------------------------------------------------------------------

@@ -8,7 +8,7 @@ r = (mean(x^2) + eps)^(-1/2), u = x r (1 + w) and the row's angle tables c, s (p
 written at (b, h, t) of a (B, H, T, D) output: the three ops of the reference path (RMSNorm,
 transpose, RoPE), with u kept in float32 instead of rounded to float16 in between.
 
-Backward (derived in nn_ops/qk_norm_rope.py): g = the rotation of gy by the opposite angle
+Backward (derived in QKNormRoPE.backward below): g = the rotation of gy by the opposite angle
 (RoPE's backward), then RMSNorm's backward of g: with h = g (1 + w) and n = x r,
 
     dx = r (h - n mean(h n)),    dw = sum over rows of g n.
@@ -67,6 +67,8 @@ import numpy as np
 
 from . import rmsnorm, rope
 from ..backend import get_array_module
+from ..nn_ops.rope import rope_tables
+from ..tensor import ADDED, Function
 from .cuda import VECTOR_IO, address, grid_stride_blocks, kernel
 
 THREADS = rmsnorm.THREADS
@@ -497,6 +499,43 @@ def backward(gy, x, w, cos, sin, rstd, dw_into=None):
         part = xp.empty((blocks, d), np.float32)
         _launch(source, "qk_norm_rope_bwd", blocks, THREADS, args + (part,) + tail)
     return gx, _sum_partials(source, part, w.dtype, dw_into)
+
+
+# ----- the Function of the fast path (F.qk_norm_rope picks it)
+
+class QKNormRoPE(Function):
+    """rope(rms_norm(x, w, eps).transpose(0, 2, 1, 3), base, offset) in one kernel each way.
+
+    Only for inputs that `supports` and F.qk_norm_rope's dtype checks accept: every other input
+    takes the reference path, the composition of RMSNorm, a transpose and RoPE.
+    """
+
+    def __init__(self, eps, base, offset):
+        self.eps, self.base, self.offset = eps, base, offset
+
+    def forward(self, x, w):
+        t, d = x.shape[1], x.shape[3]
+        cos, sin = rope_tables(d, self.base, self.offset + t, get_array_module(x))
+        self.cos, self.sin = cos[self.offset:self.offset + t], sin[self.offset:self.offset + t]
+        self.x, self.w = x, w
+        y, self.rstd = forward(x, w, self.eps, self.cos, self.sin)
+        return y
+
+    def backward(self, gy):
+        """The chain rule through the three ops, per row (one head of one token), last op first.
+
+        RoPE: y = rotation of u by the row's angle, pairwise (u_i, u_{i+D/2}); a rotation's
+        transpose is the rotation by the opposite angle, so dL/du = g, gy rotated by -angle
+        (nn_ops/rope.py derives the same as g cos - rotate_half(g sin)).
+        Transpose: moves rows, so g belongs to the row of x at (b, t, h) that gy's (b, h, t) came from.
+        RMSNorm (derived in nn_ops/rmsnorm.py): with n = x r and h = g (1 + w),
+        dL/dx = r (h - n mean(h n)) and dL/dw = sum over rows of g n.
+        The kernel does both steps for a row in registers: g is never written out.
+        """
+        into = self.grad_target(1) if self.needs_grad[1] else None
+        into = into if rmsnorm.accepts_target(into, self.w) else None  # w's float32 gradient buffer
+        gx, gw = backward(gy, self.x, self.w, self.cos, self.sin, self.rstd, dw_into=into)
+        return gx if self.needs_grad[0] else None, None if not self.needs_grad[1] else ADDED if into is not None else gw
 
 
 # ----- NumPy reference: rmsnorm's and rope's references, with u and g left in float32 ----------

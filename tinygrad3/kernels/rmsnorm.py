@@ -9,7 +9,7 @@ Per row x of D features, with r = (mean(x^2) + eps)^(-1/2) and n = x r:
 
     y = n (1 + w)
 
-Backward (derived in nn_ops/norm.py): with h = g (1 + w),
+Backward (derived in nn_ops/rmsnorm.py): with h = g (1 + w),
 
     dx = r (h - n mean(h n)),    dw = sum over rows of g n.
 
@@ -55,6 +55,8 @@ import functools
 import numpy as np
 
 from ..backend import get_array_module
+from ..nn_ops.rmsnorm import ResidualRMSNorm, RMSNorm
+from ..tensor import ADDED
 from .cuda import VECTOR_IO, address, grid_stride_blocks, kernel
 
 THREADS = 128
@@ -432,6 +434,49 @@ def sum_partials(source, part, w_dtype, into=None):
     _launch(source, "rms_norm_dw", (-(-d // 32),), (32, DW_LANES), (part, dw, np.int32(blocks), np.int32(d),
                                                                      np.int32(into is not None)))
     return dw
+
+
+# ----- the Functions of the fast path (F.rms_norm picks them for the inputs `supports` takes)
+
+class FusedRMSNorm(RMSNorm):
+    """RMSNorm (nn_ops/rmsnorm.py) by the kernels above: the same math, one pass each way."""
+
+    def forward(self, x, w):
+        self.x, self.w = x, w
+        y, self.rstd = forward(x, w, self.eps, x.dtype if self.out_dtype is None else self.out_dtype)
+        return y
+
+    def backward(self, gy):
+        return _backward_into_targets(self, gy, 0)
+
+
+class FusedResidualRMSNorm(ResidualRMSNorm):
+    """h + rms_norm(x, w) for a float32 h, one kernel each way (the residual form above)."""
+
+    def __init__(self, eps):
+        self.eps = eps
+
+    def forward(self, h, x, w):
+        self.x, self.w = x, w
+        y, self.rstd = forward(x, w, self.eps, np.float32, residual=h)
+        return y
+
+    def backward(self, gy):
+        gh = gy if self.needs_grad[0] else None
+        if not (self.needs_grad[1] or self.needs_grad[2]):
+            return gh, None, None
+        return (gh,) + _backward_into_targets(self, gy, 1, round_gy=True)
+
+
+def _backward_into_targets(fn, gy, first, round_gy=False):
+    """(dx, dw) of the kernels for fn's inputs first (x) and first + 1 (w). Where the engine
+    offers a target the kernel can write (the residual stream's gradient from its other use, a
+    float32 weight-gradient buffer), the kernel adds into it and the slot says ADDED."""
+    into = [fn.grad_target(first + i) if fn.needs_grad[first + i] else None for i in (0, 1)]
+    into = [t if accepts_target(t, like) else None for t, like in zip(into, (fn.x, fn.w))]
+    gx, gw = backward(gy, fn.x, fn.w, fn.rstd, round_gy=round_gy, gx_into=into[0], dw_into=into[1])
+    return tuple(None if not fn.needs_grad[first + i] else ADDED if into[i] is not None else g
+                 for i, g in enumerate((gx, gw)))
 
 
 # ----- NumPy reference: the same steps, float32 math, rounded to the same dtypes at the same points

@@ -21,6 +21,7 @@ transposes and reshapes that follow it are free.
 """
 import numpy as np
 
+from ..nn_ops.rope import RoPE
 from .cuda import grid_stride_blocks, kernel
 
 THREADS = 256
@@ -91,6 +92,18 @@ def backward(gy, cos, sin, x_layout):
         gx = cupy.ascontiguousarray(gx)
     _rotate(_as4d(gy), _as4d(gx), cupy.ascontiguousarray(cos), cupy.ascontiguousarray(sin), -1.0)
     return gx
+
+
+class FusedRoPE(RoPE):
+    """RoPE (nn_ops/rope.py) by the kernel above, reading x through its strides (F.rope picks it)."""
+
+    def forward(self, x):
+        self.tables(x)
+        self.x_layout = layout(x)
+        return forward(x, self.cos, self.sin)
+
+    def backward(self, gy):
+        return backward(gy, self.cos, self.sin, self.x_layout)
 
 
 # ----- NumPy reference ------------------------------------------------------------------------

@@ -1,21 +1,21 @@
 """Causal (optionally sliding-window) softmax attention with grouped K/V heads.
 
-This is the reference path: float32 math with xp.matmul, materialising the scores. With the
-fast path on, float16 CuPy inputs go to the flash kernels (tinygrad3/kernels/flash_attention.py:
-fused, no T x T scores) when their family is on and they take the shapes, else to
-tinygrad3/kernels/attention.py (cuBLAS GEMMs and a fused softmax).
+This is the reference path: float32 math with xp.matmul, materialising the scores. The fast
+path's Functions subclass it: FlashAttention (tinygrad3/kernels/flash_attention.py: fused, no
+T x T scores) and FusedAttention (tinygrad3/kernels/attention.py: cuBLAS GEMMs and a fused
+softmax); F.attention picks one. `causal_mask` is the visibility rule all of them follow.
 """
 from ..backend import get_array_module
-from ..kernels import attention as fused, flash_attention as flash, use_fast
 from ..tensor import Function
 from .common import compute_dtype
 
 
-def causal_mask(xp, tq, tk, q_offset, window):
-    """Boolean (tq, tk): query i (absolute position q_offset + i) may see key j iff
-    j <= q_offset + i and, with a window W, q_offset + i - W < j (Hugging Face's rule)."""
-    pos = q_offset + xp.arange(tq)[:, None]
-    key = xp.arange(tk)[None, :]
+def causal_mask(xp, tq, tk, q_offset, window, first_query=0, first_key=0):
+    """Boolean (tq, tk): query first_query + i (absolute position q_offset + first_query + i) may
+    see key first_key + j iff that key <= its position and, with a window W, position - W < key
+    (Hugging Face's rule). The offsets pick a tile of the full mask (the flash kernels' tiles)."""
+    pos = q_offset + xp.arange(first_query, first_query + tq)[:, None]
+    key = xp.arange(first_key, first_key + tk)[None, :]
     allowed = key <= pos
     if window is not None:
         allowed &= key > pos - window
@@ -43,19 +43,11 @@ class Attention(Function):
             return out
         return get_array_module(out).ascontiguousarray(out.transpose(0, 2, 1, 3))
 
+    def _out_as_bhtd(self, gy):
+        """The output's gradient, in out_layout, as a (B, Hq, Tq, D) array (a view)."""
+        return gy.transpose(0, 2, 1, 3) if self.out_layout == "bthd" else gy
+
     def forward(self, q, k, v):
-        if use_fast("flash_attention", q, k, v) and flash.supports(q, k, v, self.window, self.q_offset):
-            # fused flash kernels: saves the output and the row logsumexp, no T x T matrix
-            self.kernel = flash
-            out, self.lse = flash.forward(q, k, v, self.scale, self.window, self.q_offset, self.out_layout)
-            self.q, self.k, self.v, self.out = q, k, v, out
-            return out
-        if use_fast("attention", q, k, v):  # tensor-core GEMMs + fused masked softmax, saves P
-            self.kernel = fused
-            out, self.p = fused.forward(q, k, v, self.scale, self.window, self.q_offset)
-            self.q, self.k, self.v = q, k, v
-            return self._in_layout(out)
-        self.kernel = None
         xp, c = get_array_module(q), compute_dtype(q.dtype)
         b, hq, tq, d = q.shape
         hkv, tk = k.shape[1], k.shape[2]
@@ -86,14 +78,7 @@ class Attention(Function):
         In the grouped view, P^T dO and dS^T Q contract over the G*Tq rows of a kv head,
         which sums the contributions of its G query heads with no extra step.
         """
-        if self.kernel is flash:
-            return flash.backward(gy, self.q, self.k, self.v, self.out, self.lse, self.scale, self.window,
-                                  self.q_offset, self.needs_grad, self.out_layout)
-        if self.out_layout == "bthd":
-            gy = gy.transpose(0, 2, 1, 3)   # back to (B, Hq, Tq, D)
-        if self.kernel is fused:
-            return fused.backward(gy, self.q, self.k, self.v, self.p, self.scale, self.window,
-                                  self.q_offset, self.needs_grad)
+        gy = self._out_as_bhtd(gy)
         xp, p = get_array_module(gy), self.p
         c, (b, hkv) = p.dtype, p.shape[:2]
         g = gy.reshape(b, hkv, -1, gy.shape[-1]).astype(c, copy=False)

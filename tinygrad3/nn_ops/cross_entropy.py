@@ -1,6 +1,5 @@
 """Mean cross-entropy over integer targets, stable for float16 logits."""
 from ..backend import get_array_module
-from ..kernels import cross_entropy, use_fast
 from ..tensor import Function
 from .common import compute_dtype
 
@@ -17,19 +16,14 @@ class CrossEntropy(Function):
     def __init__(self, ignore_index, valid_vocab=None, overwrite_logits=False):
         # valid_vocab: only the first valid_vocab logits of a row count; the others (a padded
         # vocabulary's unused ids) get probability 0 and gradient 0, as if they were -inf.
-        # overwrite_logits: the fast path's backward writes the gradient over the logits (for a
-        # caller that owns them and needs them no more, LinearCrossEntropy), saving an array.
+        # overwrite_logits: the fused kernel's backward may write the gradient over the logits (for
+        # a caller that owns them and needs them no more, LinearCrossEntropy), saving an array.
         self.ignore_index, self.valid_vocab, self.overwrite = ignore_index, valid_vocab, overwrite_logits
 
     def forward(self, logits, targets):
         xp, c = get_array_module(logits), compute_dtype(logits.dtype)
         v = logits.shape[-1]
         t = targets.reshape(-1)
-        self.fast = use_fast("cross_entropy", logits)
-        if self.fast:  # fused kernels, no float32 copy of the logits (tinygrad3/kernels/cross_entropy.py)
-            loss, self.lse, self.denom = cross_entropy.forward(logits, targets, self.ignore_index, self.valid_vocab)
-            self.logits, self.targets = logits, targets
-            return loss
         z = logits.reshape(-1, v).astype(c, copy=False)
         rows = xp.arange(z.shape[0])
         valid = t != self.ignore_index
@@ -51,9 +45,6 @@ class CrossEntropy(Function):
         in float16 training gy carries the loss scale, and (p - y) / N alone would
         underflow float16 before that scale could lift it.
         """
-        if self.fast:
-            return cross_entropy.backward(gy, self.logits, self.targets, self.lse, self.denom, self.ignore_index,
-                                          self.valid_vocab, in_place=self.overwrite), None
         xp, c = get_array_module(gy), self.lse.dtype
         z = self.logits.reshape(-1, self.logits.shape[-1]).astype(c, copy=False)
         g = xp.exp(z - self.lse)

@@ -2,7 +2,6 @@
 import numpy as np
 
 from ..backend import get_array_module, scatter_add
-from ..kernels import embedding, gemm, use_fast
 from ..tensor import ADDED, Function
 from .common import compute_dtype
 
@@ -11,20 +10,20 @@ class Linear(Function):
     """y = x W^T over the last axis of x, with W of shape (out, in).
 
     Leading axes of x are flattened so the product is one 2-D GEMM (on the GPU this
-    is what keeps float16 on the tensor cores). With the fast path's `gemm` family, float16
-    CuPy products call cuBLAS through kernels/gemm.py (the same GEMM, but one that CUDA-graph
-    capture accepts); otherwise `@`.
+    is what keeps float16 on the tensor cores), made by `@`; the fast path's GemmLinear
+    (kernels/gemm.py) sets `mm` to call cuBLAS instead (the same GEMM, but one that CUDA-graph
+    capture accepts).
     """
 
     fresh_grads = True  # both gradients are new GEMM outputs
+    mm = None  # the fast path's GEMM (GemmLinear's gemm.mm); None: `@`
 
     def forward(self, x, w):
         x2 = x.reshape(-1, x.shape[-1])
         self.x2 = x2 if self.needs_grad[1] else None
         self.w = w if self.needs_grad[0] else None
         self.lead, self.x_dtype, self.w_dtype = x.shape[:-1], x.dtype, w.dtype
-        self.fast = use_fast("gemm", x2, w)
-        y = gemm.mm(x2, w, trans_b=True) if self.fast else x2 @ w.T
+        y = x2 @ w.T if self.mm is None else self.mm(x2, w, trans_b=True)
         return y.reshape(*self.lead, w.shape[0])
 
     def backward(self, gy):
@@ -39,30 +38,31 @@ class Linear(Function):
         itself (cuBLAS beta = 1), so no separate pass adds the two.
         """
         g = gy.reshape(-1, gy.shape[-1])
-        fast = self.fast and g.dtype == self.w_dtype
+        mm = self.mm if g.dtype == self.w_dtype else None
         gx = gw = None
         if self.needs_grad[0]:
-            gx = _product(g, self.w, False, fast, self.grad_target(0), self.x_dtype)
+            gx = _product(g, self.w, False, mm, self.grad_target(0), self.x_dtype)
             gx = gx if gx is ADDED else gx.reshape(*self.lead, -1)
         if self.needs_grad[1]:
-            gw = _product(g, self.x2, True, fast, self.grad_target(1), self.w_dtype)
+            gw = _product(g, self.x2, True, mm, self.grad_target(1), self.w_dtype)
         return gx, gw
 
 
-def _product(a, b, trans_a, fast, target, dtype):
-    """op(a) @ b added into `target` (then ADDED), or as a new array of `dtype`.
+def _product(a, b, trans_a, mm, target, dtype):
+    """op(a) @ b added into `target` (then ADDED), or as a new array of `dtype`; by `mm` (the fast
+    path's GEMM, which writes float16 and adds into float16 or float32) when given, else by `@`.
 
     A target is used only when it is C-contiguous, so that its 2-D view is the array itself.
     """
     if target is not None and target.flags.c_contiguous:
         t2 = target.reshape(-1, target.shape[-1])
-        if fast and target.dtype in (np.float16, np.float32):
-            gemm.mm(a, b, trans_a=trans_a, out=t2)
+        if mm is not None and target.dtype in (np.float16, np.float32):
+            mm(a, b, trans_a=trans_a, out=t2)
         else:
             t2 += a.T @ b if trans_a else a @ b
         return ADDED
-    if fast:
-        return gemm.mm(a, b, trans_a=trans_a)
+    if mm is not None:
+        return mm(a, b, trans_a=trans_a)
     return (a.T @ b if trans_a else a @ b).astype(dtype, copy=False)
 
 
@@ -89,13 +89,10 @@ class Embedding(Function):
         target = self.grad_target(1)
         added = target is not None and target.dtype == acc_dtype and target.flags.c_contiguous
         acc = target if added else xp.zeros(self.w_shape, dtype=acc_dtype)
-        _add_rows(acc, self.ids.reshape(-1), gy.reshape(-1, self.w_shape[-1]))
+        self.add_rows(acc, self.ids.reshape(-1), gy.reshape(-1, self.w_shape[-1]))
         return None, ADDED if added else acc.astype(self.w_dtype, copy=False)
 
-
-def _add_rows(acc, ids, gy):
-    """acc[ids[n]] += gy[n] for every row n of gy, repeated ids accumulating: the fast path's
-    kernel for a float32 CuPy acc (family embedding), else backend.scatter_add in acc's dtype."""
-    if use_fast("embedding", gy, dtypes=(np.float16, np.float32)) and embedding.supports(ids, gy, acc):
-        return embedding.embedding_backward(ids, gy, acc)
-    return scatter_add(acc, ids, gy.astype(acc.dtype, copy=False))
+    def add_rows(self, acc, ids, gy):
+        """acc[ids[n]] += gy[n] for every row n of gy, repeated ids accumulating, in acc's dtype
+        (the fast path's FusedEmbedding, kernels/embedding.py, does it by a kernel)."""
+        return scatter_add(acc, ids, gy.astype(acc.dtype, copy=False))

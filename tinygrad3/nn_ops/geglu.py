@@ -1,8 +1,7 @@
-"""Pointwise GELU (tanh form) and the softmax family, math in float32 or wider."""
+"""GELU (tanh form) and Gemma's gate gelu_tanh(gate) * up, math in float32 or wider."""
 import math
 
 from ..backend import get_array_module
-from ..kernels import geglu, use_fast
 from ..tensor import Function
 from .common import compute_dtype
 
@@ -35,62 +34,11 @@ class GeGLU(Function):
 
     def forward(self, gate, up):
         self.gate, self.up = gate, up
-        self.fast = use_fast("geglu", gate, up)
-        if self.fast:  # one fused pass (tinygrad3/kernels/geglu.py)
-            return geglu.forward(gate, up)
         return GeluTanh().forward(gate) * up
 
     def backward(self, gy):
         """The unfused pair's backward, step for step: the product gives d_up = gy a and
         d_a = gy up (in the inputs' dtype); GeluTanh's backward turns d_a into d_gate."""
-        if self.fast:
-            return geglu.backward(gy, self.gate, self.up)
         gelu = GeluTanh()
         a = gelu.forward(self.gate)
         return gelu.backward(gy * self.up), gy * a
-
-
-class Softmax(Function):
-    """y = exp(x - max x) / sum exp(x - max x) along `axis` (the shift changes nothing but
-    keeps exp from overflowing)."""
-
-    def __init__(self, axis):
-        self.axis = axis
-
-    def forward(self, x):
-        xp = get_array_module(x)
-        xf = x.astype(compute_dtype(x.dtype), copy=False)
-        e = xp.exp(xf - xf.max(axis=self.axis, keepdims=True))
-        self.y = e / e.sum(axis=self.axis, keepdims=True)
-        self.x_dtype = x.dtype
-        return self.y.astype(x.dtype, copy=False)
-
-    def backward(self, gy):
-        """dy_i/dx_k = y_i ([i == k] - y_k), so dL/dx_k = sum_i g_i y_i ([i == k] - y_k)
-        = y_k (g_k - sum_i g_i y_i)."""
-        g = gy.astype(self.y.dtype, copy=False)
-        gx = self.y * (g - (g * self.y).sum(axis=self.axis, keepdims=True))
-        return gx.astype(self.x_dtype, copy=False)
-
-
-class LogSoftmax(Function):
-    """y = x - m - log(sum exp(x - m)) with m = max x along `axis`."""
-
-    def __init__(self, axis):
-        self.axis = axis
-
-    def forward(self, x):
-        xp = get_array_module(x)
-        z = x.astype(compute_dtype(x.dtype), copy=False)
-        z = z - z.max(axis=self.axis, keepdims=True)
-        self.y = z - xp.log(xp.exp(z).sum(axis=self.axis, keepdims=True))
-        self.x_dtype = x.dtype
-        return self.y.astype(x.dtype, copy=False)
-
-    def backward(self, gy):
-        """dy_i/dx_k = [i == k] - softmax_k, so dL/dx_k = g_k - softmax_k sum_i g_i,
-        with softmax = exp(y) recovered from the saved output."""
-        xp = get_array_module(gy)
-        g = gy.astype(self.y.dtype, copy=False)
-        gx = g - xp.exp(self.y) * g.sum(axis=self.axis, keepdims=True)
-        return gx.astype(self.x_dtype, copy=False)

@@ -37,10 +37,9 @@ CrossEntropy: those logits count as -inf, so they get probability 0 and gradient
 padding rows get zero gradient, as adding a large negative mask would give, without the pass.
 """
 from ..backend import get_array_module
-from ..kernels import gemm, use_fast
 from ..tensor import ADDED, Function
 from .common import compute_dtype
-from .loss import CrossEntropy
+from .cross_entropy import CrossEntropy
 
 BLOCK_BYTES = 256 * 2 ** 20  # logits per block at most (the last block may hold fewer rows)
 
@@ -60,20 +59,23 @@ class LinearCrossEntropy(Function):
     x (..., D), W (V, D), targets of x's leading shape; only the first valid_vocab logits count
     (all when None). The loss has x's compute dtype (float32 for float16 x). With expected_grad
     (the gradient its backward will be called with), the gradients are made in the forward.
+    The fast path's pieces come from F.linear_cross_entropy: `mm`, the GEMM F.linear would use
+    (None: `@`), and `loss_class(logits)`, the CrossEntropy Function F.cross_entropy would pick
+    for a block's logits.
     """
 
-    def __init__(self, ignore_index, valid_vocab=None, rows=None, expected_grad=None):
+    def __init__(self, ignore_index, valid_vocab=None, rows=None, expected_grad=None, mm=None,
+                 loss_class=lambda logits: CrossEntropy):
         self.ignore_index, self.valid_vocab, self.rows = ignore_index, valid_vocab, rows
-        self.expected = expected_grad
+        self.expected, self.mm, self.loss_class = expected_grad, mm, loss_class
 
     def _logits(self, x2, w, start, stop):
         """The block's logits x2[start:stop] W^T, in x's dtype, as F.linear makes them."""
-        return gemm.mm(x2[start:stop], w, trans_b=True) if self.fast else x2[start:stop] @ w.T
+        return x2[start:stop] @ w.T if self.mm is None else self.mm(x2[start:stop], w, trans_b=True)
 
     def forward(self, x, w, targets):
         xp = get_array_module(x)
         x2, t = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-        self.fast = use_fast("gemm", x2, w)
         c = compute_dtype(x.dtype)
         rows = self.rows or block_rows(len(x2), w.shape[0], x2.dtype.itemsize)
         bounds = [(a, min(a + rows, len(x2))) for a in range(0, len(x2), rows)]
@@ -90,9 +92,10 @@ class LinearCrossEntropy(Function):
         self.blocks, total = [], None
         for start, stop in bounds:
             # its backward writes dZ over the block's logits, which are ours and needed no more
-            ce = CrossEntropy(self.ignore_index, self.valid_vocab, overwrite_logits=True)
+            logits = self._logits(x2, w, start, stop)
+            ce = self.loss_class(logits)(self.ignore_index, self.valid_vocab, overwrite_logits=True)
             ce.needs_grad = (True, False)
-            share = ce.forward(self._logits(x2, w, start, stop), t[start:stop]) * ce.denom
+            share = ce.forward(logits, t[start:stop]) * ce.denom
             total = share if total is None else total + share
             if early:
                 self._block_grads(ce, self.expected, x2, w, start, stop, self.gx, self.gw)
@@ -112,9 +115,9 @@ class LinearCrossEntropy(Function):
         gz, _ = ce.backward(gy * (ce.denom / self.count))
         del ce.logits
         if gx is not None:
-            gx[start:stop] = gemm.mm(gz, w) if self.fast else gz @ w
-        if gw is not None and self.fast:
-            gemm.mm(gz, x2[start:stop], trans_a=True, out=gw)
+            gx[start:stop] = gz @ w if self.mm is None else self.mm(gz, w)
+        if gw is not None and self.mm is not None:
+            self.mm(gz, x2[start:stop], trans_a=True, out=gw)
         elif gw is not None:
             gw += gz.astype(gw.dtype).T @ x2[start:stop].astype(gw.dtype)
 

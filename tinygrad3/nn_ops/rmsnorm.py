@@ -2,8 +2,7 @@
 import numpy as np
 
 from ..backend import get_array_module
-from ..kernels import rmsnorm, use_fast
-from ..tensor import ADDED, Function
+from ..tensor import Function
 from .common import compute_dtype
 
 
@@ -34,11 +33,6 @@ class RMSNorm(Function):
 
     def forward(self, x, w):
         out = x.dtype if self.out_dtype is None else self.out_dtype
-        self.fast = use_fast("rmsnorm", x, w, dtypes=rmsnorm.DTYPES) and rmsnorm.supports(x, out)
-        if self.fast:  # fused kernel: same math, one pass (tinygrad3/kernels/rmsnorm.py)
-            self.x, self.w = x, w
-            y, self.rstd = rmsnorm.forward(x, w, self.eps, out)
-            return y
         xp, c = get_array_module(x), compute_dtype(x.dtype)
         xf = x.astype(c, copy=False)
         self.rstd = 1 / xp.sqrt((xf * xf).mean(axis=-1, keepdims=True) + c.type(self.eps))
@@ -63,8 +57,6 @@ class RMSNorm(Function):
         The final cast to the output dtype is the identity on values, so g (in that dtype)
         enters the same float32 math; dx is cast to x's dtype and dw to w's.
         """
-        if self.fast:
-            return _fast_backward(self, gy, 0)
         c = self.rstd.dtype
         g = gy.astype(c, copy=False)
         n = self.x.astype(c, copy=False) * self.rstd
@@ -84,21 +76,14 @@ class ResidualRMSNorm(Function):
     Exactly the unfused pair: the normalised branch is rounded to x's dtype (RMSNorm's output),
     then added to h in NumPy's promoted dtype. Backward: d(h + n)/dh = 1, so h's gradient is gy
     itself; the branch receives gy cast to its output dtype (x's, what the engine's cast of the
-    unfused pair does) and goes through RMSNorm's backward (derived above). On the fast path
-    with a float32 h the whole thing is one kernel each way (kernels/rmsnorm.py, residual form).
+    unfused pair does) and goes through RMSNorm's backward (derived above). `norm` is the
+    branch's RMSNorm Function (F.rms_norm's choice for x and w, which may be the fused kernel's).
     """
 
-    def __init__(self, eps):
-        self.eps = eps
+    def __init__(self, norm):
+        self.norm = norm
 
     def forward(self, h, x, w):
-        self.fast = (use_fast("rmsnorm", x, w, dtypes=rmsnorm.DTYPES) and use_fast("rmsnorm", h, dtypes=(np.float32,))
-                     and h.shape == x.shape and rmsnorm.supports(x, np.float32))
-        if self.fast:
-            self.x, self.w = x, w
-            y, self.rstd = rmsnorm.forward(x, w, self.eps, np.float32, residual=h)
-            return y
-        self.norm = RMSNorm(self.eps)
         self.norm.needs_grad = self.needs_grad[1:]
         self.x_dtype = x.dtype
         return h + self.norm.forward(x, w)
@@ -107,17 +92,4 @@ class ResidualRMSNorm(Function):
         gh = gy if self.needs_grad[0] else None
         if not (self.needs_grad[1] or self.needs_grad[2]):
             return gh, None, None
-        if self.fast:
-            return (gh,) + _fast_backward(self, gy, 1, round_gy=True)
         return (gh,) + self.norm.backward(gy.astype(self.x_dtype, copy=False))
-
-
-def _fast_backward(fn, gy, first, round_gy=False):
-    """(dx, dw) of the fused kernel for fn's inputs first (x) and first + 1 (w). Where the engine
-    offers a target the kernel can write (the residual stream's gradient from its other use, a
-    float32 weight-gradient buffer), the kernel adds into it and the slot says ADDED."""
-    into = [fn.grad_target(first + i) if fn.needs_grad[first + i] else None for i in (0, 1)]
-    into = [t if rmsnorm.accepts_target(t, like) else None for t, like in zip(into, (fn.x, fn.w))]
-    gx, gw = rmsnorm.backward(gy, fn.x, fn.w, fn.rstd, round_gy=round_gy, gx_into=into[0], dw_into=into[1])
-    return tuple(None if not fn.needs_grad[first + i] else ADDED if into[i] is not None else g
-                 for i, g in enumerate((gx, gw)))

@@ -2,7 +2,6 @@
 import numpy as np
 
 from ..backend import get_array_module
-from ..kernels import rope, use_fast
 from ..tensor import Function
 from .common import compute_dtype
 
@@ -43,15 +42,15 @@ class RoPE(Function):
     def __init__(self, base, offset):
         self.base, self.offset = base, offset
 
-    def forward(self, x):
+    def tables(self, x):
+        """Keep cos and sin (float32 (T, D)) for x's positions offset .. offset+T-1."""
         t, d = x.shape[-2:]
         cos, sin = rope_tables(d, self.base, self.offset + t, get_array_module(x))
         self.cos, self.sin = cos[self.offset:self.offset + t], sin[self.offset:self.offset + t]
         self.x_dtype = x.dtype
-        self.fast = use_fast("rope", x)
-        if self.fast:  # one kernel, reading x through its strides (tinygrad3/kernels/rope.py)
-            self.x_layout = rope.layout(x)
-            return rope.forward(x, self.cos, self.sin)
+
+    def forward(self, x):
+        self.tables(x)
         xf = x.astype(compute_dtype(x.dtype), copy=False)
         return (xf * self.cos + rotate_half(xf) * self.sin).astype(x.dtype, copy=False)
 
@@ -61,7 +60,5 @@ class RoPE(Function):
         <R x, g> = -x2.g1 + x1.g2 = <x, (g2, -g1)>). Hence
         dL/dx = cos g + R^T(sin g) = g cos - R(g sin)   (elementwise products).
         """
-        if self.fast:
-            return rope.backward(gy, self.cos, self.sin, self.x_layout)
         g = gy.astype(compute_dtype(self.x_dtype), copy=False)
         return (g * self.cos - rotate_half(g * self.sin)).astype(self.x_dtype, copy=False)
