@@ -466,3 +466,48 @@ def test_cross_entropy_errors(xp, rng):
         F.cross_entropy(z, np.array([0, 1]))
     with pytest.raises(TypeError, match="integers"):
         F.cross_entropy(z, np.array([0.0, 1.0, 2.0]))
+
+
+@pytest.mark.parametrize("family, choose, fused, reference", [
+    ("gemm", lambda a: F._linear_class(a["x"], a["w"]), "gemm.GemmLinear", "Linear"),
+    ("embedding", lambda a: F._embedding_class(a["w"]), "embedding.FusedEmbedding", "Embedding"),
+    ("rmsnorm", lambda a: F._rms_norm_class(a["x"], a["w"], None), "rmsnorm.FusedRMSNorm", "RMSNorm"),
+    ("rope", lambda a: F._rope_class(a["x"]), "rope.FusedRoPE", "RoPE"),
+    ("flash_attention", lambda a: F._attention_class(a["q"], a["q"], a["q"], None, 0),
+     "flash_attention.FlashAttention", "Attention"),
+    ("attention", lambda a: F._attention_class(a["q"], a["q"], a["q"], None, 0), "attention.FusedAttention",
+     "Attention"),
+    ("geglu", lambda a: F._geglu_class(a["x"], a["x"]), "geglu.FusedGeGLU", "GeGLU"),
+    ("cross_entropy", lambda a: F._cross_entropy_class(a["x"]), "cross_entropy.FusedCrossEntropy", "CrossEntropy"),
+])
+def test_each_op_takes_its_kernel_function_exactly_when_its_family_is_on(monkeypatch, family, choose, fused,
+                                                                         reference):
+    """functional's one choice per op: the kernel module's Function with the op's own family on (and
+    arrays it takes), the reference Function with every other family on. Kills a choice that reads
+    another family's switch or returns another op's Function."""
+    import tinygrad3.kernels as kernels_pkg
+    module, name = fused.split(".")
+    arrays = {"x": np.zeros((2, 3, 4, 16), np.float16), "w": np.zeros((16, 16), np.float16),
+              "q": np.zeros((1, 2, 4, 16), np.float16)}
+    arrays["w"] = arrays["w"][0] if family == "rmsnorm" else arrays["w"]
+    on = {family}
+    monkeypatch.setattr(F, "use_fast", lambda fam, *a, dtypes=None: fam in on)
+    assert choose(arrays) is getattr(getattr(kernels_pkg, module), name)
+    on = set(kernels_pkg.FAMILIES) - ({"flash_attention", "attention"} if "attention" in family else {family})
+    assert choose(arrays) is getattr(F, reference)
+    if family == "flash_attention":  # flash off, attention on: the GEMM path; flash declining the shape: too
+        on = {"attention"}
+        assert choose(arrays) is kernels_pkg.attention.FusedAttention
+        on = {"flash_attention", "attention"}
+        assert F._attention_class(arrays["q"][..., :8], arrays["q"][..., :8], arrays["q"][..., :8], None, 0) \
+            is kernels_pkg.attention.FusedAttention
+
+
+def test_qk_norm_rope_and_residual_norm_take_their_kernels_only_with_their_family(monkeypatch):
+    x, w, h = np.zeros((1, 4, 2, 16), np.float16), np.zeros(16, np.float32), np.zeros((1, 4, 2, 16), np.float32)
+    for on, expected in (({"qk_norm_rope"}, True), ({"rmsnorm"}, False), (set(), False)):
+        monkeypatch.setattr(F, "use_fast", lambda fam, *a, dtypes=None: fam in on)
+        assert F._qk_norm_rope_fused(x, w) is expected
+    for on, expected in (({"rmsnorm"}, True), ({"qk_norm_rope"}, False)):
+        monkeypatch.setattr(F, "use_fast", lambda fam, *a, dtypes=None: fam in on)
+        assert F._residual_rms_norm_fused(h, x, w) is expected
