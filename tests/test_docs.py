@@ -1,6 +1,7 @@
-"""docs/ stays true to the code: the walkthrough's numbers and picture come from its script, every
-pytest command the pages quote selects tests, every relative link and named file exists; and
-tinygrad3.draw draws what a graph holds."""
+"""docs/ and README.md stay true to the code: the walkthrough's numbers and picture come from its
+script, every pytest command the pages quote selects tests, every relative link and named file
+exists, README.md stays short, and only bench/JOURNAL.md speaks of how the project was developed;
+and tinygrad3.draw draws what a graph holds."""
 import concurrent.futures
 import pathlib
 import re
@@ -18,7 +19,9 @@ from tinygrad3.draw import draw, function_lines, record_shapes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-PAGES = sorted(DOCS.rglob("*.md"))
+README = ROOT / "README.md"
+JOURNAL = ROOT / "bench" / "JOURNAL.md"
+PAGES = sorted(DOCS.rglob("*.md")) + [README]
 OPS = ("rmsnorm", "rope", "attention", "geglu", "cross_entropy", "linear_cross_entropy", "embedding")
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -129,6 +132,47 @@ def test_every_file_the_pages_name_exists():
             elif function and f"def {function}(" not in (ROOT / path).read_text():
                 missing.append(f"{page.relative_to(ROOT)}: {path}::{function}")
     assert not missing, "\n".join(missing)
+
+
+def test_the_readme_links_every_docs_page_and_stays_short():
+    text = README.read_text()
+    lines = text.splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move detail into docs/ (at most 250)"
+    linked = set(re.findall(r"\]\(docs/([\w/]+\.md)", text))
+    unlinked = [p.name for p in sorted(DOCS.glob("*.md")) if p.name != "README.md" and p.name not in linked]
+    assert not unlinked, f"README.md links no docs page for: {unlinked}"
+
+
+# Words about how the project was developed: sessions, issue numbers, machines lent, the starting
+# notebook. Word bounds keep software words out ("silent", "--seed", "seeded", "a random seed").
+HISTORY = re.compile(r"\bsessions?\b|\bissues? [0-9]|\blent\b|\bthe seed\b", re.IGNORECASE)
+
+
+def history_hits(path):
+    """(path, line number, line) of every history word in one text file; none in a binary file."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        return []
+    return [(path.relative_to(ROOT), i, line.strip()) for i, line in enumerate(text.splitlines(), 1)
+            if HISTORY.search(line)]
+
+
+def test_the_history_pattern_finds_history_and_not_software():
+    for line in ("### Fourth session, NVIDIA H200", "Throughput (issue 7)", "the only GPU lent in that",
+                 "not the seed's 1e-4", "over several Sessions"):
+        assert HISTORY.search(line), line
+    for line in ("--seed 0", "streams seeded from (seed, rank)", "a random seed", "never a silent wrap",
+                 "two equivalent ways", "the seeds 0 and 1"):
+        assert not HISTORY.search(line), line
+
+
+def test_only_the_journal_speaks_of_the_development():
+    files = [README] + [p for top in ("docs", "bench") for p in sorted((ROOT / top).rglob("*"))
+                        if p.is_file() and p != JOURNAL and "__pycache__" not in p.parts]
+    hits = [hit for path in files for hit in history_hits(path)]
+    assert not hits, "history belongs in bench/JOURNAL.md:\n" + "\n".join(f"{p}:{i}: {t}" for p, i, t in hits)
+    assert "development journal" in JOURNAL.read_text().splitlines()[0].lower()
 
 
 # ----- tinygrad3.draw -------------------------------------------------------------------------
