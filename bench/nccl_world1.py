@@ -12,8 +12,9 @@ how far two identical runs drift apart on this GPU; the embedding backward adds 
 they need not be bitwise equal), and once with --distributed as rank 0 of a one-rank NCCL group:
 the gradient all-reduces on the communication stream, the per-update loss/skip all-reduce and the
 eval reduction, all live. At world size 1 the reduction is the identity, so the distributed run
-must match A about as closely as B does: same loss on the first update to the bit, and after it
-no more than NOISE (4) times the A vs B difference plus FLOOR (1e-5; 1e-4 for the masters). It
+must match the plain runs about as closely as they match each other: same loss on the first update
+to the bit, and after it, for the nearer of A and B, no more than NOISE (4) times the A vs B
+difference plus FLOOR (1e-4; 2e-4 for the masters). It
 also checks that the distributed run took the same kernel path as A and that every update reduced
 each gradient exactly once, in the way its path does it. One PASS/FAIL line per check, a summary
 line, exit status 1 when any check fails.
@@ -36,13 +37,14 @@ from data.meta import is_prepared  # noqa: E402
 from tinygrad3 import backend, distributed  # noqa: E402
 
 # Two plain fp16 runs differ a little (the embedding gradient's float32 atomics add in any order),
-# and the NCCL run is a third sample of that spread, as likely as B to land far from A: the bound is
-# a multiple of the spread plus a floor: 1e-5 for the logged numbers (losses near 10), 1e-4 for the
-# masters' relative L2 difference, which the spread itself spans 1e-5 to 7e-5 of over 8 fp16 updates
-# with graphs. A wrong reduction (a missed sum, garbage) moves the masters by far more, and a scaled
-# one (AdamW and the clip hide a factor) shows in grad_norm. That the world-1 all-reduce keeps every
-# bit of the buffer is tests/test_cuda_graph.py's job.
-NOISE, FLOOR = 4, (1e-5, 1e-4)
+# and the NCCL run is a third sample of that spread. On the H200 the spread of the masters over 8
+# updates with graphs is two-valued, about 1e-5 or about 8e-5 of relative L2 between any two runs
+# (plain or not), so the NCCL run is compared with the nearer of A and B, within a multiple of
+# |B - A| plus a floor: 1e-4 for the logged numbers (losses near 10), 2e-4 for the masters. A wrong
+# reduction (a missed sum, garbage) moves the masters by 1e-3 or more, and a scaled one (AdamW and
+# the clip hide a factor) shows in grad_norm. That the world-1 all-reduce keeps every bit of the
+# buffer is tests/test_cuda_graph.py's job.
+NOISE, FLOOR = 4, (1e-4, 2e-4)
 DATA = os.path.join(ROOT, "data", "synthetic")  # ignored by git: carry it (python -m data.synthetic --out ...)
 UPDATES = 8
 KEYS = ("loss", "grad_norm", "scale", "train", "validation")
@@ -133,7 +135,7 @@ def check_path(name, tmp, comm):
     plain_a = run(os.path.join(tmp, f"{name}-a"), flags)
     plain_b = run(os.path.join(tmp, f"{name}-b"), flags)
     dist = run(os.path.join(tmp, f"{name}-nccl"), flags, comm)
-    noise, got = differences(plain_a, plain_b), differences(plain_a, dist)
+    noise, got, to_b = differences(plain_a, plain_b), differences(plain_a, dist), differences(plain_b, dist)
     kernels_a, kernels_d = plain_a[2].args.kernels, dist[2].args.kernels
     checks = {f"same kernel path as A ({train.describe_kernels(kernels_d)}; CUDA graphs: {graphs})":
               kernels_a == kernels_d and kernels_d["cuda_graphs"] == graphs}
@@ -141,12 +143,14 @@ def check_path(name, tmp, comm):
     checks[description] = passed
     checks["first update's loss bitwise equal"] = got["first_loss_equal"]
     checks["same updates skipped"] = got["skipped"]
-    for key in KEYS + ("masters",):  # NOISE x the run-to-run spread: the NCCL run is one more sample of it
-        floor = FLOOR[key == "masters"]
-        checks[f"{key}: |nccl - A| {got[key]:.3g} <= {NOISE} x |B - A| {noise[key]:.3g} + {floor:g}"] = \
-            got[key] <= NOISE * noise[key] + floor
+    for key in KEYS + ("masters",):  # the NCCL run is one more sample of the plain runs' spread
+        floor, nearest = FLOOR[key == "masters"], min(got[key], to_b[key])
+        checks[f"{key}: nearest plain run {nearest:.3g} <= {NOISE} x |B - A| {noise[key]:.3g} + {floor:g}"] = \
+            nearest <= NOISE * noise[key] + floor
     print(f"\n{name}: seconds per update: plain {seconds_per_update(plain_a):.4f}, nccl "
           f"{seconds_per_update(dist):.4f}; bitwise equal to A: {all(got[k] == 0 for k in KEYS + ('masters',))}")
+    print(f"{name}: the spread, masters' relative L2: |B - A| {noise['masters']:.3g}, |nccl - A| "
+          f"{got['masters']:.3g}, |nccl - B| {to_b['masters']:.3g}")
     return checks
 
 

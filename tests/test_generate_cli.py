@@ -380,8 +380,8 @@ def test_fast_path_generation_matches_the_reference_path(gpu_xp, monkeypatch, us
     steps = 20
     from tinygrad3.kernels import gemm
     calls = []
-    real_mm = gemm.mm
-    monkeypatch.setattr(gemm, "mm", lambda *a, **k: calls.append(1) or real_mm(*a, **k))
+    real_mm = gemm.mm  # the fast path's linears (gemm.GemmLinear) multiply with it
+    monkeypatch.setattr(gemm.GemmLinear, "mm", staticmethod(lambda *a, **k: calls.append(1) or real_mm(*a, **k)))
     with kernels.fast(False):
         ref_new = generate(model, prompt, steps, greedy=True, use_cache=use_cache)
         ref_logits = _stepped_logits(model, prompt + ref_new, len(prompt), use_cache)
