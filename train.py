@@ -44,7 +44,7 @@ from nn.stop_signals import StopSignals
 from tinygrad3 import backend, distributed, kernels, no_grad
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SEED_TOKENS_PER_UPDATE = 131_072  # the seed notebook: 32 x 128 tokens x 32 accumulation steps
+TOKENS_PER_UPDATE = 131_072  # the default update: 32 x 128 tokens x 32 accumulation steps
 
 
 def add_update_arguments(a):
@@ -72,10 +72,10 @@ def parse_args(argv=None):
     a("--block-size", type=int, default=128)
     a("--batch-size", type=int, default=32, help="micro-batch size")
     a("--grad-accum", type=int, default=None, help="micro-batches per update (default: about "
-      f"{SEED_TOKENS_PER_UPDATE} tokens per update)")
+      f"{TOKENS_PER_UPDATE} tokens per update)")
     a("--max-updates", type=int, default=5000, help="optimizer updates in the whole run")
-    a("--lr", type=float, default=1e-3, help="peak learning rate (the seed's 1e-4 learned far slower in a "
-      "side-by-side run on the GPU: bench/RESULTS.md)")
+    a("--lr", type=float, default=1e-3, help="peak learning rate (1e-4 learned far slower in a side-by-side "
+      "run on the GPU: bench/RESULTS.md)")
     a("--min-lr", type=float, default=1e-4, help="learning rate at the end of the cosine (<= --lr)")
     a("--warmup", type=int, default=100, help="linear warmup updates")
     add_update_arguments(a)
@@ -114,7 +114,7 @@ def parse_args(argv=None):
         p.error(f"--device: {e}")
     args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
     if args.grad_accum is None:
-        args.grad_accum = max(1, round(SEED_TOKENS_PER_UPDATE / (args.batch_size * args.block_size)))
+        args.grad_accum = max(1, round(TOKENS_PER_UPDATE / (args.batch_size * args.block_size)))
     check_arguments(p, args)
     return args
 

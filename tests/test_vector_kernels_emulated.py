@@ -122,7 +122,8 @@ def test_emulated_geglu_paths_agree_bit_for_bit(geglu_emulated, rng):
 
 
 def test_emulated_geglu_one_misaligned_input_takes_the_fallback(geglu_emulated, rng):
-    gate, up = placed(rng.standard_normal(64).astype(np.float16), 0), placed(rng.standard_normal(64).astype(np.float16), 2)
+    gate = placed(rng.standard_normal(64).astype(np.float16), 0)
+    up = placed(rng.standard_normal(64).astype(np.float16), 2)
     close(geglu.forward(gate, up), geglu.reference_forward(gate, up), TOL, "y")
     assert geglu_emulated == ["geglu_fwd"]
 
@@ -204,7 +205,8 @@ def test_emulated_rmsnorm_backward_adds_into_targets(rms_emulated, rng, d, round
     gy = (100 * rng.standard_normal((rows, d))).astype(y_dtype)
     _, rstd = rmsnorm.forward(x, w, 1e-6, y_dtype)
     gx, gw = rmsnorm.backward(gy, x, w, rstd, round_gy=round_gy)
-    before_x, before_w = (5 * rng.standard_normal((rows, d))).astype(x_dtype), (5 * rng.standard_normal(d)).astype(w_dtype)
+    before_x = (5 * rng.standard_normal((rows, d))).astype(x_dtype)
+    before_w = (5 * rng.standard_normal(d)).astype(w_dtype)
     into_x, into_w = before_x.copy(), before_w.copy()
     out_x, out_w = rmsnorm.backward(gy, x, w, rstd, round_gy=round_gy, gx_into=into_x, dw_into=into_w)
     assert out_x is into_x and out_w is into_w
@@ -218,9 +220,10 @@ def test_emulated_rmsnorm_backward_adds_into_targets(rms_emulated, rng, d, round
     assert rms_emulated == ["rms_norm_fwd" + kind] + ["rms_norm_bwd" + kind] * 2
 
 
-@pytest.mark.parametrize("x_dtype,w_dtype", [(np.float16, np.float32), (np.float16, np.float16), (np.float32, np.float32)])
-@pytest.mark.parametrize("d,h_offset,kind,branch_kind", [(640, 0, "_v5", "_v5"), (640, 8, "", "_v5"), (36, 0, "_v1", "_v1"),
-                                                       (30, 0, "", "")])
+@pytest.mark.parametrize("x_dtype,w_dtype", [(np.float16, np.float32), (np.float16, np.float16),
+                                             (np.float32, np.float32)])
+@pytest.mark.parametrize("d,h_offset,kind,branch_kind", [(640, 0, "_v5", "_v5"), (640, 8, "", "_v5"),
+                                                       (36, 0, "_v1", "_v1"), (30, 0, "", "")])
 def test_emulated_rmsnorm_residual_form(rms_emulated, rng, d, h_offset, kind, branch_kind, x_dtype, w_dtype):
     """y = h + the row rounded to x's dtype, float32; h off its 16-byte boundary takes the block kernel."""
     rows = 21
