@@ -20,7 +20,7 @@ each row and only grows), plus the graphs' own pools for ours-graph: memory take
 it is compared with torch's max_memory_reserved (its cache emptied before each run; "reserved GiB")
 and also shown beside torch's max_memory_allocated, a lower bound that excludes its cache ("peak GiB").
 MFU = tokens/s x models.flops.flops_per_token / --peak-tflops. The table is printed last.
---recompute applies to our side only (every decoder layer under tinygrad3.checkpoint: one more
+--recompute applies to our side only (every decoder layer under tinygrad3.recompute: one more
 forward of the layers per micro-batch, not counted in MFU's FLOPs); PyTorch's side is unchanged. The
 printed header and the JSON's environment say whether it was on.
 """
@@ -197,7 +197,7 @@ class _CupyEvent:
 def profile_ops(ours, batches, steps):
     """Per op over `steps` fast-path updates: calls, device ms (events around each call: GPU time
     plus any GPU idle while the host launched it) and host ms. Returns rows, biggest first.
-    With --recompute, the "Checkpoint fwd/bwd" rows contain whole layers, whose ops are also
+    With --recompute, the "Recompute fwd/bwd" rows contain whole layers, whose ops are also
     counted on their own rows (so the rows add up to more than the update)."""
     from tinygrad3.tensor import Function
     cupy = backend.cupy

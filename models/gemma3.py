@@ -9,7 +9,7 @@ Attention: q/k/v projections; RMSNorm over head_dim on q and k, then RoPE with t
 (both in F.qk_norm_rope); scores scaled by query_pre_attn_scalar**-0.5; causal, or sliding-window
 causal on "sliding_attention" layers; multi-query when there is one KV head.
 MLP (GeGLU): down(gelu_tanh(gate(x)) * up(x)), through F.geglu.
-With `recompute=True` each decoder layer runs under tinygrad3.checkpoint: its activations are
+With `recompute=True` each decoder layer runs under tinygrad3.recompute: its activations are
 not kept between forward and backward but recomputed, layer by layer, during backward.
 Parameter names are Hugging Face's, so their checkpoints load with load_state_dict.
 """
@@ -19,7 +19,7 @@ import numpy as np
 
 import tinygrad3.functional as F
 from tinygrad3 import Tensor, backend, is_grad_enabled
-from tinygrad3.checkpoint import checkpoint
+from tinygrad3.recompute import recompute as recomputed
 from nn import Embedding, Linear, Module, ModuleList, RMSNorm
 from .config import Gemma3Config
 
@@ -129,10 +129,10 @@ class Gemma3TextModel(Module):
         h = h * self.embed_scale
         # Recompute: each layer keeps only its input h until backward, which re-runs the layer.
         # Not with a KV cache (the layer would append to it twice) nor without a graph (nothing to save).
-        recompute = self.recompute and cache is None and is_grad_enabled()
+        rerun = self.recompute and cache is None and is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            if recompute:
-                h = checkpoint(layer, h, params=layer.parameters())
+            if rerun:
+                h = recomputed(layer, h, params=layer.parameters())
             else:
                 h = layer(h, None if cache is None else cache.layer(i))
         if cache is not None:
@@ -144,7 +144,7 @@ class Gemma3(Module):
     """Gemma 3 causal language model: `logits, loss = model(idx, targets)`.
 
     recompute=True (or setting `model.recompute` later) runs every decoder layer under
-    tinygrad3.checkpoint when a graph is recorded: about one more forward of the layers per
+    tinygrad3.recompute when a graph is recorded: about one more forward of the layers per
     backward, for not keeping each layer's activations. The gradients are the same. It is a
     setting of this model object, not of the config (which checkpoints save and compare).
     """

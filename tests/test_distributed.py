@@ -469,7 +469,7 @@ class FixedBatches:
 
 @pytest.mark.parametrize("recompute", [(), ("--recompute",)])
 def test_trainer_update_equals_single_process_accumulation(synthetic_dir, tmp_path, recompute):
-    """Also with activation recomputation on the ranks (tinygrad3.checkpoint) against a plain process."""
+    """Also with activation recomputation on the ranks (tinygrad3.recompute) against a plain process."""
     world = 2
     loader = BatchLoader(synthetic_dir, 2, 16, seed=5)
     data = [loader.next_batch("train") for _ in range(world)]

@@ -222,7 +222,7 @@ class Tensor:
         At the end, a failed check that was deferred on the GPU (ids out of range) raises
         (backend.raise_deferred), so no optimizer step takes gradients computed from bad ids.
         check_deferred=False leaves that to the caller: a backward run inside another backward
-        (tinygrad3.checkpoint) must not make the host wait for the GPU half-way.
+        (tinygrad3.recompute) must not make the host wait for the GPU half-way.
         """
         grad = _upstream(self, grad)
         root = self._creator

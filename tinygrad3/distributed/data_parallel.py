@@ -42,7 +42,7 @@ tests compare against.
 
 The hook is passed on the last micro-batch only: earlier ones only accumulate locally.
 
-Activation recomputation (tinygrad3.checkpoint) changes nothing here: a recomputed layer lists its
+Activation recomputation (tinygrad3.recompute) changes nothing here: a recomputed layer lists its
 parameters as inputs of its checkpoint node, so backward reports them right after that node's
 backward (which re-runs the layer and accumulates their gradients), and the buckets start during
 backward as without it. A parameter a checkpointed function reads without listing it still gets

@@ -4,7 +4,7 @@ The problem. Every Function the forward records keeps what its backward will rea
 softmax probabilities, normalisation statistics, ...) until backward reaches it. For a deep
 model those saved arrays, all layers' worth of them, are most of the memory of a training step.
 
-The idea. `y = checkpoint(fn, x)` runs `fn(x)` with graph recording off, so nothing inside fn is
+The idea. `y = recompute(fn, x)` runs `fn(x)` with graph recording off, so nothing inside fn is
 saved, and records a single node in its place that keeps only the input array x (and fn). When
 backward reaches the node with the gradient gy = dL/dy, the node runs fn(x) again, this time
 recording, on a detached copy x' of x (a fresh leaf, requires_grad as x had), back-propagates gy
@@ -31,7 +31,7 @@ additions where a gradient has several contributions (x' sums fn's uses before t
 adds anything else, and the inner walk visits fn's Functions in its own order). With two
 contributions a + b = b + a exactly; with three or more the last bits may differ. In Gemma 3 every
 checkpointed layer input has two uses (norm and residual) and every parameter one use per layer,
-so on NumPy training with recompute gives the same bits (tests/test_checkpoint.py and
+so on NumPy training with recompute gives the same bits (tests/test_recompute.py and
 tests/test_train.py check to 1e-12 in float64 and 1e-6 in float32).
 What fn must therefore be: a pure function of its inputs and closure. No side effects (it runs
 twice: a KV cache would be appended to twice), no randomness that differs between the runs
@@ -53,7 +53,7 @@ On the GPU, the gradients are not bit-reproducible in two places, with or withou
     (grad_sum.py), so a sum that a fast-path kernel would add into the outer graph's target
     (rounding once) is made by a separate addition instead (rounding the kernel's result first):
     the last bits of x's gradient can differ.
-So tests/test_checkpoint.py's GPU test compares the fp16 fast path with and without recompute to
+So tests/test_recompute.py's GPU test compares the fp16 fast path with and without recompute to
 a tolerance (1e-3 of each gradient's largest entry), not bit for bit.
 
 Cost: one more forward of fn per backward (about a third more arithmetic for a transformer
@@ -72,7 +72,7 @@ Decisions, case by case:
     leaf's gradient is final, and leaves used only inside fn are not in the outer graph. As inputs
     of the node they are: the outer backward counts the node as one of their uses and calls the
     hook right after the node's backward, or later if another part of the graph (another
-    checkpoint, or an ordinary op) also uses them. That is what data parallelism needs to start a
+    recomputed segment, or an ordinary op) also uses them. That is what data parallelism needs to start a
     bucket's all-reduce during backward (tinygrad3/distributed). A Function's backward never sees
     the hook itself, so reporting the leaves is how they reach it without a change to the engine.
     A closure leaf left out of `params` still gets exactly its gradient, but the hook is not
@@ -80,7 +80,7 @@ Decisions, case by case:
   * No input and no listed param requires grad: there is no gradient to send upstream through the
     node, so no node is recorded and fn simply runs, recording as usual (an unlisted closure leaf
     that needs a gradient then still gets it; no memory is saved in that case).
-  * no_grad mode: no graph is built anyway, so `checkpoint` just returns fn(*inputs).
+  * no_grad mode: no graph is built anyway, so `recompute` just returns fn(*inputs).
   * A backward called inside no_grad() still records the recompute (the inner graph is needed).
   * A second backward through the node raises, as everywhere in the engine: its first backward
     freed its links and saved input like any Function's; the inner graph is freed by its own walk.
@@ -92,7 +92,7 @@ Decisions, case by case:
 from .tensor import Function, Tensor, enable_grad, is_grad_enabled, no_grad
 
 
-def checkpoint(fn, *inputs, params=()):
+def recompute(fn, *inputs, params=()):
     """fn(*inputs) without keeping fn's activations; fn is re-run during backward (module docstring).
 
     fn: Tensors (and other arguments) -> one Tensor; deterministic and free of side effects.
@@ -101,16 +101,16 @@ def checkpoint(fn, *inputs, params=()):
     params = tuple(params)
     for p in params:
         if not isinstance(p, Tensor) or not p.is_leaf:
-            raise TypeError("checkpoint params must be leaf Tensors (the parameters fn reads from its closure)")
+            raise TypeError("recompute params must be leaf Tensors (the parameters fn reads from its closure)")
     if not is_grad_enabled():
         return fn(*inputs)
     wanted = any(isinstance(x, Tensor) and x.requires_grad for x in inputs) or any(p.requires_grad for p in params)
     if not wanted:
         return fn(*inputs)
-    return Checkpoint(fn, inputs)(*inputs, *params)
+    return Recompute(fn, inputs)(*inputs, *params)
 
 
-class Checkpoint(Function):
+class Recompute(Function):
     """The node that stands for fn in the outer graph: inputs (*args, *params), output fn(*args)."""
 
     def __init__(self, fn, args):
@@ -122,7 +122,7 @@ class Checkpoint(Function):
         with no_grad():  # nothing inside fn is recorded, so nothing inside fn is kept
             out = self.fn(*self.args)
         if not isinstance(out, Tensor):
-            raise TypeError(f"checkpoint: fn must return one Tensor, got {type(out).__name__}")
+            raise TypeError(f"recompute: fn must return one Tensor, got {type(out).__name__}")
         # What is kept until backward: the arrays of the Tensor arguments (no copies) and the others
         # as they are; the params are read again from fn's closure.
         self.args = arrays[:len(self.is_tensor)]
@@ -137,7 +137,7 @@ class Checkpoint(Function):
             out = self.fn(*args)
         if not isinstance(out, Tensor) or (out.shape, out.dtype) != self.out_meta:
             got = (out.shape, out.dtype) if isinstance(out, Tensor) else type(out).__name__
-            raise RuntimeError(f"checkpoint: fn's recomputation gave {got}, its forward gave {self.out_meta}: "
+            raise RuntimeError(f"recompute: fn's recomputation gave {got}, its forward gave {self.out_meta}: "
                                "fn must compute the same thing both times")
         if out.requires_grad:  # False: nothing in fn depends on anything that wants a gradient
             out.backward(gy, check_deferred=False)  # the outer backward raises them at its end

@@ -13,12 +13,10 @@ import struct
 
 import numpy as np
 
+from nn.checkpoint import CheckpointError  # the project's one error for files that cannot be read
+
 from .config import Gemma3Config
 from .gemma3 import Gemma3
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded."""
 
 
 _TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),

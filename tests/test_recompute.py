@@ -1,4 +1,4 @@
-"""Activation recomputation (tinygrad3.checkpoint): the same gradients, fewer activations kept.
+"""Activation recomputation (tinygrad3.recompute): the same gradients, fewer activations kept.
 
 CPU: the engine (gradcheck, equality with the plain graph, corner cases, leaf hook, deferred GPU
 checks), the Gemma 3 switch (gradients, what is kept), data parallelism. GPU (`gpu` marker): the
@@ -14,13 +14,13 @@ import nn
 import tinygrad3.functional as F
 from models import Gemma3, Gemma3Config
 from tinygrad3 import Function, Tensor, backend, gradcheck, is_grad_enabled, no_grad
-from tinygrad3.checkpoint import Checkpoint, checkpoint
+from tinygrad3.recompute import Recompute, recompute
 from tinygrad3.distributed import DataParallel, InProcessGroup
 from tinygrad3.kernels import fast
 
 
 class Counted:
-    """fn for checkpoint that counts its calls and records the arguments it was given."""
+    """fn for recompute that counts its calls and records the arguments it was given."""
 
     def __init__(self, fn):
         self.fn, self.calls, self.recording = fn, [], []
@@ -53,7 +53,7 @@ def test_gradcheck_through_a_checkpoint_with_closure_leaves_and_constant_argumen
     def model(x, w, b):
         def block(h, power, offset):
             return F.gelu_tanh(h @ w + b) * (h ** power).sum(axis=-1, keepdims=True) + Tensor(offset)
-        y = checkpoint(block, x, 2.0, shift, params=[w])
+        y = recompute(block, x, 2.0, shift, params=[w])
         return y * x.sum() + x @ w
 
     assert gradcheck(model, [rng.standard_normal((3, 4)), rng.standard_normal((4, 4)), rng.standard_normal(4)])
@@ -71,7 +71,7 @@ def test_values_and_gradients_equal_those_without_checkpoint(dtype):
             z = F.gelu_tanh(h @ w + b)
             return (z @ w) * h + h
 
-        y = checkpoint(block, x, params=[w, b]) if use_checkpoint else block(x)
+        y = recompute(block, x, params=[w, b]) if use_checkpoint else block(x)
         (y * y).sum().backward()
         return y.data, [t.grad for t in (x, w, b)]
 
@@ -89,9 +89,9 @@ def test_fn_runs_once_in_forward_once_in_backward_and_keeps_only_its_inputs():
     w = Tensor(rng.standard_normal((4, 4)), requires_grad=True)
     extra = {"scale": 3.0}
     fn = Counted(lambda x, c, extra: F.gelu_tanh(x @ w) * c * extra["scale"] + x * x)
-    y = checkpoint(fn, x, c, extra, params=[w])
+    y = recompute(fn, x, c, extra, params=[w])
     node = y._creator
-    assert isinstance(node, Checkpoint) and len(fn.calls) == 1
+    assert isinstance(node, Recompute) and len(fn.calls) == 1
     assert fn.recording == [False]  # the forward records no graph inside fn
     assert fn.calls[0][0] is x and fn.calls[0][1] is c and fn.calls[0][2] is extra  # forward: fn(*inputs)
     assert node.args[0] is x.data and node.args[1] is c.data and node.args[2] is extra  # kept: no copies
@@ -114,11 +114,11 @@ def test_fn_runs_once_in_forward_once_in_backward_and_keeps_only_its_inputs():
 
 def test_second_backward_raises():
     x = Tensor(np.ones(3), requires_grad=True)
-    y = checkpoint(lambda h: (h * h).sum(), x)
+    y = recompute(lambda h: (h * h).sum(), x)
     y.backward()
     with pytest.raises(RuntimeError, match="already freed"):
         y.backward()
-    z = checkpoint(lambda h: h.exp(), x * 2.0).sum()
+    z = recompute(lambda h: h.exp(), x * 2.0).sum()
     z.backward()
     with pytest.raises(RuntimeError, match="already freed"):
         z.backward()
@@ -129,7 +129,7 @@ def test_under_no_grad_it_just_calls_fn():
     results = []
     fn = Counted(lambda h: results.append(h * 2.0) or results[-1])
     with no_grad():
-        y = checkpoint(fn, x, params=[x])
+        y = recompute(fn, x, params=[x])
     assert y is results[0] and len(fn.calls) == 1 and not y.requires_grad and y._creator is None
 
 
@@ -137,7 +137,7 @@ def test_backward_called_inside_no_grad_still_recomputes_with_a_graph():
     rng = np.random.default_rng(3)
     a = rng.standard_normal(5)
     x = Tensor(a, requires_grad=True)
-    y = checkpoint(lambda h: (h.exp() * h).sum(), x)
+    y = recompute(lambda h: (h.exp() * h).sum(), x)
     with no_grad():
         y.backward()
     np.testing.assert_allclose(x.grad, np.exp(a) * (1 + a), rtol=1e-14)
@@ -148,25 +148,25 @@ def test_without_any_input_or_param_requiring_grad_fn_runs_as_usual():
     rng = np.random.default_rng(4)
     x = Tensor(rng.standard_normal((2, 3)))
     w = Tensor(rng.standard_normal((3, 3)), requires_grad=True)
-    y = checkpoint(lambda h: (h @ w).exp(), x)
-    assert y.requires_grad and not isinstance(y._creator, Checkpoint)
+    y = recompute(lambda h: (h @ w).exp(), x)
+    assert y.requires_grad and not isinstance(y._creator, Recompute)
     y.sum().backward()
     np.testing.assert_allclose(w.grad, x.data.T @ np.exp(x.data @ w.data), rtol=1e-13)
     # Nothing at all needs a gradient: a plain call, no graph.
-    frozen = checkpoint(lambda h: h * 2.0, x)
+    frozen = recompute(lambda h: h * 2.0, x)
     assert not frozen.requires_grad and frozen._creator is None
 
 
 def test_fn_that_does_not_compute_the_same_thing_again_is_an_error():
     x = Tensor(np.ones(4), requires_grad=True)
     shapes = iter([(4,), (2, 2)])
-    y = checkpoint(lambda h: h.reshape(*next(shapes)) * 2.0, x)
+    y = recompute(lambda h: h.reshape(*next(shapes)) * 2.0, x)
     with pytest.raises(RuntimeError, match="recomputation gave"):
         y.sum().backward()
     with pytest.raises(TypeError, match="must return one Tensor"):
-        checkpoint(lambda h: (h, h), x)
+        recompute(lambda h: (h, h), x)
     with pytest.raises(TypeError, match="leaf Tensors"):
-        checkpoint(lambda h: h, x, params=[x * 2.0])
+        recompute(lambda h: h, x, params=[x * 2.0])
 
 
 def test_leaf_hook_fires_once_per_listed_leaf_when_its_gradient_is_final():
@@ -187,7 +187,7 @@ def test_leaf_hook_fires_once_per_listed_leaf_when_its_gradient_is_final():
         t.grad = None
 
     seen = []
-    forward(checkpoint).backward(leaf_hook=lambda leaf: seen.append((names[id(leaf)], leaf.grad.copy())))
+    forward(recompute).backward(leaf_hook=lambda leaf: seen.append((names[id(leaf)], leaf.grad.copy())))
     assert sorted(name for name, _ in seen if name != "u") == ["v", "w", "x"]
     final = {"x": x.grad, "w": w.grad, "v": v.grad, "u": u.grad}
     for name, at_hook in seen:  # nothing was added after the hook saw it
@@ -224,7 +224,7 @@ def test_deferred_gpu_checks_wait_for_the_end_of_the_outer_backward(failed):
     log = []
     x = Tensor(np.ones(3), requires_grad=True)
     h = _Logged(log, "before the checkpoint")(x)
-    y = checkpoint(lambda a: _Logged(log, "inside the checkpoint")(a * 2.0), h)
+    y = recompute(lambda a: _Logged(log, "inside the checkpoint")(a * 2.0), h)
     backend._deferred.append((_FakeEvent(log), np.array([failed]), lambda: ValueError("bad ids")))
     try:
         if failed:
@@ -268,8 +268,8 @@ def test_recompute_keeps_one_array_per_layer_instead_of_the_layers_activations()
     rng = np.random.default_rng(8)
     ids, targets = rng.integers(0, 256, size=(2, 4, 64))
     measured = {}
-    for recompute in (False, True):
-        model = Gemma3(config, seed=9, recompute=recompute)
+    for flag in (False, True):
+        model = Gemma3(config, seed=9, recompute=flag)
         gc.collect()
         tracemalloc.start()  # NumPy reports its array allocations to tracemalloc
         try:
@@ -279,7 +279,7 @@ def test_recompute_keeps_one_array_per_layer_instead_of_the_layers_activations()
             kept = tracemalloc.get_traced_memory()[0] - before
         finally:
             tracemalloc.stop()
-        measured[recompute] = (loss, _reachable_functions(loss), kept)
+        measured[flag] = (loss, _reachable_functions(loss), kept)
 
     # One layer's graph alone: how many Functions the plain forward records per layer.
     layer = Gemma3(config, seed=9).model.layers[0]
@@ -289,7 +289,7 @@ def test_recompute_keeps_one_array_per_layer_instead_of_the_layers_activations()
     (_, plain_fns, plain_bytes), (loss, ours_fns, ours_bytes) = measured[False], measured[True]
     assert per_layer > 20
     assert len(ours_fns) == len(plain_fns) - layers * per_layer + layers  # each layer is one node now
-    nodes = [fn for fn in ours_fns if isinstance(fn, Checkpoint)]
+    nodes = [fn for fn in ours_fns if isinstance(fn, Recompute)]
     assert len(nodes) == layers
     for node in nodes:  # what a node keeps: the layer's input, nothing else
         arrays = [a for a in vars(node).values() if isinstance(a, np.ndarray)]
