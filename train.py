@@ -35,10 +35,11 @@ import nn
 from data.errors import DataError
 from data.loader import BatchLoader
 from data.resolve import data_identity, resolve_data
-from models import Gemma3, Gemma3Config
+from models import ConfigError, Gemma3, Gemma3Config
 from models.flops import flops_per_token
 from nn.arguments import OneLineParser
 from nn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_weights, write_file_atomic
+from nn.module import StateDictError
 from nn.run_dir import RunError, RunLock, RunLog, SilentLog, claim
 from nn.stop_signals import StopSignals
 from tinygrad3 import backend, distributed, kernels, no_grad
@@ -534,8 +535,13 @@ def make_communicator(args):
         return distributed.NcclCommunicator(distributed.mpi_world())
     mpi = distributed.mpi_world()
     if mpi is None:
-        raise ValueError("--distributed on --device cpu needs mpi4py")
+        raise RunError("--distributed on --device cpu needs mpi4py (pip install mpi4py) and an mpirun")
     return distributed.MpiCommunicator(mpi)
+
+
+# What a user can cause and fix (bad settings, data, files, disk): one line. Anything else is a bug
+# of ours and keeps its traceback.
+USER_ERRORS = (DataError, CheckpointError, RunError, ConfigError, StateDictError, OSError)
 
 
 def main(argv=None):
@@ -556,7 +562,7 @@ def main(argv=None):
                     print(f"  --{key.replace('_', '-')}: {value}")
             print(f"kernels: {args.path}")
         trainer = Trainer(args, comm)
-    except (DataError, CheckpointError, RunError, ValueError, OSError) as e:
+    except USER_ERRORS as e:
         return fail(comm, several, describe_error(e), 2)
     except KeyboardInterrupt:
         return fail(comm, several, "interrupted before the first update: nothing was saved", 130)
