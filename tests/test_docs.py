@@ -1,6 +1,6 @@
 """docs/ and README.md stay true to the code: the walkthrough's numbers and picture come from its
 script, every pytest command the pages quote selects tests, every relative link and named file
-exists, README.md stays short, and only bench/JOURNAL.md speaks of how the project was developed;
+exists, README.md stays short, and only bench/journal.md speaks of how the project was developed;
 and tinygrad3.draw draws what a graph holds."""
 import concurrent.futures
 import pathlib
@@ -20,7 +20,7 @@ from tinygrad3.draw import draw, function_lines, record_shapes
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
-JOURNAL = ROOT / "bench" / "JOURNAL.md"
+JOURNAL = ROOT / "bench" / "journal.md"
 PAGES = sorted(DOCS.rglob("*.md")) + [README]
 OPS = ("rmsnorm", "rope", "attention", "geglu", "cross_entropy", "linear_cross_entropy", "embedding")
 SVG = "{http://www.w3.org/2000/svg}"
@@ -171,7 +171,7 @@ def test_only_the_journal_speaks_of_the_development():
     files = [README] + [p for top in ("docs", "bench") for p in sorted((ROOT / top).rglob("*"))
                         if p.is_file() and p != JOURNAL and "__pycache__" not in p.parts]
     hits = [hit for path in files for hit in history_hits(path)]
-    assert not hits, "history belongs in bench/JOURNAL.md:\n" + "\n".join(f"{p}:{i}: {t}" for p, i, t in hits)
+    assert not hits, "history belongs in bench/journal.md:\n" + "\n".join(f"{p}:{i}: {t}" for p, i, t in hits)
     assert "development journal" in JOURNAL.read_text().splitlines()[0].lower()
 
 
