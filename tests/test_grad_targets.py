@@ -14,7 +14,7 @@ import tinygrad3.functional as F
 from tinygrad3 import ADDED, Function, Tensor
 from tinygrad3.grad_sum import InPlaceSums
 from tinygrad3.gradcheck import gradcheck
-from tinygrad3.nn_ops import dense
+from tinygrad3.nn_ops import linear
 
 
 def leaf(rng, *shape, dtype=np.float64):
@@ -24,13 +24,13 @@ def leaf(rng, *shape, dtype=np.float64):
 def spy_targets(monkeypatch):
     """Record, for every Linear product, whether it was added into an engine target."""
     seen = []
-    product = dense._product
+    product = linear._product
 
     def spy(a, b, trans_a, fast, target, dtype):
         seen.append(target is not None)
         return product(a, b, trans_a, fast, target, dtype)
 
-    monkeypatch.setattr(dense, "_product", spy)
+    monkeypatch.setattr(linear, "_product", spy)
     return seen
 
 

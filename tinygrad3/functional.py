@@ -16,8 +16,9 @@ from .kernels import rmsnorm as rmsnorm_k, rope as rope_k, use_fast
 from .nn_ops.attention import Attention
 from .nn_ops.common import as_index_array
 from .nn_ops.cross_entropy import CrossEntropy
-from .nn_ops.dense import Embedding, Linear
+from .nn_ops.embedding import Embedding
 from .nn_ops.geglu import GeGLU, GeluTanh
+from .nn_ops.linear import Linear
 from .nn_ops.linear_cross_entropy import LinearCrossEntropy
 from .nn_ops.rmsnorm import ResidualRMSNorm, RMSNorm
 from .nn_ops.rope import RoPE

@@ -17,7 +17,7 @@ so the last bits of a row with repeated ids may too (as with cupy.add.at). An id
 import numpy as np
 
 from .. import backend
-from ..nn_ops.dense import Embedding
+from ..nn_ops.embedding import Embedding
 from .cuda import VECTOR_IO, address, grid_stride_blocks, kernel
 
 THREADS = 256
@@ -116,7 +116,7 @@ def embedding_backward(ids, gy, out):
 
 
 class FusedEmbedding(Embedding):
-    """Embedding (nn_ops/dense.py) whose backward adds its rows by the kernel above where the arrays
+    """Embedding (nn_ops/embedding.py) whose backward adds its rows by the kernel above where the arrays
     are ones it `supports` (a float32 CuPy accumulator), else as the reference does (F.embedding
     picks it)."""
 

@@ -24,7 +24,7 @@ import functools
 
 import numpy as np
 
-from ..nn_ops.dense import Linear
+from ..nn_ops.linear import Linear
 
 OP_N, OP_T = 0, 1  # cublasOperation_t
 CUDA_R_16F, CUDA_R_32F = 2, 0  # cudaDataType
@@ -161,6 +161,6 @@ def reference_bmm(a, b, trans_a=False, trans_b=False, alpha=1.0, out_dtype=np.fl
 
 
 class GemmLinear(Linear):
-    """Linear (nn_ops/dense.py) with its float16 products by `mm` (F.linear picks it)."""
+    """Linear (nn_ops/linear.py) with its float16 products by `mm` (F.linear picks it)."""
 
     mm = staticmethod(mm)

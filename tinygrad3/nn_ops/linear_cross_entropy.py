@@ -18,7 +18,7 @@ CrossEntropy backward gets gy N_c / N as its upstream gradient (N_c is its clamp
 which only differs from the true one when the block has no counted rows, and then L_c = 0 and
 dZ_c = 0 whatever the factor).
 
-Gradients of the GEMM (derived in nn_ops/dense.py): dX_c = dZ_c W for the block's rows, and
+Gradients of the GEMM (derived in nn_ops/linear.py): dX_c = dZ_c W for the block's rows, and
 dW = sum_c dZ_c^T X_c, summed over blocks in float32 (float64 for float64) and rounded to W's
 dtype once at the end (on the fast path each block's GEMM adds into the float32 sum itself). When
 the engine offers a float32 target for dW (a gradient buffer), the blocks add into it directly.
