@@ -91,7 +91,7 @@ def vector_ok(gy, out):
     return gy.shape[1] % 4 == 0 and address(gy) % (4 * gy.itemsize) == 0 and address(out) % 16 == 0
 
 
-# ----- launching: through these names, which tests/test_embedding_kernel.py replaces to run the
+# ----- launching: through these names, which tests/test_embedding.py replaces to run the
 # same host code with NumPy arrays on the CPU emulator
 
 def _launch(name, blocks, args):
