@@ -1,5 +1,8 @@
-"""data.tokenizer.gpt2() against tiktoken's own gpt2 constructor, offline."""
+"""data.tokenizer: gpt2() against tiktoken's own gpt2 constructor, offline; load_tokenizer for
+GPT-2 and Hugging Face tokenizers, their identity, and save() read back by us and by transformers."""
 import hashlib
+import json
+import pickle
 import random
 import shutil
 
@@ -8,7 +11,12 @@ import tiktoken
 
 from data.errors import DataError
 from data import tokenizer
-from data.tokenizer import EOT, EOT_ID, gpt2
+from data.hf_tokenizer import HFTokenizer
+from data.synthetic import generate_stories
+from data.tokenizer import EOT, EOT_ID, GPT2_SHA256, dtype_for, gpt2, gpt2_tokenizer, load_tokenizer
+from small_tokenizers import SHIFT, train_bpe, widen
+
+STORIES = generate_stories(6, seed=21) + ["Hi <eos> there <bos> and <|endoftext|> too.", "  two  spaces\n\nend "]
 
 # Where tiktoken_ext.openai_public.gpt2() downloads its files from: tiktoken caches a
 # download under sha1(url), so a cache holding the package's files answers offline.
@@ -141,3 +149,141 @@ def test_corrupted_files_fail_the_hash_check(tmp_path, monkeypatch):
             gpt2()
     finally:
         gpt2.cache_clear()
+
+
+# ----- the Tokenizer abstraction --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 300-merge BPE tokenizer with <bos> and <eos> named in its tokenizer_config.json."""
+    return train_bpe(tmp_path_factory.mktemp("tok") / "tiny-bpe",
+                     config={"bos_token": "<bos>", "eos_token": {"content": "<eos>", "special": True}})
+
+
+@pytest.fixture(scope="module")
+def wide(trained, tmp_path_factory):
+    """The trained tokenizer with every id moved above 65535."""
+    return widen(trained, tmp_path_factory.mktemp("tok") / "wide-bpe")
+
+
+def auto_tokenizer(directory):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+
+def test_gpt2_tokenizer_keeps_the_gpt2_ids_and_rule():
+    tok = load_tokenizer("gpt2")
+    assert tok is gpt2_tokenizer() and tok.encoding is gpt2()
+    vocab_bpe, encoder_json = tokenizer.bpe_files()
+    assert GPT2_SHA256 == hashlib.sha256(vocab_bpe.read_bytes() + encoder_json.read_bytes()).hexdigest()
+    assert tok.identity() == {"name": "gpt2", "sha256": GPT2_SHA256, "vocab_size": 50257, "bos_id": None,
+                              "eos_id": 50256}
+    assert json.loads(json.dumps(tok.identity())) == tok.identity()
+    assert tok.dtype == "uint16" and tok.is_gpt2() and tok.directory_suffix() == ""
+    assert tok.encode_batch(STORIES) == gpt2().encode_ordinary_batch(STORIES)
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.document([15496, 995]) == [15496, 995, EOT_ID]  # no bos: the ids, then <|endoftext|>
+    assert tok.decode(tok.encode(STORIES[0])) == STORIES[0]
+    assert pickle.loads(pickle.dumps(tok)) is tok
+
+
+def test_dtype_follows_the_vocabulary_size():
+    assert [dtype_for(n) for n in (256, 50257, 65535, 65536, 262144)] == ["uint16"] * 3 + ["uint32"] * 2
+
+
+def test_gpt2_save_loads_back_as_gpt2_here_and_in_transformers(tmp_path):
+    gpt2_tokenizer().save(tmp_path / "gpt2")
+    vocab_bpe, encoder_json = tokenizer.bpe_files()
+    assert (tmp_path / "gpt2" / "vocab.json").read_bytes() == encoder_json.read_bytes()
+    assert (tmp_path / "gpt2" / "merges.txt").read_bytes() == vocab_bpe.read_bytes()
+    assert load_tokenizer(tmp_path / "gpt2") is gpt2_tokenizer()
+    auto = auto_tokenizer(tmp_path / "gpt2")
+    assert type(auto).__name__ == "GPT2Tokenizer"
+    assert (auto.bos_token_id, auto.eos_token_id) == (EOT_ID, EOT_ID)
+    for text in STORIES:
+        assert auto.encode(text, add_special_tokens=False) == gpt2_tokenizer().encode(text), text
+    # The same vocabulary written otherwise (as transformers writes it) is still GPT-2's.
+    vocab = json.loads(encoder_json.read_text())
+    (tmp_path / "gpt2" / "vocab.json").write_text(json.dumps(vocab, indent=1))
+    assert load_tokenizer(tmp_path / "gpt2") is gpt2_tokenizer()
+    lines = vocab_bpe.read_text().splitlines()
+    (tmp_path / "gpt2" / "merges.txt").write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # one merge fewer
+    with pytest.raises(DataError, match="--tokenizer .* not GPT-2's"):
+        load_tokenizer(tmp_path / "gpt2")
+
+
+def test_a_hugging_face_tokenizer_from_its_directory_or_file(trained):
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(trained / "tokenizer.json"))
+    for spec in (trained, trained / "tokenizer.json", str(trained)):
+        tok = load_tokenizer(spec)
+        assert isinstance(tok, HFTokenizer)
+        assert tok.identity() == {"name": "tiny-bpe",
+                                  "sha256": hashlib.sha256((trained / "tokenizer.json").read_bytes()).hexdigest(),
+                                  "vocab_size": 558, "bos_id": backend.token_to_id("<bos>"),
+                                  "eos_id": backend.token_to_id("<eos>")}
+    assert (tok.bos_id, tok.eos_id) == (0, 1) and tok.dtype == "uint16"
+    assert tok.directory_suffix() == f"-tiny-bpe-{tok.sha256[:8]}" and not tok.is_gpt2()
+    assert tok.encode_batch(STORIES[:6]) == [e.ids for e in backend.encode_batch(STORIES[:6])]
+    ids = tok.encode(STORIES[-2])  # the text of special tokens stays text
+    assert tok.bos_id not in ids and tok.eos_id not in ids and tok.decode(ids) == STORIES[-2]
+    assert tok.document([7, 8]) == [0, 7, 8, 1]  # <bos> story <eos>
+    assert tok.decode(tok.document(tok.encode("The end."))) == "<bos>The end.<eos>"
+    again = pickle.loads(pickle.dumps(tok))
+    assert again.identity() == tok.identity() and again.encode_batch(STORIES) == tok.encode_batch(STORIES)
+
+
+@pytest.mark.parametrize("which", ["trained", "wide"])
+def test_save_loads_back_here_and_in_transformers_with_the_same_ids(which, request, tmp_path):
+    tok = load_tokenizer(request.getfixturevalue(which))
+    tok.save(tmp_path / "saved")
+    back = load_tokenizer(tmp_path / "saved")
+    assert back.identity() == tok.identity()
+    auto = auto_tokenizer(tmp_path / "saved")
+    assert (auto.bos_token_id, auto.eos_token_id) == (tok.bos_id, tok.eos_id)
+    for text in STORIES:
+        ids = tok.encode(text)
+        assert auto.encode(text, add_special_tokens=False) == back.encode(text) == ids, text
+        assert auto.decode(ids) == tok.decode(ids)
+
+
+def test_the_wide_tokenizer_has_uint32_ids(trained, wide):
+    small, big = load_tokenizer(trained), load_tokenizer(wide)
+    assert big.vocab_size == small.vocab_size + SHIFT and big.dtype == "uint32"
+    assert (big.bos_id, big.eos_id) == (small.bos_id + SHIFT, small.eos_id + SHIFT)
+    for text in STORIES:
+        assert big.encode(text) == [i + SHIFT for i in small.encode(text)]
+
+
+def test_where_bos_and_eos_come_from(tmp_path):
+    bare = load_tokenizer(train_bpe(tmp_path / "bare", merges=20))  # no config: the usual names
+    assert (bare.bos_id, bare.eos_id) == (0, 1)
+    other = train_bpe(tmp_path / "map", merges=20, specials=("<s>", "</s>", "<sep>", "<end>"))
+    (other / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<end>", "bos_token": "<sep>"}))
+    assert (load_tokenizer(other).bos_id, load_tokenizer(other).eos_id) == (2, 3)
+    (other / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "</s>"}))
+    assert (load_tokenizer(other).bos_id, load_tokenizer(other).eos_id) == (None, 1)  # the config first
+    assert load_tokenizer(other).document([5]) == [5, 1]
+    (other / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>"}))
+    with pytest.raises(DataError, match="eos_token '<nope>' is not in tokenizer.json"):
+        load_tokenizer(other)
+
+
+def test_a_tokenizer_without_an_end_of_document_token_is_refused(tmp_path):
+    none = train_bpe(tmp_path / "none", merges=20, specials=("<pad>",))
+    with pytest.raises(DataError, match="has no end-of-document token; name it in a tokenizer_config.json") as error:
+        load_tokenizer(none)
+    assert "\n" not in str(error.value)
+    (none / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<pad>"}))
+    assert load_tokenizer(none).eos_id == 0
+
+
+def test_bad_tokenizer_specs_name_the_flag(tmp_path):
+    with pytest.raises(DataError, match="--tokenizer 'nowhere' is neither 'gpt2'"):
+        load_tokenizer("nowhere")
+    with pytest.raises(DataError, match="--tokenizer .* holds no tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "broken.json").write_text('{"not": "a tokenizer"}')
+    with pytest.raises(DataError, match="--tokenizer .*broken.json is not a Hugging Face tokenizer.json"):
+        load_tokenizer(tmp_path / "broken.json")
