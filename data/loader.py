@@ -9,9 +9,9 @@
     loader.load_state_dict(state)            # the same batches follow as without the restart
 
 Each batch takes `batch_size` windows of `block_size + 1` tokens at uniformly random
-offsets of the split's uint16 memmap (only those pages are read; nothing is loaded whole),
-x = window[:, :-1], y = window[:, 1:]. The stream is a function of `seed` alone: the same
-seed gives the same batches on 'cpu' and 'cuda'.
+offsets of the split's memmap (uint16 or uint32, as meta.json's dtype says; only those pages
+are read, nothing is loaded whole), x = window[:, :-1], y = window[:, 1:]. The stream is a
+function of `seed` alone: the same seed gives the same batches on 'cpu' and 'cuda'.
 
 On 'cuda', the windows are gathered into pinned host buffers and copied on a separate
 non-blocking stream while the current training step runs: every `next_batch` returns the
@@ -23,7 +23,7 @@ from collections import namedtuple
 import numpy as np
 
 from .errors import DataError
-from .meta import DTYPE, SPLITS, bin_path, load_meta
+from .meta import SPLITS, bin_path, load_meta, tokenizer_identity
 
 __all__ = ["BatchLoader", "load_meta"]
 
@@ -42,7 +42,7 @@ class BatchLoader:
         self.meta = load_meta(data_dir)
         self.vocab_size, self.eot_id = self.meta["vocab_size"], self.meta["eot_id"]
         if model_vocab_size is not None and self.vocab_size > model_vocab_size:
-            raise DataError(f"{data_dir} holds {self.meta['tokenizer']} ids up to {self.vocab_size - 1} "
+            raise DataError(f"{data_dir} holds {tokenizer_identity(self.meta)['name']} ids up to {self.vocab_size - 1} "
                             f"but the model has only {model_vocab_size} embeddings; use a model "
                             f"with vocab_size >= {self.vocab_size}")
         if batch_size < 1 or block_size < 1:
@@ -54,7 +54,7 @@ class BatchLoader:
         for split in splits:
             if split not in SPLITS:
                 raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
-            tokens = np.memmap(bin_path(data_dir, split), dtype=DTYPE, mode="r")
+            tokens = np.memmap(bin_path(data_dir, split), dtype=self.meta["dtype"], mode="r")
             if len(tokens) < block_size + 1:
                 raise DataError(f"the {split} split of {data_dir} has {len(tokens)} tokens, fewer "
                                 f"than block_size + 1 = {block_size + 1}; use a smaller block_size "
@@ -101,7 +101,7 @@ class BatchLoader:
         return self.data[split]
 
     def _window(self, split):
-        """(batch_size, block_size + 1) uint16 windows at random offsets."""
+        """(batch_size, block_size + 1) windows (the .bin's dtype) at random offsets."""
         tokens = self.data[split]
         offsets = self._rngs[split].integers(0, len(tokens) - self.block_size, size=self.batch_size)
         return np.asarray(tokens[offsets[:, None] + self._steps])

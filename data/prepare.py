@@ -1,14 +1,25 @@
-"""Tokenize stories with GPT-2 BPE into `train.bin` / `validation.bin` (uint16) plus meta.json.
+"""Tokenize stories into `train.bin` / `validation.bin` plus meta.json, with GPT-2 or any
+Hugging Face tokenizer.
 
     python -m data.prepare                                  # roneneldan/TinyStories from the hub
     python -m data.prepare --source ../shared/data --out /tmp/tinystories-sample
     python -m data.prepare --source stories.txt --val-fraction 0.05 --out data/mine
+    python -m data.prepare --tokenizer path/to/tokenizer.json --source stories.txt --out data/mine-hf
 
-Each story is stripped of surrounding whitespace, encoded with `encode_ordinary` (a literal
-"<|endoftext|>" inside a story stays text) and followed by the <|endoftext|> id; empty
-stories are dropped. A source without a validation split gives the stories whose CRC-32
-falls in the lowest `val_fraction` of its range to validation: deterministic, independent
-of order and process count, and duplicates land on the same side.
+--tokenizer is 'gpt2' (the default), a Hugging Face tokenizer.json, or a directory holding one
+(see data.tokenizer.load_tokenizer). Each story is stripped of surrounding whitespace and
+encoded without special tokens (the text of a special token inside a story stays text); empty
+stories are dropped. Document separators: a document is [bos_id if the tokenizer has one] +
+the story's ids + [eos_id]. GPT-2 has no bos token, so its stories are each followed by
+<|endoftext|> alone; a tokenizer with both, such as Gemma's, puts <bos> at the start of every
+story and <eos> at its end. The .bin files hold uint16 ids when the tokenizer has at most
+65535 ids, uint32 ids otherwise; meta.json records the dtype and the tokenizer's identity.
+Without --out, TinyStories goes to data/tinystories, or data/tinystories-<name>-<sha8> for a
+tokenizer other than GPT-2 (the directory `train.py --data tinystories` uses for it).
+
+A source without a validation split gives the stories whose CRC-32 falls in the lowest
+`val_fraction` of its range to validation: deterministic, independent of order and process
+count, and duplicates land on the same side.
 
 Crash safety: the .bin files are written as `*.bin.tmp` and renamed only once both are
 complete; meta.json is removed before the renames and written (atomically) after them, so
@@ -17,7 +28,8 @@ an interrupted run never leaves a directory that `data.meta.is_prepared` accepts
 meta.json records the sha256 of each .bin and, for a local source, its fingerprint
 (`data.sources.fingerprint`, taken before the source is read). An existing accepted output
 of the same source is kept unless `force=True`, or rebuilt when that fingerprint no longer
-matches the source (it was edited since, or prepared by a version that recorded none).
+matches the source (it was edited since, or prepared by a version that recorded none). An
+output prepared with another tokenizer is replaced only with `force=True`.
 """
 import argparse
 import hashlib
@@ -34,7 +46,7 @@ import numpy as np
 from . import meta as meta_file
 from .errors import DataError
 from .sources import DEFAULT_SOURCE, describe, fingerprint, load_source
-from .tokenizer import EOT_ID, NAME, VOCAB_SIZE, gpt2
+from .tokenizer import NAME, describe_identity, load_tokenizer, same_tokenizer
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "tinystories"
 STORIES_PER_PROCESS = 5000  # below this many stories per process, extra processes cost more than they save
@@ -46,11 +58,16 @@ def is_held_out(text, val_fraction):
     return zlib.crc32(text.encode("utf-8")) < val_fraction * 2**32
 
 
-def tokenize_batch(batch, val_fraction=None):
-    """datasets.map function: stories -> GPT-2 ids + <|endoftext|> (+ the held-out flag)."""
+def default_out(tokenizer=NAME):
+    """data/tinystories for GPT-2, data/tinystories-<name>-<sha8> for another tokenizer."""
+    return DEFAULT_OUT.with_name(DEFAULT_OUT.name + load_tokenizer(tokenizer).directory_suffix())
+
+
+def tokenize_batch(batch, tokenizer, val_fraction=None):
+    """datasets.map function: stories -> their documents' ids (+ the held-out flag)."""
     texts = [(text or "").strip() for text in batch["text"]]
-    ids = gpt2().encode_ordinary_batch(texts, num_threads=1)
-    out = {"ids": [story + [EOT_ID] if story else story for story in ids]}
+    ids = tokenizer.encode_batch(texts)
+    out = {"ids": [tokenizer.document(story) if story else story for story in ids]}
     if val_fraction is not None:
         out["held_out"] = [is_held_out(text, val_fraction) for text in texts]
     return out
@@ -59,8 +76,9 @@ def tokenize_batch(batch, val_fraction=None):
 class BinWriter:
     """Appends token ids to `<split>.bin.tmp` (hashing them); `commit` renames it to `<split>.bin`."""
 
-    def __init__(self, out_dir, split):
+    def __init__(self, out_dir, split, dtype):
         self.path = meta_file.bin_path(out_dir, split)
+        self.dtype = dtype
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.file = open(self.tmp, "wb")
         self.tokens = 0
@@ -70,7 +88,7 @@ class BinWriter:
     def write(self, table):
         """Append the `ids` column of an Arrow table."""
         for chunk in table.column("ids").chunks:
-            ids = chunk.flatten().to_numpy(zero_copy_only=False).astype(meta_file.DTYPE, copy=False)
+            ids = chunk.flatten().to_numpy(zero_copy_only=False).astype(self.dtype, copy=False)
             data = ids.tobytes()
             self.file.write(data)
             self.sha256.update(data)
@@ -110,15 +128,18 @@ def write_bins(tokenized, writers, quiet=False):
                 bar.update(table.num_rows)
 
 
-def prepare(source=DEFAULT_SOURCE, out_dir=DEFAULT_OUT, *, num_proc=None, val_fraction=0.01,
+def prepare(source=DEFAULT_SOURCE, out_dir=None, *, tokenizer=NAME, num_proc=None, val_fraction=0.01,
             text_column="text", force=False, quiet=False):
-    """Prepare `source` into `out_dir`; returns the meta dict (see data.meta).
+    """Prepare `source` into `out_dir` (default: `default_out(tokenizer)`); returns the meta dict
+    (see data.meta).
 
+    tokenizer: a `load_tokenizer` spec or a Tokenizer (default GPT-2).
     num_proc: tokenizing processes (default: all cores, fewer for small sources).
     val_fraction: fraction held out when the source has no validation split.
     force: rebuild even when `out_dir` already holds an accepted dataset.
     """
-    out_dir = Path(out_dir)
+    tokenizer = load_tokenizer(tokenizer)
+    out_dir = Path(default_out(tokenizer) if out_dir is None else out_dir)
     label = describe(source)
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
@@ -130,6 +151,11 @@ def prepare(source=DEFAULT_SOURCE, out_dir=DEFAULT_OUT, *, num_proc=None, val_fr
         if existing["source"] != label:
             raise DataError(f"{out_dir} already holds data prepared from {existing['source']}; "
                             "pass --force to replace it, or choose another --out")
+        prepared_with = meta_file.tokenizer_identity(existing)
+        if not same_tokenizer(prepared_with, tokenizer.identity()):
+            raise DataError(f"{out_dir} already holds data prepared with the tokenizer "
+                            f"{describe_identity(prepared_with)}, not {describe_identity(tokenizer.identity())}; "
+                            "pass --force to replace it, or choose another --out")
         if existing.get("source_fingerprint") == source_fingerprint:
             _say(quiet, f"{out_dir} is already prepared from {label}; pass --force to rebuild")
             return existing
@@ -137,7 +163,7 @@ def prepare(source=DEFAULT_SOURCE, out_dir=DEFAULT_OUT, *, num_proc=None, val_fr
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        meta = _build(source, label, source_fingerprint, out_dir, num_proc, val_fraction,
+        meta = _build(source, label, source_fingerprint, out_dir, tokenizer, num_proc, val_fraction,
                       text_column, quiet)
     except BaseException:
         if created and not any(out_dir.iterdir()):
@@ -147,7 +173,7 @@ def prepare(source=DEFAULT_SOURCE, out_dir=DEFAULT_OUT, *, num_proc=None, val_fr
     return meta
 
 
-def _build(source, label, source_fingerprint, out_dir, num_proc, val_fraction, text_column, quiet):
+def _build(source, label, source_fingerprint, out_dir, tokenizer, num_proc, val_fraction, text_column, quiet):
     """Tokenize and write both splits, then commit them and meta.json; returns the meta."""
     start = time.time()
     work_dir = out_dir / WORK_DIR_NAME
@@ -155,16 +181,15 @@ def _build(source, label, source_fingerprint, out_dir, num_proc, val_fraction, t
     writers = {}
     bars = _progress_bars(enabled=not quiet)
     try:
-        gpt2()  # fail early on tokenizer problems; forked workers inherit the built encoding
         procs = num_proc or os.cpu_count() or 1
         splits = load_source(source, work_dir, text_column, procs)
         holdout = val_fraction if "validation" not in splits else None
-        tokenized = {split: _tokenize(dataset, split, holdout, procs, work_dir)
+        tokenized = {split: _tokenize(dataset, split, tokenizer, holdout, procs, work_dir)
                      for split, dataset in splits.items()}
-        writers = {split: BinWriter(out_dir, split) for split in meta_file.SPLITS}
+        writers = {split: BinWriter(out_dir, split, tokenizer.dtype) for split in meta_file.SPLITS}
         write_bins(tokenized, writers, quiet)
         _check_counts(writers, label, holdout)
-        meta = _meta(writers, label, source_fingerprint, text_column, holdout, time.time() - start)
+        meta = _meta(writers, tokenizer, label, source_fingerprint, text_column, holdout, time.time() - start)
         (out_dir / meta_file.META_NAME).unlink(missing_ok=True)
         for writer in writers.values():
             writer.commit()
@@ -186,14 +211,14 @@ def _progress_bars(enabled):
     return previous
 
 
-def _tokenize(dataset, split, holdout, procs, work_dir):
+def _tokenize(dataset, split, tokenizer, holdout, procs, work_dir):
     import datasets
 
     procs = max(1, min(procs, len(dataset) // STORIES_PER_PROCESS))
-    features = {"ids": datasets.List(datasets.Value(meta_file.DTYPE))}
+    features = {"ids": datasets.List(datasets.Value(tokenizer.dtype))}
     if holdout is not None:
         features["held_out"] = datasets.Value("bool")
-    return dataset.map(tokenize_batch, batched=True, fn_kwargs={"val_fraction": holdout},
+    return dataset.map(tokenize_batch, batched=True, fn_kwargs={"tokenizer": tokenizer, "val_fraction": holdout},
                        remove_columns=["text"], features=datasets.Features(features),
                        num_proc=procs if procs > 1 else None,
                        cache_file_name=str(work_dir / f"tokens-{split}.arrow"),
@@ -209,13 +234,13 @@ def _check_counts(writers, source, holdout):
         raise DataError(f"the validation split of {source} is empty; {fix}")
 
 
-def _meta(writers, source, source_fingerprint, text_column, holdout, seconds):
+def _meta(writers, tokenizer, source, source_fingerprint, text_column, holdout, seconds):
     return {
         "format_version": meta_file.FORMAT_VERSION,
-        "tokenizer": NAME,
-        "vocab_size": VOCAB_SIZE,
-        "eot_id": EOT_ID,
-        "dtype": meta_file.DTYPE,
+        "tokenizer": tokenizer.identity(),
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eos_id,
+        "dtype": tokenizer.dtype,
         "splits": {split: {"file": w.path.name, "tokens": w.tokens, "stories": w.stories,
                            "sha256": w.sha256.hexdigest()}
                    for split, w in writers.items()},
@@ -230,7 +255,8 @@ def _meta(writers, source, source_fingerprint, text_column, holdout, seconds):
 
 def summary(meta, out_dir):
     """A few lines: stories, tokens and tokens/story per split, time and throughput."""
-    lines = [f"prepared {meta['source']} -> {out_dir}"]
+    lines = [f"prepared {meta['source']} -> {out_dir} ({describe_identity(meta_file.tokenizer_identity(meta))}, "
+             f"{meta['dtype']})"]
     total = 0
     for split, info in meta["splits"].items():
         total += info["tokens"]
@@ -251,7 +277,11 @@ def main(argv=None):
     parser.add_argument("--source", default=DEFAULT_SOURCE,
                         help="hub dataset id, or a text/json/jsonl/parquet file, directory or glob "
                              f"(default {DEFAULT_SOURCE})")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default %(default)s)")
+    parser.add_argument("--out", default=None,
+                        help=f"output directory (default {DEFAULT_OUT}, or {DEFAULT_OUT}-<name>-<sha8> for a "
+                             "tokenizer other than gpt2)")
+    parser.add_argument("--tokenizer", default=NAME,
+                        help="gpt2, a Hugging Face tokenizer.json, or a directory holding one (default %(default)s)")
     parser.add_argument("--num-proc", type=int, default=None, help="tokenizing processes (default: all cores)")
     parser.add_argument("--val-fraction", type=float, default=0.01,
                         help="fraction held out for validation when the source has no validation "
@@ -261,7 +291,7 @@ def main(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     args = parser.parse_args(argv)
     try:
-        prepare(args.source, args.out, num_proc=args.num_proc, val_fraction=args.val_fraction,
+        prepare(args.source, args.out, tokenizer=args.tokenizer, num_proc=args.num_proc, val_fraction=args.val_fraction,
                 text_column=args.text_column, force=args.force, quiet=args.quiet)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)

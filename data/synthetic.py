@@ -135,20 +135,27 @@ def unigram_entropy(ids):
     return -sum(c / total * math.log(c / total) for c in counts.values())
 
 
-def prepare_synthetic(out_dir, n_stories=2000, seed=0, val_fraction=0.05, force=False, quiet=True):
-    """Generate `n_stories` stories and prepare them into `out_dir`; returns the meta dict.
+def prepare_synthetic(out_dir, n_stories=2000, seed=0, val_fraction=0.05, force=False, quiet=True,
+                      tokenizer="gpt2"):
+    """Generate `n_stories` stories and prepare them into `out_dir` with `tokenizer` (a
+    `data.tokenizer.load_tokenizer` spec or Tokenizer); returns the meta dict.
 
-    Reuses an accepted output made from the same stories (same count and seed).
+    Reuses an accepted output made from the same stories (same count and seed) with the same tokenizer.
     """
-    from .meta import is_prepared, load_meta
+    from .meta import is_prepared, load_meta, tokenizer_identity
     from .prepare import prepare
     from .sources import describe
+    from .tokenizer import load_tokenizer, same_tokenizer
 
+    tokenizer = load_tokenizer(tokenizer)
     text = Path(out_dir) / f"synthetic-{n_stories}-seed{seed}.txt"
-    if not force and is_prepared(out_dir) and load_meta(out_dir)["source"] == describe(text):
-        return load_meta(out_dir)
+    if not force and is_prepared(out_dir):
+        meta = load_meta(out_dir)
+        if meta["source"] == describe(text) and same_tokenizer(tokenizer_identity(meta), tokenizer.identity()):
+            return meta
     write_text(text, n_stories, seed)
-    return prepare(text, out_dir, num_proc=1, val_fraction=val_fraction, force=True, quiet=quiet)
+    return prepare(text, out_dir, tokenizer=tokenizer, num_proc=1, val_fraction=val_fraction, force=True,
+                   quiet=quiet)
 
 
 def main(argv=None):

@@ -1,4 +1,5 @@
-"""data.loader.BatchLoader: correct windows, seeded streams, resumable state, clear errors."""
+"""data.loader.BatchLoader: correct windows, seeded streams, resumable state, clear errors;
+uint16 and uint32 token files."""
 import json
 
 import numpy as np
@@ -7,18 +8,23 @@ import pytest
 from data.errors import DataError
 from data.loader import BatchLoader, load_meta
 from data.meta import FORMAT_VERSION, write_json_atomic
+from data.tokenizer import dtype_for
 
 
 def make_dataset(root, train, validation, vocab_size=50257):
-    """A prepared directory written directly (no tokenizer, no `datasets`)."""
+    """A prepared directory written directly (no tokenizer, no `datasets`): format 1 (GPT-2,
+    uint16) for GPT-2's vocab_size, format 2 with a made-up tokenizer otherwise."""
     root.mkdir(parents=True, exist_ok=True)
+    dtype = dtype_for(vocab_size)
     splits = {}
     for split, tokens in (("train", train), ("validation", validation)):
-        np.asarray(tokens, dtype=np.uint16).tofile(root / f"{split}.bin")
+        np.asarray(tokens, dtype=dtype).tofile(root / f"{split}.bin")
         splits[split] = {"file": f"{split}.bin", "tokens": len(tokens), "stories": 1}
+    tokenizer = "gpt2" if vocab_size == 50257 else {"name": "made-up", "sha256": "ab" * 32, "vocab_size": vocab_size,
+                                                    "bos_id": None, "eos_id": vocab_size - 1}
     write_json_atomic(root / "meta.json", {
-        "format_version": FORMAT_VERSION, "tokenizer": "gpt2", "vocab_size": vocab_size,
-        "eot_id": vocab_size - 1, "dtype": "uint16", "splits": splits, "source": "test",
+        "format_version": 1 if tokenizer == "gpt2" else FORMAT_VERSION, "tokenizer": tokenizer,
+        "vocab_size": vocab_size, "eot_id": vocab_size - 1, "dtype": dtype, "splits": splits, "source": "test",
         "text_column": "text", "val_fraction": None, "created": "2026-11-25T00:00:00+00:00",
         "seconds": 0.0})
     return root
@@ -135,6 +141,46 @@ def test_batches_of_a_prepared_synthetic_dataset(tmp_path):
         window = gpt2().decode(row.tolist())
         assert "<|endoftext|>" in window or window in text
 
+
+def test_uint32_ids_above_65535_come_back_whole(tmp_path):
+    train = 70000 + np.arange(3000)  # token i is 70000 + i: a window's first token gives its offset
+    data = make_dataset(tmp_path / "wide", train, np.arange(100000, 100500), vocab_size=200000)
+    assert load_meta(data)["dtype"] == "uint32"
+    loader = BatchLoader(data, batch_size=8, block_size=16, seed=1, model_vocab_size=200000)
+    for dtype in ("int64", "int32"):
+        x, y = loader.next_batch("train") if dtype == "int64" else BatchLoader(data, 8, 16, dtype=dtype).next_batch()
+        assert x.dtype == dtype and x.min() >= 70000
+        for row_x, row_y in zip(x, y):
+            start = int(row_x[0]) - 70000
+            np.testing.assert_array_equal(row_x, train[start:start + 16])
+            np.testing.assert_array_equal(row_y, train[start + 1:start + 17])
+    assert BatchLoader(data, 4, 8).next_batch("validation")[0].min() >= 100000
+    with pytest.raises(DataError, match="holds made-up ids up to 199999 but the model has only 65536"):
+        BatchLoader(data, 2, 8, model_vocab_size=65536)
+
+
+def test_uint32_end_to_end_from_a_wide_tokenizer(tmp_path):
+    pytest.importorskip("datasets")
+    from small_tokenizers import SHIFT, train_bpe, widen
+
+    from data.prepare import is_held_out, prepare
+    from data.synthetic import generate_stories, write_text
+    from data.tokenizer import load_tokenizer
+
+    wide = load_tokenizer(widen(train_bpe(tmp_path / "tok", merges=200), tmp_path / "wide"))
+    source = write_text(tmp_path / "stories.txt", 150, seed=3)
+    meta = prepare(source, tmp_path / "data", tokenizer=wide, val_fraction=0.1, quiet=True)
+    assert meta["dtype"] == "uint32" and wide.vocab_size > 65535
+    stories = [story for story in generate_stories(150, seed=3) if not is_held_out(story, 0.1)]
+    train = np.array(sum((wide.document(wide.encode(story)) for story in stories), []))
+    loader = BatchLoader(tmp_path / "data", batch_size=16, block_size=64, seed=2, model_vocab_size=wide.vocab_size)
+    assert loader.tokens("train") == len(train)
+    x, y = loader.next_batch("train")
+    assert x.min() >= SHIFT and (x == wide.eos_id).any() and (x == wide.bos_id).any()
+    windows = np.lib.stride_tricks.sliding_window_view(train, 65)
+    for row_x, row_y in zip(x, y):
+        window = np.concatenate([row_x, row_y[-1:]])
+        assert (windows == window).all(axis=1).any() and (row_y[:-1] == row_x[1:]).all()
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a CUDA GPU")

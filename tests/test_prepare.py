@@ -1,5 +1,6 @@
 """data.prepare: round trips from text/jsonl/parquet sources, holdout, crash safety, errors,
-the recorded sha256 and source fingerprint."""
+the recorded sha256 and source fingerprint; Hugging Face tokenizers: the bos/eos document rule,
+uint32 ids, the tokenizer recorded and checked."""
 import hashlib
 import json
 import os
@@ -15,10 +16,11 @@ import pyarrow.parquet as pq  # noqa: E402
 from data import prepare as prepare_module  # noqa: E402
 from data import sources  # noqa: E402
 from data.errors import DataError  # noqa: E402
-from data.meta import META_NAME, is_prepared, load_meta, write_json_atomic  # noqa: E402
-from data.prepare import main, prepare  # noqa: E402
+from data.meta import META_NAME, is_prepared, load_meta, tokenizer_identity, write_json_atomic  # noqa: E402
+from data.prepare import DEFAULT_OUT, default_out, main, prepare  # noqa: E402
 from data.synthetic import generate_stories, prepare_synthetic, write_text  # noqa: E402
-from data.tokenizer import EOT, EOT_ID, gpt2  # noqa: E402
+from data.tokenizer import EOT, EOT_ID, GPT2_IDENTITY, gpt2, load_tokenizer  # noqa: E402
+from small_tokenizers import SHIFT, train_bpe, widen  # noqa: E402
 
 
 def decoded_stories(out, split):
@@ -58,7 +60,8 @@ def test_text_file_round_trip_with_holdout(tmp_path):
         assert meta["splits"][split] == {"file": f"{split}.bin", "tokens": token_count(stories_of),
                                          "stories": len(stories_of), "sha256": sha256}
     assert meta["source_fingerprint"] == sources.fingerprint(source)
-    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_id"], meta["dtype"]) == ("gpt2", 50257, 50256, "uint16")
+    assert meta["format_version"] == 2 and meta["tokenizer"] == GPT2_IDENTITY
+    assert (meta["vocab_size"], meta["eot_id"], meta["dtype"]) == (50257, 50256, "uint16")
     assert meta["source"] == str(source) and meta["val_fraction"] == 0.1
     assert_only_outputs(out)
 
@@ -294,3 +297,111 @@ def test_prepare_synthetic_makes_and_reuses_a_dataset(tmp_path):
     assert prepare_synthetic(tmp_path / "syn", n_stories=500, seed=1) == meta
     other = prepare_synthetic(tmp_path / "syn", n_stories=300, seed=1)
     assert other["splits"]["train"]["stories"] + other["splits"]["validation"]["stories"] == 300
+
+
+# ----- other tokenizers -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small BPE tokenizer with <bos> = 0 and <eos> = 1."""
+    return train_bpe(tmp_path_factory.mktemp("tok") / "tiny-bpe", config={"bos_token": "<bos>", "eos_token": "<eos>"})
+
+
+def documents(out, split, dtype):
+    """A prepared split cut into documents at its eos ids (each document keeps its eos)."""
+    ids = np.fromfile(out / f"{split}.bin", dtype=dtype).tolist()
+    meta = load_meta(out)
+    eos = meta["eot_id"]
+    assert ids[-1] == eos
+    cuts = [i + 1 for i, token in enumerate(ids) if token == eos]
+    return [ids[start:end] for start, end in zip([0] + cuts[:-1], cuts)]
+
+
+def test_a_hugging_face_tokenizer_puts_bos_and_eos_around_every_story(tmp_path, trained):
+    tok = load_tokenizer(trained)
+    stories = generate_stories(200, seed=13)
+    source = write_text(tmp_path / "stories.txt", 200, seed=13)
+    meta = prepare(source, tmp_path / "out", tokenizer=trained, val_fraction=0.1, quiet=True)
+    assert meta["tokenizer"] == tok.identity() and tokenizer_identity(meta) == tok.identity()
+    assert (meta["vocab_size"], meta["eot_id"], meta["dtype"]) == (tok.vocab_size, tok.eos_id, "uint16")
+    assert meta == load_meta(tmp_path / "out")
+    told = []
+    for split in ("train", "validation"):
+        docs = documents(tmp_path / "out", split, np.uint16)
+        assert len(docs) == meta["splits"][split]["stories"]
+        assert meta["splits"][split]["tokens"] == sum(map(len, docs))
+        for doc in docs:
+            assert doc[0] == tok.bos_id and doc[-1] == tok.eos_id
+            assert tok.bos_id not in doc[1:-1] and tok.eos_id not in doc[1:-1]
+        told += [tok.decode(doc[1:-1]) for doc in docs]
+    assert sorted(told) == sorted(stories)
+
+
+def test_a_tokenizer_without_bos_ends_documents_with_eos_only(tmp_path):
+    tok_dir = train_bpe(tmp_path / "no-bos", merges=50, specials=("<pad>", "</s>"),
+                        config={"bos_token": None, "eos_token": "</s>"})
+    write_jsonl(tmp_path / "train.jsonl", ["One.", "  ", "Two <pad> </s> here."])
+    write_jsonl(tmp_path / "val.jsonl", ["Three."])
+    prepare(tmp_path, tmp_path / "out", tokenizer=tok_dir, quiet=True)
+    tok = load_tokenizer(tok_dir)
+    ids = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16).tolist()
+    assert ids == tok.encode("One.") + [1] + tok.encode("Two <pad> </s> here.") + [1]
+    assert ids.count(1) == 2 and 0 not in ids  # special-token text inside a story stays text
+
+
+def test_uint32_bins_for_a_vocabulary_above_65535(tmp_path, trained):
+    wide = widen(trained, tmp_path / "wide")
+    source = write_text(tmp_path / "stories.txt", 120, seed=14)
+    small = prepare(source, tmp_path / "small", tokenizer=trained, val_fraction=0.1, quiet=True)
+    meta = prepare(source, tmp_path / "big", tokenizer=wide, val_fraction=0.1, quiet=True)
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == small["vocab_size"] + SHIFT
+    for split in ("train", "validation"):
+        big_ids = np.fromfile(tmp_path / "big" / f"{split}.bin", dtype=np.uint32)
+        small_ids = np.fromfile(tmp_path / "small" / f"{split}.bin", dtype=np.uint16)
+        assert meta["splits"][split]["tokens"] == len(big_ids) == small["splits"][split]["tokens"]
+        assert os.path.getsize(tmp_path / "big" / f"{split}.bin") == 4 * len(big_ids)
+        assert big_ids.min() >= SHIFT
+        np.testing.assert_array_equal(big_ids, small_ids.astype(np.uint32) + SHIFT)
+
+
+def test_parallel_tokenizing_with_a_hugging_face_tokenizer(tmp_path, trained, monkeypatch):
+    source = write_text(tmp_path / "stories.txt", 400, seed=15)
+    prepare(source, tmp_path / "one", tokenizer=trained, num_proc=1, quiet=True, val_fraction=0.2)
+    monkeypatch.setattr(prepare_module, "STORIES_PER_PROCESS", 100)
+    prepare(source, tmp_path / "two", tokenizer=trained, num_proc=2, quiet=True, val_fraction=0.2)
+    for split in ("train", "validation"):
+        assert (tmp_path / "one" / f"{split}.bin").read_bytes() == (tmp_path / "two" / f"{split}.bin").read_bytes()
+
+
+def test_an_output_of_another_tokenizer_is_replaced_only_with_force(tmp_path, trained):
+    source = write_text(tmp_path / "s.txt", 200, seed=9)
+    prepare(source, tmp_path / "out", quiet=True, val_fraction=0.1)
+    with pytest.raises(DataError, match=r"prepared with the tokenizer gpt2 \(sha256 8c804d3e, 50257 ids\), not "
+                                        r"tiny-bpe .*--force") as error:
+        prepare(source, tmp_path / "out", tokenizer=trained, quiet=True, val_fraction=0.1)
+    assert "\n" not in str(error.value)
+    assert load_meta(tmp_path / "out")["tokenizer"] == GPT2_IDENTITY
+    meta = prepare(source, tmp_path / "out", tokenizer=trained, quiet=True, val_fraction=0.1, force=True)
+    assert meta["tokenizer"] == load_tokenizer(trained).identity() == load_meta(tmp_path / "out")["tokenizer"]
+    assert prepare(source, tmp_path / "out", tokenizer=trained, quiet=True, val_fraction=0.1) == meta  # reused
+
+
+def test_cli_tokenizer_flag_and_default_out(tmp_path, trained, capsys):
+    source = write_text(tmp_path / "s.txt", 100, seed=2)
+    assert main(["--source", str(source), "--out", str(tmp_path / "out"), "--val-fraction", "0.1",
+                 "--tokenizer", str(trained)]) == 0
+    assert "tiny-bpe" in capsys.readouterr().out
+    assert load_meta(tmp_path / "out")["tokenizer"] == load_tokenizer(trained).identity()
+    assert main(["--source", str(source), "--out", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tokenizer ") and err.count("\n") == 1
+    assert default_out() == default_out("gpt2") == DEFAULT_OUT
+    sha = load_tokenizer(trained).sha256
+    assert default_out(trained) == DEFAULT_OUT.with_name(f"tinystories-tiny-bpe-{sha[:8]}")
+
+
+def test_prepare_synthetic_with_a_tokenizer(tmp_path, trained):
+    gpt2_meta = prepare_synthetic(tmp_path / "syn", n_stories=100, seed=1)
+    meta = prepare_synthetic(tmp_path / "syn", n_stories=100, seed=1, tokenizer=trained)
+    assert meta != gpt2_meta and meta["tokenizer"] == load_tokenizer(trained).identity()  # not reused
+    assert prepare_synthetic(tmp_path / "syn", n_stories=100, seed=1, tokenizer=trained) == meta

@@ -1,4 +1,5 @@
-"""data.resolve: --data to a prepared directory keyed by its source, and the identity of data."""
+"""data.resolve: --data to a prepared directory keyed by its source and tokenizer, the refusal of
+another tokenizer's data, and the identity of data."""
 import json
 import os
 import re
@@ -12,11 +13,12 @@ import pytest
 pytest.importorskip("datasets")
 from data import resolve  # noqa: E402
 from data.errors import DataError  # noqa: E402
-from data.meta import META_NAME, load_meta, write_json_atomic  # noqa: E402
+from data.meta import META_NAME, check_tokenizer, load_meta, tokenizer_identity, write_json_atomic  # noqa: E402
 from data.prepare import prepare  # noqa: E402
 from data.resolve import data_identity, resolve_data  # noqa: E402
 from data.synthetic import generate_stories, write_text  # noqa: E402
-from data.tokenizer import EOT, gpt2  # noqa: E402
+from data.tokenizer import EOT, GPT2_IDENTITY, gpt2, load_tokenizer  # noqa: E402
+from small_tokenizers import train_bpe  # noqa: E402
 
 N = 300  # stories per source; the seeds used below all hold some out at the default 1 %
 
@@ -124,7 +126,7 @@ def test_a_rejected_prepared_directory_shows_why(tmp_path, calls):
     assert resolve_data(str(data), root, quiet=True) == str(data)
 
     write_json_atomic(data / META_NAME, dict(meta, format_version=0))
-    with pytest.raises(DataError, match=r"meta.json has format 0 / dtype uint16, this code reads format 1"):
+    with pytest.raises(DataError, match=r"meta.json has format 0 / dtype uint16, this code reads format 2 .*--force"):
         resolve_data(str(data), root, quiet=True)
     write_json_atomic(data / META_NAME, meta)
     with open(data / "train.bin", "r+b") as f:
@@ -160,7 +162,7 @@ def test_synthetic_and_tinystories_keep_their_directories(tmp_path, monkeypatch)
     monkeypatch.setattr(resolve, "prepare", fake_prepare)
     target = str(root / "data" / "tinystories")
     assert resolve_data("tinystories", root, quiet=True) == target
-    assert made == [{"out_dir": target, "quiet": True}]  # the hub default source
+    assert made == [{"out_dir": target, "tokenizer": load_tokenizer("gpt2"), "quiet": True}]  # the hub default
     assert resolve_data("tinystories", root, quiet=True) == target and len(made) == 1
 
 
@@ -219,3 +221,83 @@ def test_identity_is_the_same_in_another_process(tmp_path):
 def test_identity_of_a_rejected_directory_is_load_meta_error(tmp_path):
     with pytest.raises(DataError, match="meta.json is missing"):
         data_identity(tmp_path)
+
+
+# ----- tokenizers -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_bpe(tmp_path_factory.mktemp("tok") / "tiny-bpe", config={"bos_token": "<bos>", "eos_token": "<eos>"})
+
+
+def test_another_tokenizer_gets_its_own_directories(tmp_path, trained, calls, monkeypatch):
+    tok = load_tokenizer(trained)
+    root = tmp_path / "root"
+    gpt2_dir = resolve_data("synthetic", root, quiet=True)
+    other = resolve_data("synthetic", root, tokenizer=str(trained), quiet=True)
+    assert other == str(root / "data" / f"synthetic-tiny-bpe-{tok.sha256[:8]}")
+    assert load_meta(other)["tokenizer"] == tok.identity() and load_meta(gpt2_dir)["tokenizer"] == GPT2_IDENTITY
+    assert resolve_data("synthetic", root, tokenizer=tok, quiet=True) == other
+    assert data_identity(other) != data_identity(gpt2_dir)
+    assert data_identity(other)["tokenizer"] == {key: tok.identity()[key]
+                                                 for key in ("sha256", "vocab_size", "bos_id", "eos_id")}
+    source = write_text(tmp_path / "stories.txt", N, seed=1)
+    plain = resolve_data(str(source), root, quiet=True)
+    keyed = resolve_data(str(source), root, tokenizer=trained, quiet=True)
+    assert keyed == f"{plain}-tiny-bpe-{tok.sha256[:8]}" and calls == [plain, keyed]
+    assert load_meta(keyed)["tokenizer"] == tok.identity()
+    assert resolve_data(str(source), root, tokenizer=trained, quiet=True) == keyed and len(calls) == 2
+    made = []
+    monkeypatch.setattr(resolve, "prepare", lambda **kw: made.append(kw) or shutil.copytree(other, kw["out_dir"]))
+    target = str(root / "data" / f"tinystories-tiny-bpe-{tok.sha256[:8]}")
+    assert resolve_data("tinystories", root, tokenizer=trained, quiet=True) == target
+    assert [(kw["out_dir"], kw["tokenizer"].identity()) for kw in made] == [(target, tok.identity())]
+
+
+def test_a_prepared_directory_of_another_tokenizer_is_refused(tmp_path, trained, calls):
+    tok = load_tokenizer(trained)
+    source = write_text(tmp_path / "s.txt", N, seed=1)
+    prepare(source, tmp_path / "hf", tokenizer=tok, quiet=True)
+    prepare(source, tmp_path / "gpt2", quiet=True)
+    with pytest.raises(DataError, match=rf"hf was prepared with the tokenizer tiny-bpe \(sha256 {tok.sha256[:8]}, "
+                                        r"558 ids\), not gpt2 \(sha256 8c804d3e, 50257 ids\); prepare --data with it: "
+                                        r"python -m data.prepare --tokenizer gpt2 ") as error:
+        resolve_data(str(tmp_path / "hf"), tmp_path / "root", quiet=True)
+    assert "\n" not in str(error.value)
+    with pytest.raises(DataError, match=rf"gpt2 was prepared with the tokenizer gpt2 .* not tiny-bpe .*"
+                                        rf"python -m data.prepare --tokenizer {trained} "):
+        resolve_data(str(tmp_path / "gpt2"), tmp_path / "root", tokenizer=str(trained), quiet=True)
+    assert resolve_data(str(tmp_path / "hf"), tmp_path / "root", tokenizer=tok, quiet=True) == str(tmp_path / "hf")
+    assert calls == []
+    # check_tokenizer itself: the meta when it matches, the caller's fix in the message otherwise.
+    assert check_tokenizer(tmp_path / "hf", tok.identity()) == load_meta(tmp_path / "hf")
+    with pytest.raises(DataError, match="not gpt2 .*; run it again with --tokenizer tok$"):
+        check_tokenizer(tmp_path / "hf", GPT2_IDENTITY, "run it again with --tokenizer tok")
+    renamed = dict(tok.identity(), name="another-name")  # the name does not matter, the contents do
+    assert check_tokenizer(tmp_path / "hf", renamed)
+    with pytest.raises(DataError, match="not tiny-bpe"):
+        check_tokenizer(tmp_path / "hf", dict(tok.identity(), vocab_size=559))
+
+
+def test_a_format_1_gpt2_directory_is_still_gpt2_data(tmp_path, trained):
+    new = tmp_path / "new"
+    prepare(write_text(tmp_path / "s.txt", N, seed=1), new, quiet=True)
+    old = tmp_path / "old"
+    shutil.copytree(new, old)
+    meta = load_meta(old)
+    for key in ("sha256",):
+        for info in meta["splits"].values():
+            del info[key]
+    write_json_atomic(old / META_NAME, dict(meta, format_version=1, tokenizer="gpt2"))
+    assert tokenizer_identity(load_meta(old)) == GPT2_IDENTITY
+    assert resolve_data(str(old), tmp_path / "root", quiet=True) == str(old)
+    assert data_identity(old) == data_identity(new)
+    assert data_identity(new)["tokenizer"] == "gpt2"  # as recorded by runs before other tokenizers
+    with pytest.raises(DataError, match="prepared with the tokenizer gpt2 .* not tiny-bpe"):
+        resolve_data(str(old), tmp_path / "root", tokenizer=trained, quiet=True)
+    write_json_atomic(old / META_NAME, dict(meta, format_version=1, tokenizer="gpt2", dtype="uint32"))
+    with pytest.raises(DataError, match="format 1 / dtype uint32"):
+        load_meta(old)
+    write_json_atomic(old / META_NAME, dict(meta, format_version=2, dtype="uint32"))  # GPT-2 ids fit uint16
+    with pytest.raises(DataError, match="format 2 / dtype uint32"):
+        load_meta(old)
