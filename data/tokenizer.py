@@ -169,7 +169,11 @@ class GPT2(Tokenizer):
     name, sha256, vocab_size, bos_id, eos_id = NAME, GPT2_SHA256, VOCAB_SIZE, None, EOT_ID
 
     def __init__(self):
-        self.encoding = gpt2()
+        gpt2()  # build (and check) the encoding now
+
+    @property
+    def encoding(self):
+        return gpt2()
 
     def encode_batch(self, texts):
         """`encode_ordinary`: a literal <|endoftext|> in a text stays text."""
