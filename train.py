@@ -27,7 +27,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -38,11 +37,11 @@ from data.resolve import data_identity, resolve_data
 from models import ConfigError, Gemma3, Gemma3Config
 from models.flops import flops_per_token
 from nn.arguments import OneLineParser
-from nn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_weights, write_file_atomic
+from nn.checkpoint import CheckpointError, load_checkpoint, write_file_atomic
 from nn.module import StateDictError
 from nn.run_dir import RunError, RunLock, RunLog, SilentLog, claim
-from nn.stop_signals import StopSignals
-from tinygrad3 import backend, distributed, kernels, no_grad
+from nn.trainer import DivergedError, Trainer, micro_batch_runner, saved_loader_state, stream_seed
+from tinygrad3 import backend, distributed, kernels
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOKENS_PER_UPDATE = 131_072  # the default update: 32 x 128 tokens x 32 accumulation steps
@@ -200,332 +199,126 @@ def describe_kernels(record):
             + (" + CUDA graphs" if record["cuda_graphs"] else " without CUDA graphs"))
 
 
-def stream_seed(seed, rank=0, step=0):
-    """The seed of rank `rank`'s training batches in a run (re)started at update `step`.
+def check_same_run(state, args, config, data_identity, last_dir):
+    """Refuse to resume `state` (a saved `last`) with settings that would not continue the same run."""
+    saved = state["config"]
+    if saved != config.to_dict():
+        diff = sorted(k for k in saved if saved[k] != config.to_dict().get(k))
+        raise CheckpointError(f"{last_dir} was saved from a different model config (differs in "
+                              f"{', '.join(diff)}); resume with the same --preset or start a new --out")
+    for key in ("block_size", "batch_size", "grad_accum", "seed", "dtype"):
+        if key in state["args"] and state["args"][key] != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(f"{last_dir} was trained with {flag} {state['args'][key]}; resuming with "
+                                  f"{getattr(args, key)} would not continue the same run: pass {flag} "
+                                  f"{state['args'][key]}, or start a new --out")
+    saved_kernels = state.get("kernels")
+    if saved_kernels is not None and saved_kernels != args.kernels:
+        if not args.allow_kernel_change:
+            raise CheckpointError(f"{last_dir} was trained on {describe_kernels(saved_kernels)}; this run would "
+                                  f"use {describe_kernels(args.kernels)}, which changes the numerics: resume "
+                                  "with the run's flags (--reference, --no-cuda-graphs), or pass "
+                                  "--allow-kernel-change")
+        print(f"note: the kernel path changes from {describe_kernels(saved_kernels)} to "
+              f"{describe_kernels(args.kernels)} (--allow-kernel-change)")
+    if "data" in state and state["data"] != data_identity:
+        raise CheckpointError(f"{last_dir} was trained on other data (--data {state['args']['data']}) than "
+                              f"--data {args.data} holds: resume with the run's --data, or start a new --out")
 
-    Rank 0 of a fresh run uses --seed itself, so a single rank draws exactly the batches of a run
-    without --distributed; every other (rank, step) gets its own stream, hashed from all three.
-    """
-    if rank == 0 and step == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
+
+def main_first(comm, fn):
+    """fn() on rank 0, then on the other ranks (rank 0 may create files the others then find)."""
+    is_main = comm is None or comm.is_main
+    result = fn() if is_main else None
+    if comm is not None:
+        comm.barrier()
+    return result if is_main else fn()
 
 
-def saved_loader_state(state, rank, world_size):
-    """This rank's position in its batch stream from a checkpoint, or None to start a fresh one.
+def setup(args, comm=None):
+    """Build a run's Trainer. The order matters, so each step is named: the model is made and
+    loaded in float32, its float32 weights are kept before the cast to the compute dtype, and
+    the optimizer's masters come from those (not from the rounded copy); saved optimizer state
+    goes on top, and with ranks everyone then takes rank 0's bits."""
+    rank, world_size = (comm.rank, comm.world_size) if comm is not None else (0, 1)
+    is_main = rank == 0
+    last_dir = os.path.join(args.out, "last")
+    config = Gemma3Config.preset(args.preset)
 
-    A run resumed with the world size it was saved with continues every rank's stream exactly.
-    After a change of world size (or from a save that could not gather every rank's position)
-    there is no such position: each rank then starts stream_seed(seed, rank, step).
-    """
-    if state.get("world_size", 1) != world_size:
-        return None
-    loaders = state["loaders"] if "loaders" in state else [state["loader"]]  # older checkpoints
-    return None if loaders is None else loaders[rank]
+    # 1. The run directory: refuse another run's outputs (unless --resume / --overwrite).
+    if is_main:
+        claim(args.out, args.resume, args.overwrite)
+    # 2. Data: rank 0 prepares it once; the training stream of this rank and the fixed eval batches.
+    data_dir = main_first(comm, lambda: resolve_data(args.data, ROOT))
+    identity = data_identity(data_dir)  # the tokens trained on, for resume
 
+    def train_loader(seed):
+        return BatchLoader(data_dir, args.batch_size, args.block_size, device=args.device, seed=seed,
+                           model_vocab_size=config.vocab_size)
 
-class DivergedError(RuntimeError):
-    """Training cannot go on: every update is skipped and nothing can change that."""
+    loader, eval_loader = train_loader(stream_seed(args.seed, rank)), train_loader(args.seed + 1)
+    # 3. The float32 model, on the chosen kernel path.
+    kernels.set_fast(bool(args.kernels["families"]), args.kernels["families"] or kernels.FAMILIES)
+    model = Gemma3(config, seed=args.seed, recompute=args.recompute)
+    # 4. Load: a resumed run's weights (rank 0 first: falling back to an intact last.old renames files).
+    state = optim_arrays = None
+    if args.resume:
+        required = {"state.json": ("step", "tokens", "best_val", "optimizer", "scaler", "config", "args"),
+                    "optimizer.safetensors": ("master", "m", "v"), "model.safetensors": tuple(model.state_dict())}
+        model_state, optim_arrays, state = main_first(comm, lambda: load_checkpoint(last_dir, required))
+        check_same_run(state, args, config, identity, last_dir)
+        model.load_state_dict(model_state)
+    # 5. Snapshot the float32 weights, 6. cast the model to the device and compute dtype.
+    float32_weights = model.state_dict()
+    model.to(device=args.device, dtype=np.dtype(args.dtype))
+    # 7. The optimizer, 8. its float32 masters from the snapshot (they keep what an fp16 cast rounds off).
+    optimizer = nn.AdamW(model.named_parameters(), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+                         weight_decay=args.weight_decay)
+    optimizer.set_masters(float32_weights)
+    scaler = nn.LossScaler(init_scale=args.loss_scale, growth_interval=args.scale_growth_interval,
+                           min_scale=args.min_loss_scale, max_scale=args.max_loss_scale,
+                           enabled=args.dtype == "float16")
+    log = RunLog(args.out) if is_main else SilentLog(args.out)
+    # 9. Saved optimizer state: moments, loss scale, progress, this rank's place in its batch stream.
+    progress = None
+    if state is not None:
+        optimizer.load_state_dict(dict(state["optimizer"], **optim_arrays))
+        scaler.load_state_dict(state["scaler"])
+        progress = {key: state.get(key, 0) for key in ("step", "tokens", "best_val", "skipped_in_a_row")}
+        position = saved_loader_state(state, rank, world_size)
+        if position is not None:
+            loader.load_state_dict(position)
+        else:
+            loader = train_loader(stream_seed(args.seed, rank, state["step"]))
+        log.truncate_after(state["step"])
+    # 10. Broadcast: every rank starts from rank 0's masters and moments.
+    if comm is not None:
+        distributed.broadcast_optimizer(comm, optimizer)
 
+    def loss_fn(x, y, loss_weight):
+        # loss_weight: what backward will multiply the loss by, so the head makes its gradients in the
+        # forward (docs/fast_path.md, "The head"); None in evaluation.
+        return model(x, y, return_logits=False, loss_grad=loss_weight)[1]
 
-class Trainer:
-    """One training run; with `comm` (a tinygrad3.distributed communicator), one rank of it."""
-
-    def __init__(self, args, comm=None):
-        self.args, self.comm = args, comm
-        self.rank, self.world_size = (comm.rank, comm.world_size) if comm is not None else (0, 1)
-        self.is_main = self.rank == 0
-        self.config = Gemma3Config.preset(args.preset)
-        self.last_dir = os.path.join(args.out, "last")
-        if self.is_main:
-            claim(args.out, args.resume, args.overwrite)  # refuses another run's directory
-        self.data_dir = self.main_first(lambda: resolve_data(args.data, ROOT))  # rank 0 prepares, once
-        self.data_identity = data_identity(self.data_dir)  # the tokens trained on, for resume
-        self.loader = self.train_loader(stream_seed(args.seed, self.rank))
-        # Every rank draws the same fixed eval batches and evaluates its share of them.
-        self.eval_loader = BatchLoader(self.data_dir, args.batch_size, args.block_size, device=args.device,
-                                       seed=args.seed + 1, model_vocab_size=self.config.vocab_size)
-        self.eval_start = self.eval_loader.state_dict()  # every eval replays these same batches
-
-        kernels.set_fast(bool(args.kernels["families"]), args.kernels["families"] or kernels.FAMILIES)
-        self.model = Gemma3(self.config, seed=args.seed, recompute=args.recompute)
-        state = None
-        if args.resume:
-            required = {"state.json": ("step", "tokens", "best_val", "optimizer", "scaler", "config", "args"),
-                        "optimizer.safetensors": ("master", "m", "v"),
-                        "model.safetensors": tuple(self.model.state_dict())}
-            # rank 0 first: falling back to an intact last.old renames directories
-            model_state, optim_arrays, state = self.main_first(lambda: load_checkpoint(self.last_dir, required))
-            self.check_same_run(state)
-            self.model.load_state_dict(model_state)
-        float32_weights = self.model.state_dict()
-        self.model.to(device=args.device, dtype=np.dtype(args.dtype))
-        self.optimizer = nn.AdamW(self.model.named_parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
-                                  eps=args.eps, weight_decay=args.weight_decay)
-        self.optimizer.set_masters(float32_weights)  # the masters keep what an fp16 cast would round off
-        self.scaler = nn.LossScaler(init_scale=args.loss_scale, growth_interval=args.scale_growth_interval,
-                                    min_scale=args.min_loss_scale, max_scale=args.max_loss_scale,
-                                    enabled=args.dtype == "float16")
-        self.schedule = nn.LRSchedule(args.lr, args.warmup, args.max_updates, min_lr=args.min_lr,
-                                      kind=args.schedule)
-        self.step, self.tokens, self.best_val = 0, 0, math.inf
-        self.skipped_in_a_row = 0  # consecutive updates skipped for inf/NaN gradients
-        self.stop_agreed = False   # set by agree_on_step: some rank was asked to stop
-        self.log = RunLog(args.out) if self.is_main else SilentLog(args.out)
-        if state is not None:
-            self.optimizer.load_state_dict(dict(state["optimizer"], **optim_arrays))
-            self.scaler.load_state_dict(state["scaler"])
-            self.step, self.tokens, self.best_val = state["step"], state["tokens"], state["best_val"]
-            self.skipped_in_a_row = state.get("skipped_in_a_row", 0)
-            position = saved_loader_state(state, self.rank, self.world_size)
-            if position is not None:
-                self.loader.load_state_dict(position)
-            else:
-                self.loader = self.train_loader(stream_seed(args.seed, self.rank, self.step))
-            self.log.truncate_after(self.step)
-        self.signals = None  # StopSignals while run() runs
-        self.graphed = None
-        if args.kernels["cuda_graphs"]:
-            self.graphed = nn.GraphedMicroBatch(self.micro_loss, self.optimizer)
-        self.dp = None
-        if comm is not None:
-            if self.graphed is None:  # graphs add gradients into the optimizer's flat buffer: no .grad
-                self.dp = distributed.DataParallel(self.model.parameters(), comm,
-                                                   bucket_bytes=int(args.bucket_mb * 2 ** 20))
-            distributed.broadcast_optimizer(comm, self.optimizer)  # every rank starts from rank 0's bits
-        if self.is_main:
-            config = {"args": vars(args), "world_size": self.world_size, "model": self.config.to_dict(),
-                      "data": self.data_dir, "data_identity": self.data_identity, "kernels": args.kernels}
-            write_file_atomic(os.path.join(args.out, "config.json"), json.dumps(config, indent=1))
-        # One update: world_size ranks x grad_accum micro-batches x batch_size x block_size tokens.
-        self.tokens_per_update = self.world_size * args.batch_size * args.block_size * args.grad_accum
-        self.flops_per_update = flops_per_token(self.config, args.block_size) * self.tokens_per_update
-
-    def main_first(self, fn):
-        """fn() on rank 0, then on the other ranks (rank 0 may create files the others then find)."""
-        result = fn() if self.is_main else None
-        if self.comm is not None:
-            self.comm.barrier()
-        return result if self.is_main else fn()
-
-    def train_loader(self, seed):
-        return BatchLoader(self.data_dir, self.args.batch_size, self.args.block_size, device=self.args.device,
-                           seed=seed, model_vocab_size=self.config.vocab_size)
-
-    def say(self, message, **kwargs):
-        if self.is_main:
-            print(message, **kwargs)
-
-    def check_same_run(self, state):
-        saved = state["config"]
-        if saved != self.config.to_dict():
-            diff = sorted(k for k in saved if saved[k] != self.config.to_dict().get(k))
-            raise CheckpointError(f"{self.last_dir} was saved from a different model config (differs in "
-                                  f"{', '.join(diff)}); resume with the same --preset or start a new --out")
-        for key in ("block_size", "batch_size", "grad_accum", "seed", "dtype"):
-            if key in state["args"] and state["args"][key] != getattr(self.args, key):
-                raise CheckpointError(f"{self.last_dir} was trained with --{key.replace('_', '-')} "
-                                      f"{state['args'][key]}; resuming with {getattr(self.args, key)} would "
-                                      f"not continue the same run: pass --{key.replace('_', '-')} "
-                                      f"{state['args'][key]}, or start a new --out")
-        saved_kernels = state.get("kernels")
-        if saved_kernels is not None and saved_kernels != self.args.kernels:
-            if not self.args.allow_kernel_change:
-                raise CheckpointError(f"{self.last_dir} was trained on {describe_kernels(saved_kernels)}; this "
-                                      f"run would use {describe_kernels(self.args.kernels)}, which changes the "
-                                      "numerics: resume with the run's flags (--reference, --no-cuda-graphs), or "
-                                      "pass --allow-kernel-change")
-            print(f"note: the kernel path changes from {describe_kernels(saved_kernels)} to "
-                  f"{describe_kernels(self.args.kernels)} (--allow-kernel-change)")
-        if "data" in state and state["data"] != self.data_identity:
-            raise CheckpointError(f"{self.last_dir} was trained on other data (--data {state['args']['data']}) "
-                                  f"than --data {self.args.data} holds: resume with the run's --data, or start "
-                                  "a new --out")
-
-    # ----- one update ------------------------------------------------------------------------
-    def micro_loss(self, x, y, loss_weight):
-        """One micro-batch's loss; loss_weight is what backward will multiply it by (a number, or
-        the CUDA graph's GPU scalar), so the model's head makes its gradients in the forward."""
-        return self.model(x, y, return_logits=False, loss_grad=loss_weight)[1]
-
-    def update(self):
-        """Forward/backward over grad_accum micro-batches, then one optimizer step."""
-        args, xp = self.args, backend.array_module(self.args.device)
-        # Each micro-loss is divided by grad_accum * world_size (so the update sees the mean over
-        # all ranks' micro-batches once the ranks' gradients are summed) and multiplied by the loss
-        # scale (so small fp16 gradients do not flush to zero).
-        loss_weight = self.scaler.scale / (args.grad_accum * self.world_size)
-        loss_sum = xp.zeros((), np.float64)  # wide enough for float64 losses too
-        for i in range(args.grad_accum):
-            x, y = self.loader.next_batch("train")
-            if self.graphed is not None:
-                loss_sum += self.graphed(x, y, loss_weight)
-                continue
-            loss = self.micro_loss(x, y, loss_weight)
-            # On the last micro-batch, each bucket's all-reduce starts once backward completes it.
-            last = self.dp is not None and i == args.grad_accum - 1
-            (loss * loss_weight).backward(leaf_hook=self.dp.leaf_hook if last else None)
-            loss_sum += loss.data
-        if self.dp is not None:
-            self.dp.finish()  # every rank now holds the same summed gradients
-        elif self.comm is not None:
-            distributed.allreduce_grad_buffer(self.comm, self.optimizer)  # graphs: the flat buffer, one call
-        lr = self.schedule(self.step)
-        result = self.optimizer.step(lr=lr, inv_scale=self.scaler.inv_scale,
-                                     clip_norm=args.clip if args.clip > 0 else None)
-        mean_loss = float(loss_sum) / args.grad_accum
-        if self.comm is not None:
-            mean_loss = self.agree_on_step(mean_loss, result.found_inf, self.stop_requested())
-        scale = self.scaler.scale
-        self.scaler.update(result.found_inf)
-        self.optimizer.zero_grad()
-        self.step += 1
-        self.tokens += self.tokens_per_update
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if result.found_inf else 0
-        return dict(loss=mean_loss, lr=lr, scale=scale, skipped=result.found_inf,
-                    grad_norm=result.grad_norm if math.isfinite(result.grad_norm) else None)
-
-    def agree_on_step(self, loss, found_inf, stop=False):
-        """The loss averaged over ranks, a check that every rank made the same skip decision, and
-        whether any rank was asked to stop (`stop`: a signal arrived here), so all stop together.
-
-        They cannot differ: after the all-reduce every rank holds the same summed gradients, and an
-        inf/NaN from any one rank survives the sum, so every rank's AdamW sees it, skips, and every
-        scaler halves its scale (the clip factor, from the same norm, agrees too). One small
-        all-reduce, which the loss average needs anyway, verifies that instead of trusting it.
-        """
-        loss_sum, skipped, stops = self.comm.allreduce_scalars([loss, float(found_inf), float(stop)])
-        if skipped not in (0, self.world_size):
-            raise RuntimeError(f"ranks disagree on skipping update {self.step + 1}: {skipped:g} of "
-                               f"{self.world_size} found inf/NaN gradients (their gradients differ)")
-        self.stop_agreed = stops > 0  # every rank stops after the same update
-        return loss_sum / self.world_size
-
-    def evaluate(self):
-        """Mean loss over the same fixed eval_batches batches per split, whatever the world size.
-
-        Every rank draws all of them (the stream stays the one a single process sees) and
-        evaluates batches rank, rank + world_size, ...; the ranks' sums are then added up.
-        """
-        self.model.eval()
-        totals = []
-        self.eval_loader.load_state_dict(self.eval_start)
-        with no_grad():
-            for split in ("train", "validation"):
-                total = 0.0
-                for i in range(self.args.eval_batches):
-                    x, y = self.eval_loader.next_batch(split)
-                    if i % self.world_size == self.rank:
-                        total += self.model(x, y, return_logits=False)[1].item()
-                totals.append(total)
-        self.model.train()
-        if self.comm is not None:
-            totals = self.comm.allreduce_scalars(totals)
-        return {split: total / self.args.eval_batches for split, total in zip(("train", "validation"), totals)}
-
-    # ----- checkpoints -------------------------------------------------------------------------
-    def master_weights(self):
-        """The float32 master weights under the model's parameter names."""
-        return {name: backend.to_numpy(self.optimizer.master_of(name)).astype(np.float32)
-                for name in self.optimizer.decayed_names() + self.optimizer.undecayed_names()}
-
-    def save_last(self, loader_state, gather=True):
-        """Rank 0 writes `last`. Model, optimizer and scaler are the same on every rank; the batch
-        streams are not, so their positions are gathered from all ranks (gather=False: no
-        collective, for an interrupt, where other ranks may be anywhere; a resume then starts fresh
-        streams, see saved_loader_state)."""
-        loaders = [loader_state]
-        if self.world_size > 1:
-            loaders = self.comm.allgather_object(loader_state) if gather else None
-        if not self.is_main:
-            return
-        optim = self.optimizer.state_dict()
-        arrays = {k: optim.pop(k) for k in ("master", "m", "v")}
-        state = dict(step=self.step, tokens=self.tokens, best_val=self.best_val, optimizer=optim,
-                     skipped_in_a_row=self.skipped_in_a_row,
-                     scaler=self.scaler.state_dict(), world_size=self.world_size, loaders=loaders,
-                     config=self.config.to_dict(), args=vars(self.args), data=self.data_identity,
-                     kernels=self.args.kernels)
-        save_checkpoint(self.last_dir, self.master_weights(), arrays, state)
-
-    # ----- the loop -----------------------------------------------------------------------------
-    def stop_requested(self):
-        return self.signals is not None and self.signals.requested is not None
-
-    def run(self):
-        """Train to --max-updates; 0 when done, 130 when stopped by a signal (after saving `last`)."""
-        # inf/NaN are expected (fp16 overflow, a diverging run) and handled by skipping the update
-        with StopSignals() as self.signals, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            try:
-                return self._run()
-            except KeyboardInterrupt:  # only where no handler could be installed (not the main thread)
-                self.say(f"\ninterrupted inside an update: nothing saved; {self.last_dir} holds the last save")
-                return 130
-            finally:
-                self.signals = None
-
-    def _run(self):
-        args = self.args
-        self.say(f"model: {self.config.num_hidden_layers} layers, {self.model.num_parameters() / 1e6:.1f}M "
-                 f"parameters | {self.tokens_per_update} tokens per update = {self.world_size} ranks x "
-                 f"{args.grad_accum} micro-batches x {args.batch_size} x {args.block_size} | data {self.data_dir}")
-        bar = None
-        if not args.no_progress and self.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=args.max_updates, initial=self.step, unit="update", dynamic_ncols=True)
-        try:
-            while self.step < args.max_updates:
-                start = time.perf_counter()
-                record = self.update()
-                seconds = time.perf_counter() - start
-                tok_s = self.tokens_per_update / seconds
-                record.update(kind="update", step=self.step, tokens=self.tokens, seconds=seconds, tok_s=tok_s)
-                if args.device == "cuda":
-                    record["mfu"] = self.flops_per_update / seconds / (args.peak_tflops * 1e12 * self.world_size)
-                self.log.write(record)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    scale=f"{record['scale']:.0f}", tok_s=f"{tok_s:,.0f}",
-                                    **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
-                saved = self.step % args.eval_every == 0 or self.step == args.max_updates
-                if saved:
-                    self.eval_and_save()
-                self.check_progress()
-                # A signal only sets a flag; here, between updates, the state is whole.
-                if self.stop_agreed if self.comm is not None else self.stop_requested():
-                    if not saved:
-                        self.save_last(self.loader.state_dict())
-                    self.say(f"\nstopped: saved {self.last_dir} at update {self.step}; continue with --resume")
-                    return 130
-        finally:
-            if bar is not None:
-                bar.close()
-        self.say(f"done: {self.step} updates, best validation loss {self.best_val:.4f}; outputs in {args.out}")
-        return 0
-
-    def check_progress(self):
-        """Stop a run that cannot recover: --max-skipped-updates updates in a row with inf/NaN
-        gradients while the loss scale cannot be lowered any further (or there is none: float32)."""
-        at_floor = not self.scaler.enabled or self.scaler.scale <= self.scaler.min_scale
-        if self.skipped_in_a_row >= self.args.max_skipped_updates and at_floor:
-            where = "at the minimum loss scale " if self.scaler.enabled else ""
-            raise DivergedError(f"the run diverged: {self.skipped_in_a_row} updates in a row had inf/NaN "
-                                f"gradients {where}(update {self.step}); lower --lr ({self.args.lr:g}), or "
-                                f"--resume from the last save ({self.last_dir})")
-
-    def eval_and_save(self):
-        losses = self.evaluate()
-        self.log.write(dict(kind="eval", step=self.step, tokens=self.tokens, **losses))
-        if losses["validation"] < self.best_val:
-            self.best_val = losses["validation"]  # the same on every rank: the losses are reduced
-            if self.is_main:
-                save_weights(self.master_weights(), os.path.join(self.args.out, "best.safetensors"))
-        self.save_last(self.loader.state_dict())
-        self.log.plot()
-        message = (f"update {self.step}: train {losses['train']:.4f} | validation {losses['validation']:.4f} "
-                   f"| best {self.best_val:.4f}")
-        self.say(("\n" if not self.args.no_progress else "") + message, flush=True)
+    runner = micro_batch_runner(loss_fn, optimizer, model.parameters(), comm=comm,
+                                graphs=args.kernels["cuda_graphs"], bucket_bytes=int(args.bucket_mb * 2 ** 20))
+    if is_main:
+        run_config = {"args": vars(args), "world_size": world_size, "model": config.to_dict(), "data": data_dir,
+                      "data_identity": identity, "kernels": args.kernels}
+        write_file_atomic(os.path.join(args.out, "config.json"), json.dumps(run_config, indent=1))
+    # One update: world_size ranks x grad_accum micro-batches x batch_size x block_size tokens.
+    tokens_per_update = world_size * args.batch_size * args.block_size * args.grad_accum
+    if is_main:
+        print(f"model: {config.num_hidden_layers} layers, {model.num_parameters() / 1e6:.1f}M parameters | "
+              f"{tokens_per_update} tokens per update = {world_size} ranks x {args.grad_accum} micro-batches x "
+              f"{args.batch_size} x {args.block_size} | data {data_dir}")
+    return Trainer(args, model=model, optimizer=optimizer, scaler=scaler, log=log, loss_fn=loss_fn, runner=runner,
+                   schedule=nn.LRSchedule(args.lr, args.warmup, args.max_updates, min_lr=args.min_lr,
+                                          kind=args.schedule),
+                   loader=loader, eval_loader=eval_loader, comm=comm, progress=progress,
+                   tokens_per_update=tokens_per_update,
+                   flops_per_update=flops_per_token(config, args.block_size) * tokens_per_update,
+                   record=dict(config=config.to_dict(), args=vars(args), data=identity, kernels=args.kernels))
 
 
 def make_communicator(args):
@@ -561,7 +354,7 @@ def main(argv=None):
                 if key not in ("path", "kernels"):
                     print(f"  --{key.replace('_', '-')}: {value}")
             print(f"kernels: {args.path}")
-        trainer = Trainer(args, comm)
+        trainer = setup(args, comm)
     except USER_ERRORS as e:
         return fail(comm, several, describe_error(e), 2)
     except KeyboardInterrupt:

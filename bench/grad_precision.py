@@ -87,7 +87,7 @@ def torch_gradient(side, batches, scale):
 
 def all_fp16_model(trainer, weights):
     """Our model with every parameter cast to fp16, keep_float32 or not."""
-    model = Gemma3(trainer.config).to(device=trainer.args.device)
+    model = Gemma3(trainer.model.config).to(device=trainer.args.device)
     for name, p in model.named_parameters():
         p.data = backend.to_device(weights[name].astype(np.float16), trainer.args.device)
     return model
@@ -122,7 +122,7 @@ def main(argv=None):
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    trainer = train.Trainer(train.parse_args(train_argv(args)))
+    trainer = train.setup(train.parse_args(train_argv(args)))
     sides = {"torch-eager": TorchReference(trainer), "torch-sdpa": TorchReference(trainer)}
     sides["torch-sdpa"].model.set_attn_implementation("sdpa")
     reference = TorchReference(trainer, dtype="float32")  # the same weights and batches, float32 throughout

@@ -80,7 +80,7 @@ def run(out, flags, comm=None):
         raise RuntimeError(f"train.py refused {' '.join(flags)}: {refused.getvalue().strip().splitlines()[-1]}")
     counter = CountingComm(comm) if comm is not None else None
     try:
-        trainer = train.Trainer(args, comm)
+        trainer = train.setup(args, comm)
         assert trainer.run() == 0
     finally:
         if counter is not None:
@@ -116,8 +116,8 @@ def reduction_check(dist, graphs):
         return calls == expected, (f"one float32 all-reduce of the {n} flat gradients per update "
                                    f"(allreduce_grad_buffer), no other: got {len(calls)} gradient all-reduces "
                                    f"of {sum(size for _, size in calls)} values in {UPDATES} updates")
-    buckets = len(trainer.dp.buckets) if trainer.dp is not None else 0
-    sizes = [b.buffer.size for b in trainer.dp.buckets] * UPDATES if buckets else []
+    buckets = len(trainer.runner.dp.buckets) if hasattr(trainer.runner, "dp") else 0
+    sizes = [b.buffer.size for b in trainer.runner.dp.buckets] * UPDATES if buckets else []
     passed = buckets > 1 and sorted(size for _, size in calls) == sorted(sizes) and sum(sizes) == UPDATES * n
     return passed, (f"every update all-reduced each of its {buckets} DataParallel buckets once ({n} gradients): "
                     f"got {len(calls)} gradient all-reduces of {sum(size for _, size in calls)} values "

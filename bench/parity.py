@@ -124,7 +124,7 @@ class Parity:
 
     def __init__(self, args, trainer=None, sides=None):
         self.args = args
-        self.trainer = trainer or train.Trainer(train.parse_args(train_argv(args)))
+        self.trainer = trainer or train.setup(train.parse_args(train_argv(args)))
         if sides is None:
             from bench.parity_torch import TorchReference  # imports torch and transformers
             sides = {"ours": OurSide(self.trainer), "torch": TorchReference(self.trainer)}

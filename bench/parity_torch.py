@@ -6,7 +6,9 @@ own loaders, started from the Trainer's loader states), the same AdamW decay gro
 rate, clipping and gradient accumulation. fp16 uses torch's own recipe: float32 weights,
 torch.autocast(float16) and a GradScaler, clipping after `unscale_`.
 """
+import json
 import math
+import os
 
 import numpy as np
 import torch
@@ -18,11 +20,11 @@ from tinygrad3 import backend
 
 
 class TorchReference:
-    """`update(lr)` and `evaluate()` with the same contract as train.Trainer's."""
+    """`update(lr)` and `evaluate()` with the same contract as nn.trainer.Trainer's."""
 
     def __init__(self, trainer, dtype=None):
         """dtype: the trainer's --dtype unless given ("float16" means autocast + GradScaler)."""
-        args, config = trainer.args, trainer.config
+        args, config = trainer.args, trainer.model.config
         self.args, self.config = args, config
         self.device = torch.device(args.device)
         dtype = dtype or args.dtype
@@ -46,8 +48,11 @@ class TorchReference:
                                            backoff_factor=0.5, growth_interval=args.scale_growth_interval,
                                            enabled=self.amp)
 
+        with open(os.path.join(args.out, "config.json")) as f:
+            data_dir = json.load(f)["data"]  # the prepared directory the run trains on
+
         def loader(state):
-            batches = BatchLoader(trainer.data_dir, args.batch_size, args.block_size, device="cpu",
+            batches = BatchLoader(data_dir, args.batch_size, args.block_size, device="cpu",
                                   seed=args.seed, model_vocab_size=config.vocab_size)
             batches.load_state_dict(state)
             return batches

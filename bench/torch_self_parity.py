@@ -34,7 +34,7 @@ def main(argv=None):
     import torch
     from bench.parity_torch import TorchReference  # imports torch and transformers
     with single_torch_thread(args.device == "cpu"):
-        trainer = train.Trainer(train.parse_args(train_argv(args)))  # the weights, batches and schedule
+        trainer = train.setup(train.parse_args(train_argv(args)))  # the weights, batches and schedule
         first = TorchReference(trainer)
         if args.control == "sdpa":
             second = TorchReference(trainer)

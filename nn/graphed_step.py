@@ -28,32 +28,35 @@ add to arrays it does not own).
 
 Data parallelism. There is no `.grad` for DataParallel's buckets, and no Python runs during a
 replay to start them. Each rank instead runs its micro-batches through its own GraphedMicroBatch
-(loss weight scale / (grad_accum * world_size)), then `tinygrad3.distributed.allreduce_grad_buffer(
-comm, optimizer)` sums the optimizer's flat buffer over the ranks with one all-reduce, and every
-rank steps. That all-reduce does not overlap with backward: the buffer is final only after the
-update's last replay, and no Python runs inside a replay to start it earlier. It costs one
-all-reduce per update, next to grad_accum micro-batches (what overlap would take instead:
-tinygrad3/distributed/data_parallel.py).
+(loss weight scale / (grad_accum * world_size)); given the communicator (`comm=`), `finish()` then
+sums the optimizer's flat buffer over the ranks with one all-reduce
+(`tinygrad3.distributed.allreduce_grad_buffer`), and every rank steps. That all-reduce does not
+overlap with backward: the buffer is final only after the update's last replay, and no Python
+runs inside a replay to start it earlier. It costs one all-reduce per update, next to grad_accum
+micro-batches (what overlap would take instead: tinygrad3/distributed/data_parallel.py).
 """
 import numpy as np
 
-from tinygrad3 import Tensor, backend
+from tinygrad3 import backend, distributed
 from tinygrad3.cuda_graph import CaptureError, CudaGraph
+
+from .micro_batch import forward_backward
 
 
 class GraphedMicroBatch:
     """`loss_fn(x, y, loss_weight) -> loss Tensor` forward and backward (of loss * loss_weight),
-    captured once per input shape."""
+    captured once per input shape; the micro-batch runner interface of nn/micro_batch.py."""
 
-    def __init__(self, loss_fn, optimizer):
+    def __init__(self, loss_fn, optimizer, comm=None):
         if not backend.cuda_available():
             raise CaptureError("CUDA graphs need a CUDA GPU with CuPy; train without --cuda-graphs on the CPU")
-        self.loss_fn, self.optimizer = loss_fn, optimizer
+        self.loss_fn, self.optimizer, self.comm = loss_fn, optimizer, comm
         self._warm, self._captured = set(), {}
 
-    def __call__(self, x, y, loss_weight):
+    def __call__(self, x, y, loss_weight, last=False):
         """Add d(loss * loss_weight)/dparams to the optimizer's gradients; return the loss (a 0-d
-        GPU array, valid until the next call)."""
+        GPU array, valid until the next call). `last` changes nothing: the sum over ranks waits
+        for `finish`."""
         params = self.optimizer.params
         if any(p.grad is not None for p in params):
             raise RuntimeError("GraphedMicroBatch: parameters already hold .grad; it adds gradients to the "
@@ -68,11 +71,14 @@ class GraphedMicroBatch:
         self._captured[key] = _Captured(self.loss_fn, self.optimizer, x, y)
         return self._captured[key].run(x, y, loss_weight)
 
+    def finish(self):
+        """After the update's last micro-batch: with ranks, sum the flat buffer over them."""
+        if self.comm is not None:
+            distributed.allreduce_grad_buffer(self.comm, self.optimizer)
+
     def _eager(self, x, y, loss_weight):
         with self.optimizer.grads_in_buffer():
-            loss = self.loss_fn(x, y, loss_weight)
-            (loss * loss_weight).backward()
-        return loss.data
+            return forward_backward(self.loss_fn, x, y, loss_weight).data
 
     def memory_bytes(self):
         """GPU memory held by the captured graphs (their activations and intermediates)."""
@@ -90,9 +96,7 @@ class _Captured:
 
         def micro_batch():
             with optimizer.grads_in_buffer():
-                loss = loss_fn(self.x, self.y, self.weight)
-                (loss * Tensor(self.weight.astype(loss.dtype, copy=False))).backward()
-            return loss.data
+                return forward_backward(loss_fn, self.x, self.y, self.weight).data
 
         self.graph = CudaGraph(micro_batch)
         self.loss = self.graph.outputs

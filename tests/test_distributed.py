@@ -473,15 +473,15 @@ def test_trainer_update_equals_single_process_accumulation(synthetic_dir, tmp_pa
     world = 2
     loader = BatchLoader(synthetic_dir, 2, 16, seed=5)
     data = [loader.next_batch("train") for _ in range(world)]
-    single = train.Trainer(_args(synthetic_dir, tmp_path / "single", "--grad-accum", str(world),
+    single = train.setup(_args(synthetic_dir, tmp_path / "single", "--grad-accum", str(world),
                                  "--dtype", "float64"))
     single.loader = FixedBatches(data)
     expected = single.update()
 
     def rank_main(comm):
-        trainer = train.Trainer(_args(synthetic_dir, tmp_path / "dp", "--dtype", "float64", *recompute), comm)
+        trainer = train.setup(_args(synthetic_dir, tmp_path / "dp", "--dtype", "float64", *recompute), comm)
         trainer.loader = FixedBatches([data[comm.rank]])
-        assert len(trainer.dp.buckets) > 1 and trainer.model.recompute == bool(recompute)
+        assert len(trainer.runner.dp.buckets) > 1 and trainer.model.recompute == bool(recompute)
         return trainer.update(), trainer.optimizer, trainer.tokens
 
     for record, optimizer, tokens in InProcessGroup(world).run(rank_main):
@@ -494,10 +494,10 @@ def test_trainer_update_equals_single_process_accumulation(synthetic_dir, tmp_pa
 
 
 def test_trainer_eval_is_the_mean_over_the_same_batches_at_any_world_size(synthetic_dir, tmp_path):
-    expected = train.Trainer(_args(synthetic_dir, tmp_path / "single")).evaluate()
+    expected = train.setup(_args(synthetic_dir, tmp_path / "single")).evaluate()
     for world in (2, 4):  # 3 eval batches: uneven shares, and a rank with none at world size 4
         got = InProcessGroup(world).run(
-            lambda comm: train.Trainer(_args(synthetic_dir, tmp_path / f"dp{comm.world_size}"), comm).evaluate())
+            lambda comm: train.setup(_args(synthetic_dir, tmp_path / f"dp{comm.world_size}"), comm).evaluate())
         for losses in got:
             assert losses == pytest.approx(expected, rel=1e-12)
 
@@ -509,7 +509,7 @@ def _log(out):
 
 def test_distributed_run_writes_once_and_resumes_at_any_world_size(synthetic_dir, tmp_path):
     out = tmp_path / "run"
-    InProcessGroup(2).run(lambda comm: train.Trainer(_args(synthetic_dir, out, "--max-updates", "4"), comm).run())
+    InProcessGroup(2).run(lambda comm: train.setup(_args(synthetic_dir, out, "--max-updates", "4"), comm).run())
     log = _log(out)
     assert [r["kind"] for r in log] == ["update", "update", "eval", "update", "update", "eval"]
     assert log[-1]["tokens"] == 4 * 2 * 2 * 16  # 4 updates x 2 ranks x 2 x 16 tokens
@@ -521,14 +521,14 @@ def test_distributed_run_writes_once_and_resumes_at_any_world_size(synthetic_dir
 
     # The same world size continues each rank's stream where it stopped.
     def positions(comm):
-        trainer = train.Trainer(_args(synthetic_dir, out, "--max-updates", "6", "--resume"), comm)
+        trainer = train.setup(_args(synthetic_dir, out, "--max-updates", "6", "--resume"), comm)
         return trainer.loader.state_dict(), trainer.optimizer.step_count
 
     for rank, (position, steps) in enumerate(InProcessGroup(2).run(positions)):
         assert position == saved["loaders"][rank] and steps == 4
 
     # One process (no --distributed) takes the run over with fresh streams from (seed, rank, step).
-    trainer = train.Trainer(_args(synthetic_dir, out, "--max-updates", "6", "--resume"))
+    trainer = train.setup(_args(synthetic_dir, out, "--max-updates", "6", "--resume"))
     assert trainer.loader.seed == train.stream_seed(0, 0, 4) != 0
     assert trainer.optimizer.step_count == 4 and trainer.tokens == saved["tokens"]
     assert trainer.run() == 0

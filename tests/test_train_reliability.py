@@ -17,6 +17,7 @@ from train_runs import read_log, tiny_argv
 from data.loader import BatchLoader
 from models import Gemma3, Gemma3Config
 from nn.checkpoint import load_weights
+from nn import trainer as nn_trainer
 from nn.run_dir import RunLock
 
 TIMING = ("seconds", "tok_s", "mfu")
@@ -101,7 +102,7 @@ def test_interrupt_then_resume_equals_the_uninterrupted_run(synthetic_dir, tmp_p
         _signal_on_call(monkeypatch, train.Trainer, "evaluate", 2, signals)
         stopped_at = 8
     elif where == "save":
-        _signal_on_call(monkeypatch, train, "save_checkpoint", 1, signals)
+        _signal_on_call(monkeypatch, nn_trainer, "save_checkpoint", 1, signals)
         stopped_at = 4
     else:  # AdamW._update runs once per update it does not skip: the signal lands in the third one
         updates = [r for r in read_log(uninterrupted[dtype]) if r["kind"] == "update"]
@@ -266,7 +267,7 @@ def test_a_save_that_fails_in_the_loop_ends_the_run_with_one_line(synthetic_dir,
             raise OSError(28, "No space left on device", "runs/x/last/model.safetensors")
         raise train.CheckpointError("refusing to save the model weights: non-finite values in w")
 
-    monkeypatch.setattr(train, "save_checkpoint", refuse)
+    monkeypatch.setattr(nn_trainer, "save_checkpoint", refuse)
     assert train.main(tiny_argv(synthetic_dir, tmp_path / "run", "--max-updates", "4")) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -285,7 +286,7 @@ def test_a_diverged_float32_run_stops_with_an_error(synthetic_dir, tmp_path, cap
 
 
 def test_skips_stop_the_run_only_when_the_loss_scale_cannot_fall(synthetic_dir, tmp_path):
-    trainer = train.Trainer(train.parse_args(tiny_argv(synthetic_dir, tmp_path / "t", *FP16,
+    trainer = train.setup(train.parse_args(tiny_argv(synthetic_dir, tmp_path / "t", *FP16,
                                                    "--max-skipped-updates", "2")))
     trainer.skipped_in_a_row = 5
     trainer.check_progress()  # scale 2^24: halving can still recover
