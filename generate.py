@@ -4,10 +4,13 @@
     python generate.py --run runs/tiny --weights last --greedy --max-new-tokens 50
     python generate.py --hf path/to/gemma-3-270m --prompt "..."   # a Hugging Face checkpoint directory
 
-A run directory (made by train.py) gives the model config (config.json) and the weights
-(best.safetensors, or last/model.safetensors with --weights last); its text is GPT-2 BPE.
-A Hugging Face directory gives config.json, *.safetensors and tokenizer.json (read with the
-`tokenizers` package). Generation uses a KV cache; --no-cache recomputes every step instead.
+A run directory (made by train.py) gives the model config (config.json), the weights
+(best.safetensors, or last/model.safetensors with --weights last) and the tokenizer the model
+was trained with (tokenizer/, checked against the identity config.json records; a run without
+either is GPT-2's). A Hugging Face directory gives config.json, *.safetensors and tokenizer.json.
+--tokenizer SPEC overrides the directory's tokenizer. The prompt is the tokenizer's bos (when it
+has one) and the prompt's ids; generation stops at the tokenizer's eos and never samples an id the
+tokenizer lacks. Generation uses a KV cache; --no-cache recomputes every step instead.
 On CUDA with float16 the fused kernels run (the fast path); --reference keeps the readable
 reference path. The story goes to stdout; stderr gets one line naming the path that runs.
 The prompt and --max-new-tokens must fit the model's context (max_position_embeddings).
@@ -21,6 +24,7 @@ import sys
 import numpy as np
 
 from data.errors import DataError
+from data.tokenizer import GPT2_IDENTITY, describe_identity, gpt2_tokenizer, load_tokenizer, same_tokenizer
 from models import Gemma3, Gemma3Config, generate, load_hf_checkpoint
 from nn.checkpoint import CheckpointError, DamagedFileError, load_weights, non_finite
 from nn.arguments import OneLineParser
@@ -38,6 +42,8 @@ def parse_args(argv=None):
     source.add_argument("--run", help="a train.py run directory")
     source.add_argument("--hf", help="a Hugging Face Gemma 3 checkpoint directory")
     p.add_argument("--weights", default="best", choices=["best", "last"], help="which weights of a run")
+    p.add_argument("--tokenizer", default=None, metavar="SPEC", help="gpt2, a tokenizer.json or a directory "
+                   "holding one, in place of the run's or the checkpoint's own tokenizer")
     p.add_argument("--prompt", default="Once upon a time there was a pumpkin")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
@@ -139,8 +145,43 @@ def intact(path):
     return True
 
 
-def load_run(run_dir, which):
-    """(model, tokenizer, stop id) from a train.py run directory."""
+def recorded_tokenizer(config, flag, config_path):
+    """The tokenizer identity config.json records (None for a run from before it did)."""
+    recorded = config.get("tokenizer")
+    if recorded is None:
+        return None
+    if not (isinstance(recorded, dict) and isinstance(recorded.get("name"), str)
+            and isinstance(recorded.get("sha256"), str) and isinstance(recorded.get("vocab_size"), int)):
+        raise GenerateError(f"{flag}: the tokenizer field of {config_path} is damaged (no name, sha256 and "
+                            "vocab_size): restore it from a copy")
+    return recorded
+
+
+def run_tokenizer(run_dir, recorded, spec):
+    """--tokenizer, else RUN/tokenizer/, else GPT-2 (the tokenizer of runs that saved none),
+    refused unless it is the tokenizer config.json records (when it records one)."""
+    flag = f"--run {run_dir}"
+    saved = os.path.join(run_dir, "tokenizer")
+    if spec is not None:
+        tokenizer, where = load_tokenizer(spec), f"--tokenizer {spec}"
+    elif os.path.isdir(saved):
+        try:
+            tokenizer, where = load_tokenizer(saved), f"{flag}: {saved}"
+        except DataError as e:
+            raise GenerateError(f"{flag}: its tokenizer cannot be read ({e})") from None
+    elif recorded is None or same_tokenizer(recorded, GPT2_IDENTITY):
+        return gpt2_tokenizer()
+    else:
+        raise GenerateError(f"{flag} has no tokenizer/ directory, but its model was trained with "
+                            f"{describe_identity(recorded)}: give that tokenizer with --tokenizer SPEC")
+    if recorded is not None and not same_tokenizer(tokenizer.identity(), recorded):
+        raise GenerateError(f"{where} is {describe_identity(tokenizer.identity())}, but the model was trained with "
+                            f"{describe_identity(recorded)} (config.json): give that tokenizer with --tokenizer SPEC")
+    return tokenizer
+
+
+def load_run(run_dir, which, tokenizer_spec=None):
+    """(model, tokenizer) from a train.py run directory."""
     flag = f"--run {run_dir}"
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(config_path):
@@ -152,11 +193,18 @@ def load_run(run_dir, which):
                                 f"use --hf {run_dir}")
         raise GenerateError(f"{flag}: {config_path} holds no model config (it is damaged, or not a train.py "
                             "run's): restore it from a copy")
+    recorded = recorded_tokenizer(config, flag, config_path)
     try:
         config = Gemma3Config.from_dict(config["model"])
     except (TypeError, ValueError) as e:  # unknown or missing fields, values that describe no model
         raise GenerateError(f"{flag}: the model config in {config_path} is damaged ({e}): restore it "
                             "from a copy") from None
+    tokenizer = run_tokenizer(run_dir, recorded, tokenizer_spec)
+    model_vocab = config.unpadded_vocab_size or config.vocab_size
+    if tokenizer.vocab_size > model_vocab:
+        raise GenerateError(f"{flag}: the tokenizer {describe_identity(tokenizer.identity())} has more ids than "
+                            f"the model's {model_vocab}: give the tokenizer the model was trained with "
+                            "(--tokenizer SPEC)")
     path = run_weights_path(run_dir, which)
     other = "last" if which == "best" else "best"
     if not os.path.isfile(path):
@@ -172,8 +220,7 @@ def load_run(run_dir, which):
         raise GenerateError(f"--weights {which}: {e.path} is damaged ({e.reason}): {fix}") from None
     except (CheckpointError, StateDictError) as e:  # unreadable, or the weights of another model
         raise GenerateError(f"--weights {which}: {path}: {e}") from None
-    from data.tokenizer import EOT_ID, gpt2
-    return model, GPT2Text(gpt2()), EOT_ID
+    return model, tokenizer
 
 
 # ----- Hugging Face directories ------------------------------------------------------------------
@@ -190,8 +237,8 @@ def check_hf_files(directory, flag):
                 raise GenerateError(f"{flag}: {path} is damaged ({e}): download the checkpoint again") from None
 
 
-def load_hf(directory):
-    """(model, tokenizer, stop id) from a Hugging Face checkpoint directory."""
+def load_hf(directory, tokenizer_spec=None):
+    """(model, tokenizer) from a Hugging Face checkpoint directory."""
     flag = f"--hf {directory}"
     if not os.path.isdir(directory):
         raise GenerateError(f"{flag} is not a directory: give a Hugging Face checkpoint directory")
@@ -206,47 +253,45 @@ def load_hf(directory):
     if bad:
         raise GenerateError(f"{flag}: the weights hold non-finite values in {', '.join(bad[:5])}: the "
                             "checkpoint is damaged; download it again")
-    path = os.path.join(directory, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise GenerateError(f"{flag} has no tokenizer.json, so its text cannot be encoded")
+    if tokenizer_spec is not None:
+        return model, load_tokenizer(tokenizer_spec)
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        raise GenerateError(f"{flag} has no tokenizer.json, so its text cannot be encoded: give the "
+                            "checkpoint's tokenizer with --tokenizer SPEC")
     try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise GenerateError("reading tokenizer.json needs the `tokenizers` package: pip install tokenizers") from None
-    try:
-        tokenizer = Tokenizer.from_file(path)
-    except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
-        raise GenerateError(f"{flag}: {path} is damaged ({e}): download the checkpoint again") from None
-    eos = _read_json(os.path.join(directory, "config.json"), flag).get("eos_token_id")
-    return model, HFText(tokenizer), eos[0] if isinstance(eos, list) else eos
+        return model, load_tokenizer(directory)
+    except DataError as e:
+        raise GenerateError(f"{flag}: its tokenizer cannot be read ({e})") from None
 
 
-class GPT2Text:
-    def __init__(self, encoding):
-        self.encoding = encoding
+def prompt_ids(tokenizer, text, model_vocab):
+    """The tokenizer's bos (when it has one, as every training document starts) and `text`'s ids."""
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise GenerateError("--prompt encodes to no tokens: give some text for the story to continue")
+    if max(ids) >= model_vocab:
+        raise GenerateError(f"--prompt encodes to id {max(ids)}, which the model's {model_vocab} ids lack: give "
+                            "the model's own tokenizer (--tokenizer SPEC)")
+    return ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + ids
 
-    def encode(self, text):
-        return self.encoding.encode_ordinary(text)
 
-    def decode(self, ids):
-        return self.encoding.decode(ids)
+def sample_tokenizer_ids_only(model, tokenizer):
+    """Mask the logits of every id the tokenizer lacks (padding, or a larger embedding table than
+    its vocabulary), as the model masks its padding: such ids get probability 0 and are never drawn."""
+    config = model.config
+    if tokenizer.vocab_size < (config.unpadded_vocab_size or config.vocab_size):
+        config.unpadded_vocab_size = tokenizer.vocab_size
 
 
-class HFText:
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def encode(self, text):
-        return self.tokenizer.encode(text).ids
-
-    def decode(self, ids):
-        return self.tokenizer.decode(ids)
+def continuation(tokenizer, prompt, new):
+    """The text `new` adds after the prompt's ids (decoded together, for tokenizers whose
+    decoding of a piece depends on what comes before it)."""
+    whole, head = tokenizer.decode(prompt + new), tokenizer.decode(prompt)
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(new)
 
 
 def check_context(n_prompt, max_new_tokens, context):
     """Refuse a prompt, or prompt plus new tokens, longer than the model's positions."""
-    if n_prompt == 0:
-        raise GenerateError("--prompt encodes to no tokens: give some text for the story to continue")
     if n_prompt >= context:
         raise GenerateError(f"--prompt is {n_prompt} tokens, which leaves no room in the model's context of "
                             f"{context} positions: shorten it to at most {context - 1} tokens")
@@ -258,21 +303,24 @@ def check_context(n_prompt, max_new_tokens, context):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        model, text, stop_id = load_run(args.run, args.weights) if args.run else load_hf(args.hf)
-        prompt = text.encode(args.prompt)
+        model, tokenizer = (load_run(args.run, args.weights, args.tokenizer) if args.run else
+                            load_hf(args.hf, args.tokenizer))
+        prompt = prompt_ids(tokenizer, args.prompt, model.config.unpadded_vocab_size or model.config.vocab_size)
         check_context(len(prompt), args.max_new_tokens, model.config.max_position_embeddings)
-    except (GenerateError, DataError) as e:  # DataError: the GPT-2 tokenizer files
+    except (GenerateError, DataError) as e:  # DataError: --tokenizer, or the GPT-2 tokenizer files
         print(f"error: {e}", file=sys.stderr)
         return 2
+    sample_tokenizer_ids_only(model, tokenizer)
     model.to(device=args.device, dtype=np.dtype(args.dtype)).eval()
     kernels.set_fast(bool(args.families), args.families or kernels.FAMILIES)
     print(args.path, file=sys.stderr)
     new = generate(model, prompt, args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_id=stop_id,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_id=tokenizer.eos_id,
                    use_cache=not args.no_cache)
-    if new and new[-1] == stop_id:
+    if new and new[-1] == tokenizer.eos_id:
         new = new[:-1]
-    print(args.prompt + text.decode(new))
+    body = prompt[1:] if tokenizer.bos_id is not None else prompt
+    print(args.prompt + continuation(tokenizer, body, new))
     return 0
 
 

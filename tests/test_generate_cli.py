@@ -1,5 +1,6 @@
 """generate.py: every plain user error one line naming the flag, the kernel path line, context
-limits; batched greedy generation (models/generation.py) against the one-prompt path; on a GPU,
+limits, the tokenizer a run or checkpoint was trained with (bos, eos, decoding, no padding id
+sampled); batched greedy generation (models/generation.py) against the one-prompt path; on a GPU,
 the fast path against the reference path."""
 import dataclasses
 import json
@@ -11,20 +12,29 @@ import numpy as np
 import pytest
 
 import generate as cli
+from data.tokenizer import EOT_ID, GPT2_IDENTITY, gpt2, gpt2_tokenizer, load_tokenizer
 from models import Gemma3, Gemma3Config, generate
+from models.config import padded_vocab
 from models.generation import check_sampling, generate_greedy_batch
 from nn.checkpoint import save_checkpoint, save_weights
 from tinygrad3 import backend, kernels, no_grad
 
+from small_tokenizers import train_bpe
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _write_run(directory, config, seed=0, best=True, last=True):
-    """A run directory as train.py leaves it: config.json, best.safetensors, last/."""
+def _write_run(directory, config, seed=0, best=True, last=True, tokenizer=None, weights=None):
+    """A run directory as train.py leaves it: config.json, best.safetensors, last/, and with a
+    `tokenizer` its tokenizer/ and its identity in config.json (runs from before have neither)."""
     os.makedirs(directory, exist_ok=True)
+    record = {"args": {"preset": "tiny"}, "world_size": 1, "model": config.to_dict()}
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(directory, "tokenizer"))
+        record["tokenizer"] = tokenizer.identity()
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({"args": {"preset": "tiny"}, "world_size": 1, "model": config.to_dict()}, f)
-    weights = Gemma3(config, seed=seed).state_dict()
+        json.dump(record, f)
+    weights = weights or Gemma3(config, seed=seed).state_dict()
     if best:
         save_weights(weights, os.path.join(directory, "best.safetensors"))
     if last:
@@ -38,25 +48,37 @@ def run_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    """A random Hugging Face Gemma 3 checkpoint with a word-level tokenizer.json."""
+def bpe(tmp_path_factory):
+    """A small byte-level BPE tokenizer (358 ids; <bos> 0, <eos> 1), not GPT-2."""
+    return load_tokenizer(train_bpe(tmp_path_factory.mktemp("bpe") / "stories-bpe", merges=100))
+
+
+def _bpe_config(tokenizer):
+    return Gemma3Config.tiny(vocab_size=padded_vocab(tokenizer.vocab_size), unpadded_vocab_size=tokenizer.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory, bpe):
+    """A run trained with `bpe`: its vocabulary padded from 358 to 384 ids."""
+    return _write_run(tmp_path_factory.mktemp("bpe_run") / "run", _bpe_config(bpe), tokenizer=bpe)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, bpe):
+    """A random Hugging Face Gemma 3 checkpoint with `bpe`'s tokenizer.json; its embedding table has
+    42 more rows than the tokenizer has ids."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    tokenizers = pytest.importorskip("tokenizers")
     config = transformers.Gemma3TextConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        vocab_size=bpe.vocab_size + 42, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128,
+        pad_token_id=bpe.vocab_size, bos_token_id=bpe.bos_id, eos_token_id=bpe.eos_id)
     torch.manual_seed(0)
     model = transformers.Gemma3ForCausalLM(config)
     out = tmp_path_factory.mktemp("hf")
     model.save_pretrained(out)
-    words = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(92)]
-    vocab = {w: i for i, w in enumerate(words)}
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer.decoder = tokenizers.decoders.WordPiece()
-    tokenizer.save(str(out / "tokenizer.json"))
+    bpe.save(out)
     return str(out)
 
 
@@ -245,8 +267,8 @@ def test_hf_at_a_run_and_run_at_an_hf_directory(capsys, run_dir, hf_dir, tmp_pat
 
 
 def test_a_hugging_face_directory_generates(capsys, hf_dir):
-    result = _run(capsys, ["--hf", hf_dir, "--prompt", "w1 w2 w3", "--max-new-tokens", "3", "--greedy"])
-    assert result.err == "reference path (cpu)\n" and result.out.startswith("w1 w2 w3")
+    result = _run(capsys, ["--hf", hf_dir, "--prompt", "Once upon a time", "--max-new-tokens", "3", "--greedy"])
+    assert result.err == "reference path (cpu)\n" and result.out.startswith("Once upon a time")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "nan", "tokenizer", "no weights"])
@@ -267,12 +289,138 @@ def test_a_damaged_hugging_face_directory_is_one_line(capsys, hf_dir, tmp_path, 
         expected = f"the weights hold non-finite values in {name}: the checkpoint is damaged"
     elif damage == "tokenizer":
         (copy / "tokenizer.json").write_text('{"model": ')
-        expected = "tokenizer.json is damaged ("
+        expected = "its tokenizer cannot be read ("
     else:
         weights.unlink()
         expected = "no *.safetensors files in"
-    line = _error(capsys, ["--hf", str(copy), "--prompt", "w1", "--max-new-tokens", "2"])
+    line = _error(capsys, ["--hf", str(copy), "--prompt", "Once", "--max-new-tokens", "2"])
     assert line.startswith(f"error: --hf {copy}") and expected in line, line
+
+
+# ----- the tokenizer ---------------------------------------------------------------------------
+STORY = "Once upon a time there was a little cat"
+
+
+def _recording(monkeypatch):
+    """Replace generate.py's generate with one that records (prompt ids, new ids, stop id) of each call."""
+    calls = []
+
+    def record(model, prompt, *args, **kwargs):
+        new = generate(model, prompt, *args, **kwargs)
+        calls.append((list(prompt), new, kwargs["stop_id"]))
+        return new
+
+    monkeypatch.setattr(cli, "generate", record)
+    return calls
+
+
+def test_a_run_encodes_and_decodes_with_its_own_tokenizer(capsys, monkeypatch, bpe, bpe_run):
+    calls = _recording(monkeypatch)
+    out = _run(capsys, ["--run", bpe_run, "--prompt", STORY, "--max-new-tokens", "8", "--greedy"]).out
+    [(prompt, new, stop)] = calls
+    assert prompt == [bpe.bos_id] + bpe.encode(STORY) and prompt != gpt2().encode_ordinary(STORY)
+    assert stop == bpe.eos_id == 1
+    body = new[:-1] if new[-1] == bpe.eos_id else new
+    assert len(body) >= 4 and bpe.decode(body) != gpt2().decode(body)
+    assert out == STORY + bpe.decode(body) + "\n"
+
+
+def _always_eos(config, eos_id):
+    """Weights whose every next token is `eos_id`: the layers add nothing to the embedding, whose
+    first feature is positive, and only eos's row of the head reads that feature."""
+    state = Gemma3(config, seed=0).state_dict()
+    for name, array in state.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight", "lm_head.weight")):
+            array[...] = 0
+    state["model.embed_tokens.weight"][:, 0] = np.abs(state["model.embed_tokens.weight"][:, 0]) + 1
+    state["lm_head.weight"][eos_id, 0] = 1
+    return state
+
+
+def test_generation_stops_at_the_tokenizers_eos(capsys, monkeypatch, bpe, tmp_path):
+    config = _bpe_config(bpe)
+    run = _write_run(tmp_path / "eos", config, tokenizer=bpe, last=False, weights=_always_eos(config, bpe.eos_id))
+    calls = _recording(monkeypatch)
+    assert _run(capsys, ["--run", run, "--prompt", STORY, "--max-new-tokens", "5", "--greedy"]).out == STORY + "\n"
+    assert [(new, stop) for _, new, stop in calls] == [([bpe.eos_id], bpe.eos_id)]
+
+
+def test_a_run_without_a_tokenizer_is_gpt2(capsys, monkeypatch, run_dir, tmp_path):
+    calls = _recording(monkeypatch)
+    _run(capsys, ["--run", run_dir, "--prompt", STORY, "--max-new-tokens", "2", "--greedy"])
+    recorded = _copy_run(run_dir, tmp_path)  # config.json names GPT-2, no tokenizer/
+    config = json.loads((recorded / "config.json").read_text())
+    (recorded / "config.json").write_text(json.dumps(dict(config, tokenizer=GPT2_IDENTITY)))
+    _run(capsys, ["--run", str(recorded), "--prompt", STORY, "--max-new-tokens", "2", "--greedy"])
+    gpt2_tokenizer().save(recorded / "tokenizer")  # GPT-2 saved as vocab.json + merges.txt
+    _run(capsys, ["--run", str(recorded), "--prompt", STORY, "--max-new-tokens", "2", "--greedy"])
+    assert len(calls) == 3
+    for prompt, _, stop in calls:
+        assert prompt == gpt2().encode_ordinary(STORY) and stop == EOT_ID
+
+
+def test_a_tokenizer_other_than_the_runs_is_one_line(capsys, bpe, bpe_run, tmp_path):
+    other = load_tokenizer(train_bpe(tmp_path / "other", merges=80))
+    copy = _copy_run(bpe_run, tmp_path)
+    line = _error(capsys, ["--run", str(copy), "--tokenizer", str(tmp_path / "other")])
+    assert line == (f"error: --tokenizer {tmp_path / 'other'} is other (sha256 {other.sha256[:8]}, 338 ids), but "
+                    f"the model was trained with stories-bpe (sha256 {bpe.sha256[:8]}, 358 ids) (config.json): "
+                    "give that tokenizer with --tokenizer SPEC")
+    config = json.loads((copy / "config.json").read_text())
+    for recorded in (other.identity(), dict(bpe.identity(), vocab_size=359)):
+        (copy / "config.json").write_text(json.dumps(dict(config, tokenizer=recorded)))
+        line = _error(capsys, ["--run", str(copy)])
+        assert line.startswith(f"error: --run {copy}: {copy / 'tokenizer'} is stories-bpe (sha256 {bpe.sha256[:8]}, "
+                               "358 ids), but the model was trained with "), line
+    (copy / "config.json").write_text(json.dumps(config))
+    import shutil
+    shutil.rmtree(copy / "tokenizer")
+    line = _error(capsys, ["--run", str(copy)])
+    assert line == (f"error: --run {copy} has no tokenizer/ directory, but its model was trained with stories-bpe "
+                    f"(sha256 {bpe.sha256[:8]}, 358 ids): give that tokenizer with --tokenizer SPEC")
+    assert _run(capsys, ["--run", str(copy), "--tokenizer", str(os.path.join(bpe_run, "tokenizer")),
+                         "--max-new-tokens", "2"]).out.startswith("Once")
+    (copy / "config.json").write_text(json.dumps(dict(config, tokenizer="stories-bpe")))
+    assert "the tokenizer field of" in _error(capsys, ["--run", str(copy)])
+    line = _error(capsys, ["--run", run_dir_of_gpt2(tmp_path), "--tokenizer", "gpt2"])
+    assert line.endswith("has more ids than the model's 358: give the tokenizer the model was trained with "
+                         "(--tokenizer SPEC)"), line
+
+
+def run_dir_of_gpt2(tmp_path):
+    """A run from before runs saved their tokenizer whose vocabulary is not GPT-2's."""
+    return _write_run(tmp_path / "small", Gemma3Config.tiny(vocab_size=384, unpadded_vocab_size=358), last=False)
+
+
+def test_a_hugging_face_directory_uses_its_tokenizer(capsys, monkeypatch, bpe, hf_dir, tmp_path):
+    calls = _recording(monkeypatch)
+    out = _run(capsys, ["--hf", hf_dir, "--prompt", STORY, "--max-new-tokens", "6", "--greedy"]).out
+    [(prompt, new, stop)] = calls
+    assert prompt == [bpe.bos_id] + bpe.encode(STORY) and stop == bpe.eos_id
+    assert out == STORY + bpe.decode(new[:-1] if new[-1] == stop else new) + "\n"
+    import shutil
+    copy = tmp_path / "hf"
+    shutil.copytree(hf_dir, copy)
+    (copy / "tokenizer.json").unlink()
+    assert _error(capsys, ["--hf", str(copy)]) == (f"error: --hf {copy} has no tokenizer.json, so its text cannot "
+                                                   "be encoded: give the checkpoint's tokenizer with --tokenizer SPEC")
+    assert _run(capsys, ["--hf", str(copy), "--tokenizer", os.path.join(hf_dir, "tokenizer.json"), "--prompt", STORY,
+                         "--max-new-tokens", "6", "--greedy"]).out == out
+    line = _error(capsys, ["--hf", hf_dir, "--tokenizer", "gpt2", "--prompt", STORY])
+    assert line == (f"error: --prompt encodes to id {max(gpt2().encode_ordinary(STORY))}, which the model's 400 ids "
+                    "lack: give the model's own tokenizer (--tokenizer SPEC)")
+
+
+@pytest.mark.parametrize("source", ["run", "hf"])
+def test_no_id_the_tokenizer_lacks_is_ever_sampled(capsys, monkeypatch, bpe, bpe_run, hf_dir, source):
+    """Nearly uniform sampling (temperature 1000) for 100 tokens: without the mask, ids above the
+    tokenizer's 358 (26 of the run's 384, 42 of the checkpoint's 400) would be drawn."""
+    calls = _recording(monkeypatch)
+    argv = ["--run", bpe_run] if source == "run" else ["--hf", hf_dir]
+    _run(capsys, [*argv, "--prompt", STORY, "--max-new-tokens", "100", "--temperature", "1000", "--top-p", "1",
+                  "--seed", "0"])
+    [(_, new, _)] = calls
+    assert len(new) >= 50 and len(set(new)) >= 40 and max(new) < bpe.vocab_size, new
 
 
 # ----- the model's context ---------------------------------------------------------------------
@@ -283,7 +431,6 @@ def short_run(tmp_path_factory):
 
 
 def test_prompt_and_new_tokens_must_fit_the_context(capsys, short_run):
-    from data.tokenizer import gpt2
     prompt = " one two three four five"  # 5 GPT-2 tokens
     assert len(gpt2().encode_ordinary(prompt)) == 5
     line = _error(capsys, ["--run", short_run, "--prompt", prompt, "--max-new-tokens", "8", "--greedy"])
