@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -34,7 +35,9 @@ import nn
 from data.errors import DataError
 from data.loader import BatchLoader
 from data.resolve import data_identity, resolve_data
+from data.tokenizer import load_tokenizer
 from models import ConfigError, Gemma3, Gemma3Config
+from models.init_from import read_init_from
 from models.flops import flops_per_token
 from nn.arguments import OneLineParser
 from nn.checkpoint import CheckpointError, load_checkpoint, write_file_atomic
@@ -45,6 +48,10 @@ from tinygrad3 import backend, distributed, kernels
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TOKENS_PER_UPDATE = 131_072  # the default update: 32 x 128 tokens x 32 accumulation steps
+# Defaults that depend on whether the model starts from scratch or from a checkpoint (--init-from):
+# fine-tuning takes a smaller, shorter learning rate, so the pretrained weights are not undone.
+FROM_SCRATCH = dict(lr=1e-3, min_lr=1e-4, warmup=100, max_updates=5000, eval_every=100)
+FINE_TUNING = dict(lr=5e-5, min_lr=5e-6, warmup=20, max_updates=500, eval_every=50)
 
 
 def add_update_arguments(a):
@@ -62,10 +69,23 @@ def add_update_arguments(a):
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--preset", default="gemma3_270m", choices=Gemma3Config.PRESETS, help="model size")
+    a("--preset", default=None, choices=Gemma3Config.PRESETS, help="model size (default gemma3_270m; not "
+      "with --init-from, which brings its own)")
+    a("--init-from", default=None, metavar="PATH", help="fine-tune: a Hugging Face Gemma 3 checkpoint directory "
+      "(config.json, *.safetensors, tokenizer.json) or a train.py run directory gives the model config, the "
+      "weights and the tokenizer; the optimizer starts fresh, and the fine-tuning defaults apply: "
+      + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in FINE_TUNING.items()))
+    a("--model-config", default=None, metavar="FILE.json", help="model fields over the preset's (or the "
+      "checkpoint's): a JSON object of Gemma 3 text-config fields (models/config.py), e.g. {\"hidden_size\": 256}")
+    a("--model", nargs="+", default=[], metavar="FIELD=VALUE", help="model fields over those, one by one, e.g. "
+      "--model hidden_size=256 num_hidden_layers=6 (values are JSON: 6, 1e-6, true, [\"full_attention\"])")
+    a("--tokenizer", default=None, metavar="SPEC", help="the tokenizer data are prepared with: gpt2 (default) "
+      "or a Hugging Face tokenizer.json or its directory; the vocabulary follows it (padded to a multiple of 128)."
+      " With --init-from, the checkpoint's")
     a("--data", default="tinystories", help="'tinystories' (prepared into data/tinystories on first use), "
       "'synthetic' (generated stories), a prepared directory, or a raw source for data.prepare")
-    a("--out", default=None, help="run directory (default runs/<preset>)")
+    a("--out", default=None, help="run directory (default runs/<preset>, or runs/<name>-finetune with "
+      "--init-from)")
     a("--device", default=None, help="cpu or cuda (default: cuda when a GPU is present)")
     a("--dtype", default=None, choices=["float16", "float32", "float64"], help="compute dtype (default "
       "float16 on cuda, float32 on cpu); masters and optimizer state are float32 (float64 for float64)")
@@ -73,15 +93,15 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=32, help="micro-batch size")
     a("--grad-accum", type=int, default=None, help="micro-batches per update (default: about "
       f"{TOKENS_PER_UPDATE} tokens per update)")
-    a("--max-updates", type=int, default=5000, help="optimizer updates in the whole run")
-    a("--lr", type=float, default=1e-3, help="peak learning rate (1e-4 learned far slower in a side-by-side "
-      "run on the GPU: bench/RESULTS.md)")
-    a("--min-lr", type=float, default=1e-4, help="learning rate at the end of the cosine (<= --lr)")
-    a("--warmup", type=int, default=100, help="linear warmup updates")
+    a("--max-updates", type=int, default=None, help="optimizer updates in the whole run (default 5000)")
+    a("--lr", type=float, default=None, help="peak learning rate (default 1e-3; 1e-4 learned far slower in a "
+      "side-by-side run on the GPU: bench/RESULTS.md)")
+    a("--min-lr", type=float, default=None, help="learning rate at the end of the cosine (<= --lr; default 1e-4)")
+    a("--warmup", type=int, default=None, help="linear warmup updates (default 100)")
     add_update_arguments(a)
     a("--min-loss-scale", type=float, default=1.0)
     a("--max-loss-scale", type=float, default=2.0 ** 24)
-    a("--eval-every", type=int, default=100, help="updates between evaluations")
+    a("--eval-every", type=int, default=None, help="updates between evaluations (default 100)")
     a("--eval-batches", type=int, default=20, help="fixed batches per split in each evaluation")
     a("--seed", type=int, default=0)
     a("--peak-tflops", type=float, default=750.0, help="GPU fp16 matrix peak used for MFU")
@@ -107,7 +127,16 @@ def parse_args(argv=None):
       "row with inf/NaN gradients once no recovery is possible (float32, or the loss scale at its minimum)")
     args = p.parse_args(argv)
     args.distributed = args.distributed or distributed.launched_world_size() > 1
-    args.out = args.out or os.path.join("runs", args.preset)
+    if args.init_from is not None and args.preset is not None:
+        p.error(f"--preset {args.preset} and --init-from: the model comes from {args.init_from}; drop --preset "
+                "(change single fields with --model FIELD=VALUE)")
+    for name, value in (FINE_TUNING if args.init_from else FROM_SCRATCH).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.init_from is None:
+        args.preset = args.preset or "gemma3_270m"
+    name = args.preset or os.path.basename(os.path.normpath(args.init_from)) + "-finetune"
+    args.out = args.out or os.path.join("runs", name)
     try:
         args.device = backend.check_device(args.device or backend.default_device())
     except (ValueError, RuntimeError) as e:
@@ -151,10 +180,15 @@ def check_arguments(p, args):
     if not args.min_loss_scale <= args.loss_scale <= args.max_loss_scale:
         p.error(f"need --min-loss-scale <= --loss-scale <= --max-loss-scale, got {args.min_loss_scale:g}, "
                 f"{args.loss_scale:g}, {args.max_loss_scale:g}")
-    context = Gemma3Config.preset(args.preset).max_position_embeddings
+    try:
+        config, _, _, args.tokenizer = model_config(args)
+    except (ConfigError, CheckpointError, DataError) as e:
+        p.error(str(e))
+    args.config = config.to_dict()  # what config.json and every checkpoint record, and resume compares
+    context = config.max_position_embeddings
     if args.block_size > context:
-        p.error(f"--block-size {args.block_size} is longer than the {args.preset} model's context "
-                f"({context} positions): use --block-size <= {context}")
+        p.error(f"--block-size {args.block_size} is longer than the {args.preset or args.init_from} model's "
+                f"context ({context} positions): use --block-size <= {context}")
     if args.reference and (args.no_cuda_graphs or args.cuda_graphs):
         p.error("--reference runs no kernels and no CUDA graphs: drop --no-cuda-graphs / --cuda-graphs")
     if args.no_cuda_graphs and args.cuda_graphs:
@@ -167,6 +201,59 @@ def check_arguments(p, args):
         p.error(f"--cuda-graphs: this configuration runs the {args.path}; graphs need --device cuda, "
                 "--dtype float16 and every kernel family")
     args.kernels = {"families": list(families), "cuda_graphs": graphs}
+
+
+def model_config(args):
+    """(Gemma3Config, Tokenizer, InitFrom or None, tokenizer spec) as the flags describe them: the
+    preset's config or the checkpoint's, then --model-config's fields, then --model's; a preset's
+    vocabulary follows --tokenizer. The vocabulary is padded to a multiple of 128 (the extra ids
+    are masked out)."""
+    source = read_init_from(args.init_from) if args.init_from else None
+    config = source.config if source is not None else Gemma3Config.preset(args.preset)
+    spec = args.tokenizer or "gpt2"
+    if source is not None:
+        if args.tokenizer is not None and source.tokenizer is not None and args.tokenizer != source.tokenizer:
+            raise ConfigError(f"--tokenizer: --init-from {args.init_from} brings its own tokenizer "
+                              f"({source.tokenizer}); drop --tokenizer")
+        spec = args.tokenizer or source.tokenizer
+        if spec is None:
+            raise ConfigError(f"--init-from {args.init_from} has no tokenizer.json: pass --tokenizer SPEC, the "
+                              "tokenizer the checkpoint was trained with")
+    file_fields = read_json_object(args.model_config, "--model-config") if args.model_config else {}
+    flag_fields = field_values(args.model)
+    config = config.override(file_fields, "--model-config").override(flag_fields, "--model")
+    tokenizer = load_tokenizer(spec)
+    if source is None and "vocab_size" not in {**file_fields, **flag_fields} and not tokenizer.is_gpt2():
+        config = config.override({"vocab_size": tokenizer.vocab_size}, "--tokenizer")
+    # A tokenizer may name more ids than a checkpoint has rows (Gemma 3's image token): the loader
+    # refuses data whose ids the model lacks.
+    return config.with_padded_vocab(), tokenizer, source, str(spec)
+
+
+def read_json_object(path, flag):
+    """The JSON object in file `path`, or a one-line ConfigError naming `flag`."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{flag} {path}: cannot read a JSON object ({e})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} {path}: expected a JSON object of model fields, got {type(value).__name__}")
+    return value
+
+
+def field_values(pairs):
+    """--model's FIELD=VALUE words as a dict; VALUE is read as JSON where it parses, else as text."""
+    fields = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--model: expected FIELD=VALUE, got {pair!r} (e.g. --model hidden_size=256)")
+        try:
+            fields[name] = json.loads(text)
+        except ValueError:
+            fields[name] = text
+    return fields
 
 
 def kernel_path(args):
@@ -205,7 +292,8 @@ def check_same_run(state, args, config, data_identity, last_dir):
     if saved != config.to_dict():
         diff = sorted(k for k in saved if saved[k] != config.to_dict().get(k))
         raise CheckpointError(f"{last_dir} was saved from a different model config (differs in "
-                              f"{', '.join(diff)}); resume with the same --preset or start a new --out")
+                              f"{', '.join(diff)}); resume with the run's model flags (--preset, --init-from, "
+                              "--model-config, --model, --tokenizer) or start a new --out")
     for key in ("block_size", "batch_size", "grad_accum", "seed", "dtype"):
         if key in state["args"] and state["args"][key] != getattr(args, key):
             flag = "--" + key.replace("_", "-")
@@ -226,6 +314,15 @@ def check_same_run(state, args, config, data_identity, last_dir):
                               f"--data {args.data} holds: resume with the run's --data, or start a new --out")
 
 
+def save_tokenizer(tokenizer, directory):
+    """The run's copy of its tokenizer (generate.py and models.export read it), replaced whole."""
+    temporary = directory + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    tokenizer.save(temporary)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(temporary, directory)
+
+
 def main_first(comm, fn):
     """fn() on rank 0, then on the other ranks (rank 0 may create files the others then find)."""
     is_main = comm is None or comm.is_main
@@ -243,13 +340,15 @@ def setup(args, comm=None):
     rank, world_size = (comm.rank, comm.world_size) if comm is not None else (0, 1)
     is_main = rank == 0
     last_dir = os.path.join(args.out, "last")
-    config = Gemma3Config.preset(args.preset)
+    config, tokenizer, source, _ = model_config(args)
 
-    # 1. The run directory: refuse another run's outputs (unless --resume / --overwrite).
+    # 1. The run directory: refuse another run's outputs (unless --resume / --overwrite); it keeps the tokenizer.
     if is_main:
         claim(args.out, args.resume, args.overwrite)
-    # 2. Data: rank 0 prepares it once; the training stream of this rank and the fixed eval batches.
-    data_dir = main_first(comm, lambda: resolve_data(args.data, ROOT))
+        save_tokenizer(tokenizer, os.path.join(args.out, "tokenizer"))
+    # 2. Data, prepared with the model's tokenizer (rank 0 prepares it once; data prepared with another
+    # tokenizer is refused); the training stream of this rank and the fixed eval batches.
+    data_dir = main_first(comm, lambda: resolve_data(args.data, ROOT, tokenizer=tokenizer))
     identity = data_identity(data_dir)  # the tokens trained on, for resume
 
     def train_loader(seed):
@@ -260,11 +359,14 @@ def setup(args, comm=None):
     # 3. The float32 model, on the chosen kernel path.
     kernels.set_fast(bool(args.kernels["families"]), args.kernels["families"] or kernels.FAMILIES)
     model = Gemma3(config, seed=args.seed, recompute=args.recompute)
-    # 4. Load: a resumed run's weights (rank 0 first: falling back to an intact last.old renames files).
+    # 4. Load: a resumed run's weights (rank 0 first: falling back to an intact last.old renames files),
+    # or the weights to fine-tune (--init-from).
     state = optim_arrays = None
+    if source is not None and not args.resume:
+        model.load_state_dict(source.weights(config))
     if args.resume:
         required = {"state.json": ("step", "tokens", "best_val", "optimizer", "scaler", "config", "args"),
-                    "optimizer.safetensors": ("master", "m", "v"), "model.safetensors": tuple(model.state_dict())}
+                    "optimizer.safetensors": ("master", "m", "v")}  # the model's names: once the config agrees
         model_state, optim_arrays, state = main_first(comm, lambda: load_checkpoint(last_dir, required))
         check_same_run(state, args, config, identity, last_dir)
         model.load_state_dict(model_state)
@@ -304,7 +406,7 @@ def setup(args, comm=None):
                                 graphs=args.kernels["cuda_graphs"], bucket_bytes=int(args.bucket_mb * 2 ** 20))
     if is_main:
         run_config = {"args": vars(args), "world_size": world_size, "model": config.to_dict(), "data": data_dir,
-                      "data_identity": identity, "kernels": args.kernels}
+                      "data_identity": identity, "kernels": args.kernels, "tokenizer": tokenizer.identity()}
         write_file_atomic(os.path.join(args.out, "config.json"), json.dumps(run_config, indent=1))
     # One update: world_size ranks x grad_accum micro-batches x batch_size x block_size tokens.
     tokens_per_update = world_size * args.batch_size * args.block_size * args.grad_accum
@@ -351,7 +453,7 @@ def main(argv=None):
             lock = RunLock(args.out)  # held until this process ends
             print("train.py settings (defaults included):")
             for key, value in vars(args).items():
-                if key not in ("path", "kernels"):
+                if key not in ("path", "kernels", "config"):
                     print(f"  --{key.replace('_', '-')}: {value}")
             print(f"kernels: {args.path}")
         trainer = setup(args, comm)

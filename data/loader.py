@@ -41,10 +41,6 @@ class BatchLoader:
                  model_vocab_size=None, dtype="int64"):
         self.meta = load_meta(data_dir)
         self.vocab_size, self.eot_id = self.meta["vocab_size"], self.meta["eot_id"]
-        if model_vocab_size is not None and self.vocab_size > model_vocab_size:
-            raise DataError(f"{data_dir} holds {tokenizer_identity(self.meta)['name']} ids up to {self.vocab_size - 1} "
-                            f"but the model has only {model_vocab_size} embeddings; use a model "
-                            f"with vocab_size >= {self.vocab_size}")
         if batch_size < 1 or block_size < 1:
             raise DataError(f"batch_size and block_size must be positive, got {batch_size} and {block_size}")
         self.batch_size, self.block_size, self.seed = batch_size, block_size, seed
@@ -60,6 +56,14 @@ class BatchLoader:
                                 f"than block_size + 1 = {block_size + 1}; use a smaller block_size "
                                 "or prepare more data")
             self.data[split] = tokens
+        if model_vocab_size is not None and self.vocab_size > model_vocab_size:
+            # A tokenizer may name more ids than a checkpoint has rows (Gemma 3's holds an image token
+            # past the text model's 262,144): what matters is the largest id the data really hold.
+            largest = max(_largest_id(tokens) for tokens in self.data.values())
+            if largest >= model_vocab_size:
+                raise DataError(f"{data_dir} holds {tokenizer_identity(self.meta)['name']} ids up to {largest} "
+                                f"but the model has only {model_vocab_size} embeddings; use a model with "
+                                f"vocab_size > {largest}")
         self._rngs = {split: np.random.default_rng([seed, SPLITS.index(split)]) for split in self.data}
         self._steps = np.arange(block_size + 1)
         self._prefetch = _CudaPrefetcher((batch_size, block_size), self.dtype) if self.device == "cuda" else None
@@ -129,6 +133,11 @@ def _check_device(device):
 
 
 _Pending = namedtuple("_Pending", "rng_state x y copied")
+
+
+def _largest_id(tokens, chunk=1 << 26):
+    """The largest id of a memmapped split, read in chunks."""
+    return max(int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk))
 
 
 class _CudaPrefetcher:

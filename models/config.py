@@ -22,6 +22,18 @@ class ConfigError(ValueError):
     """A config that cannot describe a model we build."""
 
 
+def _checked_value(name, value, kind, source):
+    """`value` for field `name` of annotated type `kind` (int, float, bool, str, list), or ConfigError."""
+    if name == "unpadded_vocab_size" and value is None:
+        return None
+    wanted = {int: (int,), float: (int, float), bool: (bool,), str: (str,), list: (list,)}[kind]
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, wanted):
+        raise ConfigError(f"{source}: {name} must be {kind.__name__}, got {value!r}")
+    if kind is list and not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{source}: {name} must be a list of layer types, got {value!r}")
+    return float(value) if kind is float else value
+
+
 @dataclasses.dataclass
 class Gemma3Config:
     vocab_size: int = padded_vocab(GPT2_VOCAB)
@@ -50,7 +62,15 @@ class Gemma3Config:
         self.layer_types = list(self.layer_types)
         self.validate()
 
+    POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "sliding_window", "max_position_embeddings", "rope_theta",
+                "rope_local_base_freq", "query_pre_attn_scalar", "rms_norm_eps")
+
     def validate(self):
+        for name in self.POSITIVE:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(f"layer_types has {len(self.layer_types)} entries for "
                               f"{self.num_hidden_layers} layers")
@@ -82,13 +102,50 @@ class Gemma3Config:
                    layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                    query_pre_attn_scalar=16, max_position_embeddings=2048)
 
-    PRESETS = ("gemma3_270m", "tiny")
+    @classmethod
+    def small(cls):
+        """About 33M parameters (tied embeddings): learns TinyStories in minutes on one GPU. Six layers of
+        hidden 384, three query heads of 128 over one KV head, window 256, the sixth layer global."""
+        return cls(unpadded_vocab_size=GPT2_VOCAB, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                   num_attention_heads=3, num_key_value_heads=1, head_dim=128, sliding_window=256,
+                   query_pre_attn_scalar=128, max_position_embeddings=2048, tie_word_embeddings=True)
+
+    PRESETS = ("gemma3_270m", "small", "tiny")
 
     @classmethod
     def preset(cls, name):
         if name not in cls.PRESETS:
             raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(cls.PRESETS)}")
         return getattr(cls, name)()
+
+    # ----- overrides ----------------------------------------------------------------------------
+    def override(self, fields, source):
+        """A copy with `fields` (field name -> value) replaced; ConfigError naming `source` (the flag)
+        and the field for an unknown name, a value of the wrong type, or a config that cannot be built.
+
+        Changing num_hidden_layers without layer_types gives Hugging Face's default layer pattern.
+        """
+        types = {f.name: f.type for f in dataclasses.fields(self)}
+        values = self.to_dict()
+        for name, value in fields.items():
+            if name not in types:
+                raise ConfigError(f"{source}: unknown model field {name!r}; the fields are {', '.join(types)}")
+            values[name] = _checked_value(name, value, types[name], source)
+        if "num_hidden_layers" in fields and "layer_types" not in fields:
+            values["layer_types"] = gemma_layer_types(values["num_hidden_layers"])
+        if "vocab_size" in fields and "unpadded_vocab_size" not in fields:
+            values["unpadded_vocab_size"] = None
+        try:
+            return type(self)(**values)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def with_padded_vocab(self):
+        """The same model with vocab_size rounded up to a multiple of 128; the extra ids are masked out."""
+        real = self.unpadded_vocab_size or self.vocab_size
+        if padded_vocab(real) == self.vocab_size:
+            return self
+        return dataclasses.replace(self, vocab_size=padded_vocab(real), unpadded_vocab_size=real)
 
     # ----- Hugging Face config.json ------------------------------------------------------------
     @classmethod

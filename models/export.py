@@ -88,12 +88,14 @@ def model_config(run_dir, run_config):
 
 
 def tokenizer_info(run_dir, run_config, vocab_size):
-    """(tokenizer folder, bos id, eos id); CheckpointError when the run has no usable tokenizer."""
+    """(tokenizer folder, bos id, eos id); CheckpointError when the run has no usable tokenizer. A
+    tokenizer without a bos token (GPT-2) gets its eos as bos, as GPT-2's own configs have it."""
     folder = os.path.join(run_dir, "tokenizer")
     files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     if not files:
         raise CheckpointError(f"--run {run_dir} has no tokenizer files ({folder}/ is missing or empty): "
-                              "train it with a train.py that saves its tokenizer")
+                              "train.py writes the run's tokenizer there; copy the tokenizer's files (vocab.json + "
+                              "merges.txt, or tokenizer.json) into it")
     clash = sorted(set(files) & set(WRITTEN))
     if clash:
         raise CheckpointError(f"--run {run_dir}: {folder}/ holds {', '.join(clash)}, which the export writes "
@@ -101,11 +103,14 @@ def tokenizer_info(run_dir, run_config, vocab_size):
     info = run_config.get("tokenizer")
     if not (isinstance(info, dict) and isinstance(info.get("eos_id"), int)):
         raise CheckpointError(f"--run {run_dir}: config.json has no \"tokenizer\" field with an eos_id: "
-                              "train it with a train.py that records its tokenizer")
-    if info.get("vocab_size", 0) > vocab_size:
-        raise CheckpointError(f"--run {run_dir}: the tokenizer has {info['vocab_size']} ids but the model only "
-                              f"{vocab_size} rows")
-    return folder, info.get("bos_id"), info["eos_id"]
+                              "train.py records the run's tokenizer there (name, sha256, vocab_size, bos_id, eos_id)")
+    bos = info.get("bos_id")
+    # A tokenizer may name more ids than the model has rows (Gemma 3's image token), not its bos and eos.
+    for name, token in (("eos_id", info["eos_id"]), ("bos_id", bos)):
+        if token is not None and not 0 <= token < vocab_size:
+            raise CheckpointError(f"--run {run_dir}: the tokenizer's {name} {token} is not one of the model's "
+                                  f"{vocab_size} ids")
+    return folder, info["eos_id"] if bos is None else bos, info["eos_id"]  # GPT-2: <|endoftext|> both begins and ends
 
 
 def weights_path(run_dir, which):

@@ -67,19 +67,42 @@ def hf_state_dict(directory):
     return state
 
 
-def load_hf_checkpoint(directory, dtype=None):
-    """Build a Gemma3 from a Hugging Face directory: its config and its weights.
+VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
 
-    dtype: the parameters' dtype (default float32; pass np.float16 for fp16 inference).
-    """
+
+def hf_config(directory, pad_vocab=False):
+    """The Gemma3Config of a Hugging Face directory; pad_vocab: vocab_size rounded up to a multiple of
+    128 (the extra ids masked out), as training wants it for the output GEMM's speed."""
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise CheckpointError(f"{directory} has no config.json: not a Hugging Face checkpoint directory")
     config = Gemma3Config.from_hf(directory)
-    model = Gemma3(config)
+    return config.with_padded_vocab() if pad_vocab else config
+
+
+def hf_weights(directory, config):
+    """The checkpoint's text-model weights for `config`: a tied head's copy dropped, and the vocabulary
+    rows padded with zeros up to config.vocab_size (padded ids are never inputs, and their logits are
+    masked out, so those rows never change the loss)."""
     state = hf_state_dict(directory)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # some exporters write the tied head out anyway
-    model.load_state_dict(state, strict=True)
+    for name in VOCAB_ROWS:
+        if name in state and len(state[name]) < config.vocab_size:
+            rows = state[name]
+            state[name] = np.concatenate([rows, np.zeros((config.vocab_size - len(rows),) + rows.shape[1:],
+                                                         rows.dtype)])
+    return state
+
+
+def load_hf_checkpoint(directory, dtype=None, pad_vocab=False):
+    """Build a Gemma3 from a Hugging Face directory: its config and its weights.
+
+    dtype: the parameters' dtype (default float32; pass np.float16 for fp16 inference).
+    pad_vocab: round the vocabulary up to a multiple of 128 (hf_config).
+    """
+    config = hf_config(directory, pad_vocab)
+    model = Gemma3(config)
+    model.load_state_dict(hf_weights(directory, config), strict=True)
     if dtype is not None:
         model.to(dtype=dtype)
     return model

