@@ -10,7 +10,7 @@
 
 A row is BATCHxBLOCKxACCUM: one update is ACCUM micro-batches of BATCH x BLOCK random token ids
 (forward + backward each) and one optimizer step. Sides:
-  ours-ref      train.Trainer's update: fp16 Gemma3, AdamW with fp32 masters, LossScaler, clip 1.0
+  ours-ref      nn.trainer.Trainer's update: fp16 Gemma3, AdamW with fp32 masters, LossScaler, clip 1.0
   ours-fast     the same with the fused kernels on (tinygrad3.kernels; ours-fast:FAMILY for one family)
   ours-graph    ours-fast with each micro-batch replayed as a CUDA graph
   ours-default  exactly the kernels and graphs `python train.py` chooses with no flags (train.kernel_path)
@@ -168,7 +168,7 @@ def measure(update, timer, warmup, steps):
 # ----- our engine ---------------------------------------------------------------------------------
 
 class Ours:
-    """train.Trainer's update, built from its pieces."""
+    """nn.trainer.Trainer's update, built from its pieces."""
 
     def __init__(self, config, device, seed, recompute=False):
         self.xp = backend.array_module(device)
@@ -188,7 +188,7 @@ class Ours:
             self.pool, self.timer = None, Timer(None)
 
     def micro_loss(self, x, y, loss_weight):
-        """As train.Trainer.micro_loss: the loss, its head's gradients made in the forward."""
+        """As train.setup's loss_fn: the loss, its head's gradients made in the forward."""
         return self.model(x, y, return_logits=False, loss_grad=loss_weight)[1]
 
     def update(self, batches, graphed=None):
