@@ -1,7 +1,7 @@
 """Generation speed: tokens/s of greedy decoding, ours (fast path, KV cache) against Hugging Face
 transformers' Gemma3ForCausalLM.generate on the same GPU in the same process.
 
-    python bench/generate_bench.py --out bench/generate_runs/generate_h200.json     # on a GPU
+    python bench/generate_bench.py --out bench/runs/DATE_COMMIT_h200_generate.json     # on a GPU
     python bench/generate_bench.py --batches 1 --variants ours,hf-static-compile
     python bench/generate_bench.py --smoke          # tiny preset on the CPU, a few tokens: the script works
 
