@@ -1,7 +1,7 @@
 """docs/ and README.md stay true to the code: the walkthrough's numbers and picture come from its
 script, every pytest command the pages quote selects tests, every relative link and named file
-exists, README.md stays short, and only bench/journal.md speaks of how the project was developed;
-and tinygrad3.draw draws what a graph holds."""
+exists, README.md stays short, only bench/journal.md speaks of how the project was developed and
+bench/ keeps only the raw files docs/results.md cites; and tinygrad3.draw draws what a graph holds."""
 import concurrent.futures
 import pathlib
 import re
@@ -173,6 +173,59 @@ def test_only_the_journal_speaks_of_the_development():
     hits = [hit for path in files for hit in history_hits(path)]
     assert not hits, "history belongs in bench/journal.md:\n" + "\n".join(f"{p}:{i}: {t}" for p, i, t in hits)
     assert "development journal" in JOURNAL.read_text().splitlines()[0].lower()
+
+
+# ----- bench/'s raw files ---------------------------------------------------------------------
+
+# bench/runs/ holds only the raw files docs/results.md cites, named date_commit_GPU_what.
+RUN_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}_[0-9a-f]{7}_(h100|h200)_[a-z0-9_]+\.(json|csv|png|txt)$")
+RAW = (".json", ".csv", ".png", ".txt")
+CITED = re.compile(r"bench/[\w./-]*[\w/]")
+
+
+def raw_file_problems(root):
+    """Every break of bench/'s rule under root: a misnamed or uncited file in bench/runs/, a cited
+    bench/ path that does not exist, a raw file in bench/ outside bench/runs/."""
+    bench, runs = root / "bench", root / "bench" / "runs"
+    results = (root / "docs" / "results.md").read_text()
+    cited_by_results = set(CITED.findall(results))
+    problems = []
+    for f in sorted(p for p in runs.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        if f.parent != runs or not RUN_NAME.match(f.name):
+            problems.append(f"{rel}: not named bench/runs/DATE_COMMIT7_GPU_what.ext")
+        if rel not in cited_by_results:
+            problems.append(f"{rel}: not cited by docs/results.md")
+    for page in ("docs/results.md", "README.md", "bench/RESULTS.md"):
+        problems += [f"{page}: {path} does not exist" for path in sorted(set(CITED.findall((root / page).read_text())))
+                     if not (root / path).exists()]
+    problems += [f"{f.relative_to(root).as_posix()}: a raw file outside bench/runs/"
+                 for f in sorted(bench.rglob("*")) if f.is_file() and f.suffix in RAW and runs not in f.parents]
+    return problems
+
+
+def test_bench_keeps_only_the_raw_files_docs_results_cites():
+    problems = raw_file_problems(ROOT)
+    assert not problems, "bench/runs/ keeps only what docs/results.md cites, named by date, commit, GPU and " \
+        "what:\n" + "\n".join(problems)
+
+
+def test_the_raw_file_rule_catches_each_kind_of_break(tmp_path):
+    for d in ("docs", "bench/runs", "bench/old"):
+        (tmp_path / d).mkdir(parents=True)
+    kept, uncited, misnamed = "2026-12-02_02979b0_h200_throughput.json", "2026-12-02_02979b0_h200_x.json", "t.json"
+    for name in (kept, uncited, misnamed):
+        (tmp_path / "bench" / "runs" / name).write_text("{}")
+    (tmp_path / "bench" / "old" / "a.csv").write_text("")
+    (tmp_path / "docs" / "results.md").write_text(f"`bench/runs/{kept}`, `bench/runs/{misnamed}`, `bench/gone.json`.")
+    (tmp_path / "README.md").write_text("see bench/runs/.")
+    (tmp_path / "bench" / "RESULTS.md").write_text("`bench/old/b.png`")
+    assert raw_file_problems(tmp_path) == [
+        f"bench/runs/{uncited}: not cited by docs/results.md",
+        f"bench/runs/{misnamed}: not named bench/runs/DATE_COMMIT7_GPU_what.ext",
+        "docs/results.md: bench/gone.json does not exist",
+        "bench/RESULTS.md: bench/old/b.png does not exist",
+        "bench/old/a.csv: a raw file outside bench/runs/"]
 
 
 # ----- tinygrad3.draw -------------------------------------------------------------------------
