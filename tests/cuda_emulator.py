@@ -23,6 +23,21 @@ Two options make races show up as wrong results:
 Shared memory is filled with NaN bit patterns before each block, so a read of a shared entry
 nobody wrote gives NaN.
 
+wgmma (tinygrad3/kernels/wgmma.py; a warpgroup is the threads 128 g .. 128 g + 127 of a block): an
+issued wgmma_ss / wgmma_rs only records the operation (its descriptors, scale-d flag, the
+thread's accumulator pointer, and for RS its A registers, copied at issue); nothing is computed
+until a wgmma_wait<N> completes the groups older than the N most recent. The wait is a barrier of
+the 128 threads; then each thread computes its own fragment entries of those operations, in issue
+order, reading the shared operands as they are at the wait, and writes them through its saved
+pointer; a second barrier follows. So accumulators read before the wait are stale, and a shared
+operand overwritten before it is read overwritten. Descriptors are decoded as the PTX ISA gives
+them (start, LBO, SBO in 16-byte units; base offset 0 and layout 128B swizzle, else a failure),
+addresses are byte offsets in `smem` (which is 1024-aligned, so offsets and alignment agree), and
+the 128B swizzle maps an address a to a ^ (((a >> 7) & 7) << 4). The threads of a warpgroup must
+issue the same operations (kind, N, descriptors, scale-d), fences, groups and waits, issue a
+wgmma_fence before their first wgmma, and commit and wait for every operation before they end.
+bar_sync(id, n) is a named barrier (ids 1-15) that releases its arrivals once n have arrived.
+
 x86-64 only (the fiber switch is a few lines of assembly); tests skip when g++ is missing.
 """
 import ctypes
@@ -90,6 +105,10 @@ struct EmuThread {
     bool done;
     std::vector<EmuCopy> open;                  // issued, not yet committed
     std::vector<std::vector<EmuCopy>> groups;   // committed, not yet landed
+    // wgmma: operations issued, completed (absolute counts in the warpgroup's sequence), the
+    // ends of the committed groups not yet completed, fences executed
+    long wg_issued, wg_done, wg_fences;
+    std::vector<long> wg_groups;
 };
 
 static const int EMU_STACK = 128 * 1024, EMU_MAX_THREADS = 1024;
@@ -106,7 +125,7 @@ static long emu_block_arrived, emu_block_gen;
 static long emu_warp_arrived[32], emu_warp_gen[32];
 static int emu_warp_op[32];
 
-alignas(16) unsigned char smem[228 * 1024];
+alignas(1024) unsigned char smem[228 * 1024];   // so that offsets and alignment agree
 static size_t emu_smem_bytes;
 
 #define threadIdx (emu_cur->tid)
@@ -131,8 +150,11 @@ static void emu_land(std::vector<EmuCopy>& copies) {
     copies.clear();
 }
 
+static void emu_wgmma_check_done();
+
 static void emu_entry() {
     emu_body();
+    emu_wgmma_check_done();
     for (auto& g : emu_cur->groups) emu_land(g);
     emu_cur->groups.clear();
     emu_land(emu_cur->open);
@@ -282,6 +304,189 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 __device__ __forceinline__ float ex2(float x) { return exp2f(x); }
 
+// The 32-bit shared-state-space address of p: its byte offset in smem.
+__device__ __forceinline__ unsigned smem_u32(const void* p) {
+    const unsigned char* c = (const unsigned char*)p;
+    if (c < smem || c > smem + sizeof(smem)) emu_fail("smem_u32 of a pointer outside shared memory");
+    return (unsigned)(c - smem);
+}
+
+// Every copy lands in the one memory the tensor cores read too: nothing to order.
+__device__ __forceinline__ void fence_async_smem() {}
+
+// bar.sync id, threads: the arriving threads wait until `threads` have arrived at barrier `id`.
+static long emu_bar_arrived[16], emu_bar_gen[16];
+static int emu_bar_count[16];
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+    if (id < 1 || id > 15) emu_fail("named barrier id outside 1..15 (0 is __syncthreads')");
+    if (threads <= 0 || threads % 32 || threads > emu_nthreads) emu_fail("named barrier thread count");
+    const long gen = emu_bar_gen[id];
+    ++emu_progress;
+    if (emu_bar_arrived[id] == 0) emu_bar_count[id] = threads;
+    else if (emu_bar_count[id] != threads) emu_fail("a named barrier used with different thread counts");
+    if (++emu_bar_arrived[id] == threads) { emu_bar_arrived[id] = 0; ++emu_bar_gen[id]; }
+    while (emu_bar_gen[id] == gen) emu_yield();
+}
+
+// ----- wgmma: warpgroup (128 consecutive threads) matrix products, completed at wait_group ----
+struct EmuWgOp {
+    int rs, n, accumulate;              // kind (A from registers), N, scale-d
+    unsigned long long da, db;          // descriptors (da unused for rs)
+    float* d[128];                      // each thread's accumulators
+    unsigned a[128][4];                 // each thread's A registers (rs), copied at issue
+};
+static const int EMU_WG = EMU_MAX_THREADS / 128;
+static std::vector<EmuWgOp> emu_wg_ops[EMU_WG];   // issued, not completed; entry i is op base + i
+static long emu_wg_base[EMU_WG];
+static long emu_wg_arrived[EMU_WG], emu_wg_gen[EMU_WG];
+static int emu_wg_op[EMU_WG];
+static long emu_wg_sig_issued[EMU_WG], emu_wg_sig_fences[EMU_WG];
+static std::vector<long> emu_wg_sig_groups[EMU_WG];
+
+static int emu_wg() {
+    const int wg = emu_linear() >> 7;
+    if (128 * wg + 128 > emu_nthreads) emu_fail("wgmma in a warpgroup of fewer than 128 threads");
+    return wg;
+}
+
+// All 128 threads of the warpgroup arrive (at the same point `op`) before any leaves.
+static void emu_wg_barrier(int op) {
+    const int wg = emu_wg();
+    const long gen = emu_wg_gen[wg];
+    ++emu_progress;
+    if (emu_wg_arrived[wg] == 0) emu_wg_op[wg] = op;
+    else if (emu_wg_op[wg] != op) emu_fail("threads of a warpgroup are at different wgmma waits (or wait_group N)");
+    if (++emu_wg_arrived[wg] == 128) { emu_wg_arrived[wg] = 0; ++emu_wg_gen[wg]; }
+    while (emu_wg_gen[wg] == gen) emu_yield();
+}
+
+struct EmuDesc { unsigned start, lbo, sbo; };
+static EmuDesc emu_desc(unsigned long long desc) {
+    if ((desc >> 49) & 7) emu_fail("wgmma descriptor with a nonzero base offset");
+    if ((desc >> 62) != 1) emu_fail("wgmma descriptor layout other than 128B swizzle");
+    EmuDesc r{(unsigned)(desc & 0x3FFF) << 4, (unsigned)((desc >> 16) & 0x3FFF) << 4,
+              (unsigned)((desc >> 32) & 0x3FFF) << 4};
+    if (r.start >= emu_smem_bytes) emu_fail("wgmma descriptor start outside the dynamic allocation");
+    return r;
+}
+
+// The float16 at unswizzled shared byte address addr of a 128B-swizzled operand.
+static float emu_sw128(unsigned addr) {
+    const unsigned phys = addr ^ (((addr >> 7) & 7) << 4);
+    if (phys + 2 > emu_smem_bytes) emu_fail("wgmma operand outside the dynamic allocation");
+    half_t h;
+    memcpy(&h, smem + phys, 2);
+    return h2f(h);
+}
+// K-major operand, row r (m of A, n of B), k < 16.
+static float emu_kmajor(const EmuDesc& s, int r, int k) {
+    return emu_sw128(s.start + (r >> 3) * s.sbo + (r & 7) * 128 + 2 * k);
+}
+// MN-major B (trans-b), column n, k < 16.
+static float emu_mnmajor(const EmuDesc& s, int n, int k) {
+    return emu_sw128(s.start + (n >> 6) * s.lbo + (k >> 3) * s.sbo + (k & 7) * 128 + 2 * (n & 63));
+}
+
+// This thread's fragment of op i of its warpgroup: D (+)= A B, through its saved d pointer.
+static void emu_wgmma_complete(int wg, long i) {
+    const EmuWgOp& op = emu_wg_ops[wg][i - emu_wg_base[wg]];
+    const int t = emu_linear() & 127, w = t >> 5, g = (t & 31) >> 2, c = t & 3;
+    float A[2][16];   // rows 16 w + g and 16 w + g + 8
+    for (int h = 0; h < 2; ++h) {
+        const int m = 16 * w + g + 8 * h;
+        for (int k = 0; k < 16; ++k) {
+            if (op.rs) {   // register h + 2 (k / 8) of lane 4 g + (k % 8) / 2 of warp w, half k % 2
+                const unsigned r = op.a[32 * w + 4 * g + ((k & 7) >> 1)][h + 2 * (k >> 3)];
+                A[h][k] = (k & 1) ? emu_hi(r) : emu_lo(r);
+            } else {
+                A[h][k] = emu_kmajor(emu_desc(op.da), m, k);
+            }
+        }
+    }
+    const EmuDesc b = emu_desc(op.db);
+    float* d = op.d[t];
+    for (int j = 0; j < op.n / 8; ++j)
+        for (int e = 0; e < 4; ++e) {
+            const int n = 8 * j + 2 * c + (e & 1);
+            float s = 0.f;
+            for (int k = 0; k < 16; ++k) s += A[e >> 1][k] * (op.rs ? emu_mnmajor(b, n, k) : emu_kmajor(b, n, k));
+            d[4 * j + e] = (op.accumulate ? d[4 * j + e] : 0.f) + s;
+        }
+}
+
+static void emu_wgmma_issue(int rs, int n, unsigned long long da, unsigned long long db, int accumulate, float* d,
+                            const unsigned* a) {
+    EmuThread& me = *emu_cur;
+    const int wg = emu_wg(), t = emu_linear() & 127;
+    if (me.wg_fences == 0) emu_fail("wgmma before the first wgmma_fence");
+    std::vector<EmuWgOp>& ops = emu_wg_ops[wg];
+    const size_t i = (size_t)(me.wg_issued++ - emu_wg_base[wg]);
+    if (i == ops.size()) {   // the first thread to issue it
+        if (!rs) emu_desc(da);
+        emu_desc(db);
+        ops.emplace_back();
+        EmuWgOp& op = ops.back();
+        op.rs = rs; op.n = n; op.accumulate = accumulate != 0; op.da = rs ? 0 : da; op.db = db;
+    }
+    EmuWgOp& op = ops[i];
+    if (op.rs != rs || op.n != n || op.accumulate != (accumulate != 0) || op.db != db || (!rs && op.da != da))
+        emu_fail("threads of a warpgroup issued different wgmma operations (kind, N, descriptors, scale-d)");
+    op.d[t] = d;
+    if (rs) memcpy(op.a[t], a, sizeof(op.a[t]));
+}
+
+static void emu_wgmma_wait(int pending) {
+    EmuThread& me = *emu_cur;
+    const int wg = emu_wg();
+    // The first arrival's sequence (ops, groups, fences) is the one every thread must have issued.
+    if (emu_wg_arrived[wg] == 0) {
+        emu_wg_sig_issued[wg] = me.wg_issued;
+        emu_wg_sig_fences[wg] = me.wg_fences;
+        emu_wg_sig_groups[wg] = me.wg_groups;
+    } else if (emu_wg_sig_issued[wg] != me.wg_issued || emu_wg_sig_fences[wg] != me.wg_fences ||
+               emu_wg_sig_groups[wg] != me.wg_groups) {
+        emu_fail("threads of a warpgroup issued different wgmma sequences before a wait");
+    }
+    emu_wg_barrier(16 + pending);   // the op code holds N: threads waiting for different N differ
+    if ((int)me.wg_groups.size() > pending) {
+        const size_t close = me.wg_groups.size() - pending;
+        const long end = me.wg_groups[close - 1];
+        for (long i = me.wg_done; i < end; ++i) emu_wgmma_complete(wg, i);
+        me.wg_done = end;
+        me.wg_groups.erase(me.wg_groups.begin(), me.wg_groups.begin() + close);
+    }
+    emu_wg_barrier(1);   // every thread has its results before the table changes
+    if (me.wg_done > emu_wg_base[wg]) {   // completed for all 128: drop (once, by the first to leave)
+        std::vector<EmuWgOp>& ops = emu_wg_ops[wg];
+        ops.erase(ops.begin(), ops.begin() + (me.wg_done - emu_wg_base[wg]));
+        emu_wg_base[wg] = me.wg_done;
+    }
+}
+
+static void emu_wgmma_check_done() {
+    const EmuThread& me = *emu_cur;
+    const long committed = me.wg_groups.empty() ? me.wg_done : me.wg_groups.back();
+    if (committed != me.wg_issued) emu_fail("a thread ended with wgmma operations it never committed");
+    if (me.wg_done != me.wg_issued) emu_fail("a thread ended with wgmma groups it never waited for");
+}
+
+__device__ __forceinline__ void wgmma_fence() { emu_wg(); ++emu_cur->wg_fences; }
+__device__ __forceinline__ void wgmma_commit() { emu_wg(); emu_cur->wg_groups.push_back(emu_cur->wg_issued); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { emu_wgmma_wait(N); }
+template <int N>
+__device__ __forceinline__ void reg_fence(float*) {}
+template <int N>
+__device__ void wgmma_ss(float* d, unsigned long long da, unsigned long long db, int accumulate) {
+    static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma N");
+    emu_wgmma_issue(0, N, da, db, accumulate, d, nullptr);
+}
+template <int N>
+__device__ void wgmma_rs(float* d, const unsigned* a, unsigned long long db, int accumulate) {
+    static_assert(N % 8 == 0 && N >= 8 && N <= 256, "wgmma N");
+    emu_wgmma_issue(1, N, 0, db, accumulate, d, a);
+}
+
 // ----- running a grid ------------------------------------------------------------------------
 static void emu_run(int gx, int gy, int gz, int bx, int by, int smem_bytes, std::function<void()> body) {
     const int threads = bx * by;   // a 2-D block: thread t is (t % bx, t / bx), warps of 32 consecutive t
@@ -300,6 +505,8 @@ static void emu_run(int gx, int gy, int gz, int bx, int by, int smem_bytes, std:
                 emu_nthreads = emu_live = threads;
                 emu_block_arrived = 0;
                 for (int w = 0; w < 32; ++w) emu_warp_arrived[w] = 0;
+                for (int g = 0; g < EMU_WG; ++g) { emu_wg_arrived[g] = 0; emu_wg_ops[g].clear(); emu_wg_base[g] = 0; }
+                for (int i = 0; i < 16; ++i) emu_bar_arrived[i] = 0;
                 for (int t = 0; t < threads; ++t) {
                     EmuThread& th = emu_threads[t];
                     th.tid = {(unsigned)(t % bx), (unsigned)(t / bx), 0};
@@ -307,6 +514,8 @@ static void emu_run(int gx, int gy, int gz, int bx, int by, int smem_bytes, std:
                     th.at_barrier = false;
                     th.open.clear();
                     th.groups.clear();
+                    th.wg_issued = th.wg_done = th.wg_fences = 0;
+                    th.wg_groups.clear();
                     // A fresh stack that emu_switch "returns" into emu_entry from.
                     void** top = (void**)(emu_stacks + (size_t)EMU_STACK * (t + 1) - 64);
                     top[0] = (void*)&emu_entry;   // return address, at a 16-byte boundary

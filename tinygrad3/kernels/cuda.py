@@ -137,6 +137,42 @@ def kernel(source, name):
 
 
 @functools.lru_cache(maxsize=None)
+def _module_sm90a(source, device_id):
+    """Compiled by NVRTC for sm_90a, the architecture whose features (wgmma) only Hopper has
+    (CuPy's own compilation picks the portable sm_90, which lacks them), loaded on the current
+    device (`device_id`)."""
+    from cupy.cuda import function
+    from cupy_backends.cuda.libs import nvrtc
+    prog = nvrtc.createProgram(PRELUDE + source, "sm90a.cu", (), ())
+    try:
+        try:
+            nvrtc.compileProgram(prog, ("--gpu-architecture=sm_90a", "--std=c++17"))
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"NVRTC could not compile an sm_90a kernel:\n{nvrtc.getProgramLog(prog)}") from e
+        cubin = nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    module = function.Module()
+    module.load(cubin)
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _function_sm90a(source, name, shared_bytes, device_id):
+    from cupy_backends.cuda.api import driver
+    fn = _module_sm90a(source, device_id).get_function(name)
+    driver.funcSetAttribute(fn.ptr, 8, shared_bytes)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    return fn
+
+
+def kernel_sm90a(source, name, shared_bytes):
+    """As `kernel`, for a source that uses sm_90a instructions (wgmma), with `shared_bytes` of
+    dynamic shared memory allowed, on the current device (compute capability 9.0 only)."""
+    import cupy
+    return _function_sm90a(source, name, shared_bytes, cupy.cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=None)
 def sm_count():
     import cupy
     return cupy.cuda.Device().attributes["MultiProcessorCount"]
