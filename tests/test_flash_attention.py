@@ -8,8 +8,8 @@ mask; `supports`; and the CUDA source itself, run by the CPU emulator in tests/c
 Both layouts of O and dO: (B, Hq, Tq, D) and out_layout="bthd", (B, Tq, Hq, D), whose results
 must be the first's transposed, to the bit.
 On a GPU (`gpu` marker): the kernels against the reference on random float16 inputs, the
-Gemma 3 270M shapes included, and the Attention Function with the family on against the
-reference path.
+Gemma 3 270M shapes included (the mma.sync kernels, on Hopper too), and the Attention Function
+with the family on (on Hopper, the wgmma build) against the reference path.
 """
 import functools
 import re
@@ -351,6 +351,13 @@ def test_emulated_bthd_queries_before_the_last_keys(emulated, rng, window):
 
 # ----- GPU: the kernels against the reference; the fast path against the reference path -------
 
+@pytest.fixture
+def mma_sync(monkeypatch):
+    """The mma.sync kernels of flash_attention.py even on Hopper, where forward and backward
+    would launch the wgmma build (tested in test_flash_attention_sm90.py)."""
+    monkeypatch.setattr(flash, "_use_hopper", lambda q, d: False)
+
+
 GPU_CASES = CASES + [
     (2, 4, 1, 1024, 1024, 256, 512),   # Gemma 3 270M: sliding-window layers
     (2, 4, 1, 1024, 1024, 256, None),  # and full-attention layers
@@ -361,7 +368,7 @@ GPU_CASES = CASES + [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,hq,hkv,tq,tk,d,window", GPU_CASES)
-def test_flash_kernels(gpu_xp, rng, b, hq, hkv, tq, tk, d, window):
+def test_flash_kernels(gpu_xp, mma_sync, rng, b, hq, hkv, tq, tk, d, window):
     cp = gpu_xp
     q, k, v, gy = inputs(rng, b, hq, hkv, tq, tk, d, gy_scale=100)
     scale, offset = d ** -0.5, tk - tq
@@ -380,7 +387,7 @@ def test_flash_kernels(gpu_xp, rng, b, hq, hkv, tq, tk, d, window):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,hq,hkv,tq,tk,d,window", GPU_CASES + [(3, 4, 1, 1024, 1024, 256, 512)])
-def test_flash_kernels_bthd(gpu_xp, rng, b, hq, hkv, tq, tk, d, window):
+def test_flash_kernels_bthd(gpu_xp, mma_sync, rng, b, hq, hkv, tq, tk, d, window):
     """O and dO in (B, Tq, Hq, D): against the reference in that layout, and to the bit against
     the kernels in (B, Hq, Tq, D)."""
     cp = gpu_xp
@@ -408,7 +415,7 @@ def test_flash_kernels_bthd(gpu_xp, rng, b, hq, hkv, tq, tk, d, window):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [None, 8])
-def test_flash_kernels_queries_before_the_last_keys(gpu_xp, rng, window):
+def test_flash_kernels_queries_before_the_last_keys(gpu_xp, mma_sync, rng, window):
     cp = gpu_xp
     q, k, v, gy = inputs(rng, 1, 4, 2, 20, 200, 32, gy_scale=100)
     poison(cp, (q.shape, np.float16), (k.shape, np.float16), (v.shape, np.float16))

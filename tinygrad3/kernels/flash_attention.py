@@ -83,6 +83,10 @@ fall in 8 different bank groups.
 `supports` says which shapes the kernels take: float16, D a multiple of 16 up to 256 (v's too),
 at least one query and key; anything else takes the `attention` family or the reference path.
 The NumPy reference below runs the same tiles in the same order with the same roundings.
+
+On Hopper (compute capability 9.0) and D a multiple of 64, `forward` and `backward` launch the
+wgmma kernels of flash_attention_sm90.py instead: the same algorithm, arguments and outputs, with
+128-query forward and dQ tiles; the Drow kernel here serves both.
 """
 import functools
 
@@ -90,6 +94,7 @@ import numpy as np
 
 from .. import backend
 from ..nn_ops.attention import Attention, causal_mask
+from . import flash_attention_sm90 as sm90
 from .cuda import kernel
 
 FWD_BQ, FWD_BK, FWD_THREADS = 64, 64, 128  # forward: queries x keys per tile, threads per block
@@ -746,6 +751,12 @@ def _launch(d, name, grid, threads, args):
     _kernel(d, name)(grid, (threads,), args, shared_mem=smem_bytes(d)[name])
 
 
+def _use_hopper(q, d):
+    """The wgmma kernels (flash_attention_sm90.py) take this call: q on a compute capability 9.0
+    GPU and D a multiple of 64 (tests point this at the emulator)."""
+    return backend.get_array_module(q) is not np and sm90.supports(q, d)
+
+
 def _ints(*values):
     return tuple(np.int32(x) for x in values)
 
@@ -754,6 +765,11 @@ def _window(window, tk):
     """The kernels' window argument: 0 for none, and for one of Tk keys or more, which hides
     nothing (and would overflow int32 in the kernels' index arithmetic if huge)."""
     return 0 if window is None or window >= tk else window
+
+
+def _sizes(hq, hkv, tq, tk, q_offset, window, scale, strides):
+    """The attention kernels' arguments after their arrays (both builds take the same)."""
+    return _ints(hq, hkv, tq, tk, q_offset, _window(window, tk)) + (np.float32(scale),) + strides
 
 
 LAYOUTS = ("bhtd", "bthd")
@@ -780,9 +796,11 @@ def forward(q, k, v, scale, window, q_offset, out_layout="bhtd"):
     (b, hq, tq, d), (hkv, tk) = q.shape, k.shape[1:3]
     out = xp.empty(out_shape(b, hq, tq, d, out_layout), np.float16)
     lse = xp.empty((b, hq, tq), np.float32)
-    _launch(d, "flash_fwd", (hq, b, -(-tq // FWD_BQ)), FWD_THREADS,
-            (q, k, v, out, lse) + _ints(hq, hkv, tq, tk, q_offset, _window(window, tk)) + (np.float32(scale),)
-            + _o_strides(hq, tq, d, out_layout))
+    sizes = _sizes(hq, hkv, tq, tk, q_offset, window, scale, _o_strides(hq, tq, d, out_layout))
+    if _use_hopper(q, d):
+        sm90.forward(q, k, v, out, lse, sizes)
+    else:
+        _launch(d, "flash_fwd", (hq, b, -(-tq // FWD_BQ)), FWD_THREADS, (q, k, v, out, lse) + sizes)
     return out, lse
 
 
@@ -796,19 +814,26 @@ def backward(gy, q, k, v, out, lse, scale, window, q_offset, needs_grad=(True, T
     if gy.shape != out_shape(b, hq, tq, d, out_layout) or out.shape != gy.shape:
         raise ValueError(f"flash backward: gy {gy.shape} and out {out.shape} are not {out_layout} for q {q.shape}")
     strides = _o_strides(hq, tq, d, out_layout)
-    sizes = _ints(hq, hkv, tq, tk, q_offset, _window(window, tk)) + (np.float32(scale),) + strides
+    sizes = _sizes(hq, hkv, tq, tk, q_offset, window, scale, strides)
     drow = xp.empty(lse.shape, np.float32)
     rows = b * hq * tq
     _launch(d, "flash_bwd_drow", (-(-rows // DROW_ROWS),), 32 * DROW_ROWS,
             (gy, out, drow, np.int64(rows)) + _ints(hq, tq) + strides)
     gq = gk = gv = None
+    hopper = _use_hopper(q, d)
     if needs_grad[0]:
         gq = xp.empty(q.shape, np.float16)
-        _launch(d, "flash_bwd_dq", (hq, b, -(-tq // DQ_BQ)), DQ_THREADS, (q, k, v, gy, lse, drow, gq) + sizes)
+        if hopper:
+            sm90.backward_dq(q, k, v, gy, lse, drow, gq, sizes)
+        else:
+            _launch(d, "flash_bwd_dq", (hq, b, -(-tq // DQ_BQ)), DQ_THREADS, (q, k, v, gy, lse, drow, gq) + sizes)
     if needs_grad[1] or needs_grad[2]:
         gk, gv = xp.empty(k.shape, np.float16), xp.empty(v.shape, np.float16)
-        _launch(d, "flash_bwd_dkdv", (hkv, b, -(-tk // KV_BK)), 128 * kv_split(d),
-                (q, k, v, gy, lse, drow, gk, gv) + sizes)
+        if hopper:
+            sm90.backward_dkdv(q, k, v, gy, lse, drow, gk, gv, sizes)
+        else:
+            _launch(d, "flash_bwd_dkdv", (hkv, b, -(-tk // KV_BK)), 128 * kv_split(d),
+                    (q, k, v, gy, lse, drow, gk, gv) + sizes)
     return gq, gk if needs_grad[1] else None, gv if needs_grad[2] else None
 
 
