@@ -119,6 +119,53 @@ __device__ __forceinline__ void store4(float* p, const float v[4]) {
 """
 
 
+# Inline PTX both the mma.sync and the wgmma families use (inside their PTX_HELPERS sections, which
+# the CPU emulator in tests replaces with C++ equivalents).
+ASYNC_COPY_PTX = r"""
+__device__ __forceinline__ unsigned smem_u32(const void* p) {  // the shared-state-space address of p
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 (or 4) bytes global -> shared without registers (zeros when !valid), in commit groups.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;"
+                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+__device__ __forceinline__ float ex2(float x) {  // 2^x; ex2(-inf) = 0
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+"""
+
+
+# Max and sum over the 4 lanes (4 g .. 4 g + 3) that share a row of an mma.sync or wgmma accumulator.
+QUAD_REDUCE = r"""
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+"""
+
+
 def address(a):
     """Where an array's data starts: a CuPy array's device pointer, or a NumPy array's host address
     (tests run the kernels' host code with NumPy arrays on the CPU emulator). For alignment checks."""

@@ -95,7 +95,7 @@ import numpy as np
 from .. import backend
 from ..nn_ops.attention import Attention, causal_mask
 from . import flash_attention_sm90 as sm90
-from .cuda import kernel
+from .cuda import ASYNC_COPY_PTX, QUAD_REDUCE, kernel
 
 FWD_BQ, FWD_BK, FWD_THREADS = 64, 64, 128  # forward: queries x keys per tile, threads per block
 DQ_BQ, DQ_BK, DQ_THREADS = 64, 32, 128     # dQ: queries x keys
@@ -180,12 +180,7 @@ struct __align__(16) chunk16 { unsigned x, y, z, w; };   // 8 halves, one 16-byt
 // after it makes every thread's copies visible).
 //
 // PTX_HELPERS_BEGIN (the CPU emulator in tests replaces this section with C++ equivalents)
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
+""" + ASYNC_COPY_PTX + r"""
 __device__ __forceinline__ void ldsm_x4(unsigned r[4], const half_t* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
@@ -203,26 +198,6 @@ __device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], unsign
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;"
-                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
-
-__device__ __forceinline__ float ex2(float x) {  // 2^x; ex2(-inf) = 0
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
 // PTX_HELPERS_END
 
 __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
@@ -338,17 +313,7 @@ __device__ __forceinline__ size_t o_head(int b, int h, int hq, int tq, int ohs) 
     return (size_t)b * hq * tq * HEAD_DIM + (size_t)h * ohs;
 }
 
-// Max and sum over the 4 lanes that share a row of an accumulator tile.
-__device__ __forceinline__ float quad_max(float x) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float x) {
-    x += __shfl_xor_sync(0xffffffffu, x, 1);
-    return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
+""" + QUAD_REDUCE + r"""
 // ----- forward ---------------------------------------------------------------------------------
 // Grid (Hq, B, query tiles): blocks start in launch order, x fastest, so all the last query
 // tiles (the most key tiles to visit under a causal mask) start first and the short ones fill

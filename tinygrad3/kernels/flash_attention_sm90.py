@@ -23,7 +23,7 @@ of flash_attention.py take every other GPU and shape. The row-sum kernel (Drow) 
 import functools
 
 from . import wgmma
-from .cuda import kernel_sm90a
+from .cuda import QUAD_REDUCE, kernel_sm90a
 
 THREADS = 256
 FWD_BQ, FWD_BK = 128, 64
@@ -62,16 +62,7 @@ __device__ __forceinline__ size_t o_head(int b, int h, int hq, int tq, int ohs) 
     return (size_t)b * hq * tq * HEAD_DIM + (size_t)h * ohs;
 }
 
-__device__ __forceinline__ float quad_max(float x) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float x) {
-    x += __shfl_xor_sync(0xffffffffu, x, 1);
-    return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
+""" + QUAD_REDUCE + r"""
 // Key tiles [*t0, *t1] that query rows [i0, i0 + 64) see, bk keys a tile (empty: t1 < t0).
 __device__ __forceinline__ void key_range(int i0, int tq, int q_offset, int window, int bk, int* t0, int* t1) {
     const int lo = window > 0 ? max(0, q_offset + i0 - window + 1) : 0;

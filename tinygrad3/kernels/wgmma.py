@@ -45,6 +45,8 @@ Everything between PTX_HELPERS_BEGIN and PTX_HELPERS_END is inline PTX, which th
 """
 import functools
 
+from .cuda import ASYNC_COPY_PTX
+
 
 def _wgmma_ss(n):
     """C++ of wgmma_ss<n>: D (64 x n) (+)= A B, A and B K-major through descriptors."""
@@ -89,31 +91,7 @@ PTX_BEGIN = r"""
 struct __align__(16) chunk16 { unsigned x, y, z, w; };   // 8 halves, one 16-byte copy
 
 // PTX_HELPERS_BEGIN (the CPU emulator in tests replaces this section with C++ equivalents)
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-// 16 bytes global -> shared without registers (zeros when !valid); groups and waits as cp.async.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;"
-                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
-
-__device__ __forceinline__ float ex2(float x) {  // 2^x; ex2(-inf) = 0
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
+""" + ASYNC_COPY_PTX + r"""
 // Shared memory written by this thread (stores, landed cp.async copies) becomes visible to the
 // tensor cores' reads (the async proxy); a barrier after it makes every thread's writes visible.
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
