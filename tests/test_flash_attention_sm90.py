@@ -141,7 +141,7 @@ def hopper_gpu(gpu_xp, monkeypatch):
     return gpu_xp, launched
 
 
-GPU_CASES = [c for c in EMULATED_CASES] + [
+GPU_CASES = EMULATED_CASES + [
     (1, 2, 1, 300, 300, 64, 128),
     (2, 4, 1, 1024, 1024, 256, 512),   # Gemma 3 270M: sliding-window layers
     (2, 4, 1, 1024, 1024, 256, None),  # and full-attention layers
