@@ -7,7 +7,7 @@ flash_attention.forward and backward with the Hopper build chosen, copies landin
 once, warps in either order; both layouts of O, bit for bit.
 On a GPU of compute capability 9.0 (`gpu` marker): the same against the reference on random
 inputs, the Gemma 3 270M shapes included; that the Hopper build is the one that runs; that its
-kernels keep their accumulators in registers (no local memory).
+kernels keep their accumulators in registers (no local memory); that repeated runs agree bit for bit.
 """
 import functools
 
@@ -190,3 +190,21 @@ def test_hopper_kernels_use_no_local_memory(hopper_gpu, d):
     for name, shared in sm90.smem_bytes(d).items():
         fn = kernel_sm90a(sm90.source(d), name, shared)
         assert driver.funcGetAttribute(3, fn.ptr) == 0, name   # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 512])
+def test_hopper_kernels_repeat_bit_for_bit(hopper_gpu, rng, window):
+    """No atomics and a fixed order of float32 sums: 20 runs on the same inputs give the same bits.
+    A missing barrier or wgmma wait (a tile read while it is overwritten) shows as runs that differ."""
+    cp, _ = hopper_gpu
+    q, k, v, gy = (cp.asarray(a) for a in inputs(rng, 4, 4, 1, 1024, 1024, 256, gy_scale=100))
+    first = None
+    for _ in range(20):
+        out, lse = flash.forward(q, k, v, 1 / 16, window, 0)
+        got = [out, lse, *flash.backward(gy, q, k, v, out, lse, 1 / 16, window, 0)]
+        if first is None:
+            first = [a.copy() for a in got]
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, first):
+            assert cp.array_equal(a.view(cp.uint16 if a.dtype == cp.float16 else cp.uint32),
+                                  b.view(cp.uint16 if b.dtype == cp.float16 else cp.uint32)), name

@@ -36,7 +36,7 @@ def smem_bytes(d):
     row = 2 * d
     return {
         "flash_fwd_sm90": 1024 + (FWD_BQ + 4 * FWD_BK) * row,
-        "flash_bwd_dq_sm90": 1024 + (2 * DQ_BQ + 4 * DQ_BK) * row,
+        "flash_bwd_dq_sm90": 1024 + (2 * DQ_BQ + 5 * DQ_BK) * row,
         # K, V; Q, dO twice; P^T exchange (32 floats x 128 threads); L, Drow twice
         "flash_bwd_dkdv_sm90": 1024 + (2 * KV_BK + 4 * KV_BQ) * row + 32 * 128 * 4 + 4 * KV_BQ * 4,
     }
@@ -72,8 +72,11 @@ __device__ __forceinline__ void key_range(int i0, int tq, int q_offset, int wind
 
 // ----- forward ---------------------------------------------------------------------------------
 // Grid (Hq, B, query tiles of 128), last tiles first. Shared: Q (128 rows), K and V (64 rows) twice.
-// Each step: wait for tile jt, barrier (the other buffer is free), prefetch tile jt + 1, and each
-// warpgroup whose rows see tile jt: S (16 SS k-steps), mask, online softmax, rescale, O += P V.
+// Step r (key tile jt0 + r): wait for K_r and V_{r-1}, barrier (the buffers of K_{r-1} and V_{r-2}
+// are free), prefetch K_{r+1} and V_r into them; each warpgroup issues S_r = Q K_r^T (16 SS
+// k-steps) if its rows see tile r, and O += P_{r-1} V_{r-1} (4 RS k-steps) for the tile before,
+// then masks and exponentiates S_r while that product runs; once it is done, it rescales O by the
+// new row maxima and packs P_r for the next step. So the tensor cores work on P V under the softmax.
 extern "C" __global__ void __launch_bounds__(256, 1)
 flash_fwd_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const half_t* __restrict__ v,
                half_t* __restrict__ o, float* __restrict__ lse, int hq, int hkv, int tq, int tk, int q_offset,
@@ -97,7 +100,6 @@ flash_fwd_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const
 
     load_sw<128, 256>(sq, q + qrow0 * HEAD_DIM, i0, tq, HEAD_DIM, threadIdx.x);
     load_sw<64, 256>(sk, kb, jt0 * 64, tk, HEAD_DIM, threadIdx.x);
-    load_sw<64, 256>(sv, vb, jt0 * 64, tk, HEAD_DIM, threadIdx.x);
     cp_async_commit();
 
     const float c = scale * LOG2E;
@@ -106,28 +108,43 @@ flash_fwd_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const
 #pragma unroll
     for (int i = 0; i < HEAD_DIM / 2; ++i) acc[i] = 0.f;
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
+    unsigned pa[4][4];      // P of the tile before, the A registers of O += P V
+    bool pending = false;   // that product is still to be issued (warpgroup-uniform)
 
-    for (int jt = jt0; jt <= jt1; ++jt) {
-        const int buf = (jt - jt0) & 1, j0 = jt * 64;
-        const half_t* ck = sk + buf * 64 * HEAD_DIM;
-        const half_t* cv = sv + buf * 64 * HEAD_DIM;
+    for (int jt = jt0; jt <= jt1 + 1; ++jt) {
+        const int r = jt - jt0, j0 = jt * 64;
+        const half_t* ck = sk + (r & 1) * 64 * HEAD_DIM;
+        const half_t* cv = sv + ((r - 1) & 1) * 64 * HEAD_DIM;   // V of the tile before
         cp_async_wait<0>();
         fence_async_smem();
-        __syncthreads();   // tile jt is in; every warpgroup is done with the other buffer
-        if (jt < jt1) {
-            load_sw<64, 256>(sk + (buf ^ 1) * 64 * HEAD_DIM, kb, j0 + 64, tk, HEAD_DIM, threadIdx.x);
-            load_sw<64, 256>(sv + (buf ^ 1) * 64 * HEAD_DIM, vb, j0 + 64, tk, HEAD_DIM, threadIdx.x);
-        }
+        __syncthreads();   // K_r and V_{r-1} are in; every warpgroup is done with K_{r-1} and V_{r-2}
+        if (jt < jt1) load_sw<64, 256>(sk + ((r + 1) & 1) * 64 * HEAD_DIM, kb, j0 + 64, tk, HEAD_DIM, threadIdx.x);
+        if (jt <= jt1) load_sw<64, 256>(sv + (r & 1) * 64 * HEAD_DIM, vb, j0, tk, HEAD_DIM, threadIdx.x);
         cp_async_commit();
-        if (jt < w0 || jt > w1) continue;   // warpgroup-uniform: no row of this warpgroup sees tile jt
+        const bool mine = jt >= w0 && jt <= w1;   // warpgroup-uniform: this warpgroup's rows see tile jt
+        if (!mine && !pending) continue;
 
         float s[32];
-        wgmma_fence();
+        if (mine) {
+            wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-            wgmma_ss<64>(s, kmajor(sq, 128, 64 * wg, 16 * kk), kmajor(ck, 64, 0, 16 * kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
+            for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+                wgmma_ss<64>(s, kmajor(sq, 128, 64 * wg, 16 * kk), kmajor(ck, 64, 0, 16 * kk), kk > 0);
+            wgmma_commit();
+        }
+        if (pending) {
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) wgmma_rs<HEAD_DIM>(acc, pa[kk], mnmajor(cv, 64, 16 * kk), 1);
+            wgmma_commit();
+        }
+        if (!mine) {   // the last product of this warpgroup's tiles
+            wgmma_wait<0>();
+            reg_fence<HEAD_DIM / 2>(acc);
+            pending = false;
+            continue;
+        }
+        if (pending) wgmma_wait<1>(); else wgmma_wait<0>();   // S_r is done (O += P V may still run)
         reg_fence<32>(s);
 
         // Scores in base 2, -inf where masked; s[4 n + e]: row row + 8 (e >> 1), key j0 + 8 n + col + (e & 1).
@@ -143,39 +160,37 @@ flash_fwd_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const
             }
         float alpha[2];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
+        for (int r2 = 0; r2 < 2; ++r2) {
             float mx = neg_inf();
 #pragma unroll
-            for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
-            const float m_new = fmaxf(m[r], quad_max(mx));
+            for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r2], s[4 * n + 2 * r2 + 1]));
+            const float m_new = fmaxf(m[r2], quad_max(mx));
             const float base = m_new == neg_inf() ? 0.f : m_new;   // fully masked so far: subtract 0
-            alpha[r] = ex2(m[r] - base);
+            alpha[r2] = ex2(m[r2] - base);
             float sum = 0.f;
 #pragma unroll
             for (int n = 0; n < 8; ++n)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    float& x = s[4 * n + 2 * r + e];
+                    float& x = s[4 * n + 2 * r2 + e];
                     x = ex2(x - base);
                     sum += x;
                 }
-            l[r] = l[r] * alpha[r] + quad_sum(sum);
-            m[r] = m_new;
+            l[r2] = l[r2] * alpha[r2] + quad_sum(sum);
+            m[r2] = m_new;
+        }
+        if (pending) {
+            wgmma_wait<0>();   // O += P_{r-1} V_{r-1} is done: O and pa may change
+            reg_fence<HEAD_DIM / 2>(acc);
         }
 #pragma unroll
         for (int n = 0; n < HEAD_DIM / 8; ++n) {
             acc[4 * n] *= alpha[0]; acc[4 * n + 1] *= alpha[0];
             acc[4 * n + 2] *= alpha[1]; acc[4 * n + 3] *= alpha[1];
         }
-        unsigned pa[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) a_regs(pa[kk], s, kk);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) wgmma_rs<HEAD_DIM>(acc, pa[kk], mnmajor(cv, 64, 16 * kk), 1);
-        wgmma_commit();
-        wgmma_wait<0>();
-        reg_fence<HEAD_DIM / 2>(acc);
+        pending = true;
     }
     cp_async_wait<0>();
     if (iw >= tq) return;   // no rows: nothing to write
@@ -191,9 +206,12 @@ flash_fwd_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const
 }
 
 // ----- backward: dQ ---------------------------------------------------------------------------
-// Grid (Hq, B, query tiles of 128). Shared: Q, dO (128 rows), K and V (32 rows) twice. Per key
-// tile seen by its rows, a warpgroup computes S and dP (32 SS k-steps in one group),
-// P = exp2(S c - L log2 e) (0 where masked), dS = P (dP - Drow) scale, dQ += dS K (2 RS k-steps).
+// Grid (Hq, B, query tiles of 128). Shared: Q, dO (128 rows), K (32 rows) three times, V (32 rows)
+// twice. Step r (key tile jt0 + r): wait for K_r and V_r, barrier (the buffers of K_{r-2} and
+// V_{r-1} are free), prefetch K_{r+1} and V_{r+1}; each warpgroup issues S = Q K_r^T and
+// dP = dO V_r^T (32 SS k-steps) if its rows see tile r, and dQ += dS_{r-1} K_{r-1} (2 RS k-steps)
+// for the tile before, then computes P = exp2(S c - L log2 e) (0 where masked) and
+// dS = P (dP - Drow) scale while that product runs, and packs dS for the next step.
 extern "C" __global__ void __launch_bounds__(256, 1)
 flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const half_t* __restrict__ v,
                   const half_t* __restrict__ gy, const float* __restrict__ lse, const float* __restrict__ drow,
@@ -202,8 +220,8 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
     extern __shared__ __align__(16) unsigned char smem[];
     half_t* sq = (half_t*)align1024(smem);
     half_t* sdo = sq + 128 * HEAD_DIM;
-    half_t* sk = sdo + 128 * HEAD_DIM;    // [2][32][HEAD_DIM]
-    half_t* sv = sk + 2 * 32 * HEAD_DIM;  // [2][32][HEAD_DIM]
+    half_t* sk = sdo + 128 * HEAD_DIM;    // [3][32][HEAD_DIM]
+    half_t* sv = sk + 3 * 32 * HEAD_DIM;  // [2][32][HEAD_DIM]
     const int h = blockIdx.x, b = blockIdx.y, tile = gridDim.z - 1 - blockIdx.z;
     const int wg = threadIdx.x >> 7, t = threadIdx.x & 127, lane = threadIdx.x & 31;
     const int i0 = tile * 128, iw = i0 + 64 * wg;
@@ -235,31 +253,49 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
     float acc[HEAD_DIM / 2];
 #pragma unroll
     for (int i = 0; i < HEAD_DIM / 2; ++i) acc[i] = 0.f;
+    unsigned da[2][4];      // dS of the tile before, the A registers of dQ += dS K
+    bool pending = false;   // that product is still to be issued (warpgroup-uniform)
 
-    for (int jt = jt0; jt <= jt1; ++jt) {
-        const int buf = (jt - jt0) & 1, j0 = jt * 32;
-        const half_t* ck = sk + buf * 32 * HEAD_DIM;
-        const half_t* cv = sv + buf * 32 * HEAD_DIM;
+    for (int jt = jt0; jt <= jt1 + 1; ++jt) {
+        const int r = jt - jt0, j0 = jt * 32;
+        const half_t* ck = sk + (r % 3) * 32 * HEAD_DIM;
+        const half_t* cv = sv + (r & 1) * 32 * HEAD_DIM;
+        const half_t* pk = sk + ((r + 2) % 3) * 32 * HEAD_DIM;   // K of the tile before
         cp_async_wait<0>();
         fence_async_smem();
-        __syncthreads();
+        __syncthreads();   // K_r and V_r are in; every warpgroup is done with K_{r-2} and V_{r-1}
         if (jt < jt1) {
-            load_sw<32, 256>(sk + (buf ^ 1) * 32 * HEAD_DIM, kb, j0 + 32, tk, HEAD_DIM, threadIdx.x);
-            load_sw<32, 256>(sv + (buf ^ 1) * 32 * HEAD_DIM, vb, j0 + 32, tk, HEAD_DIM, threadIdx.x);
+            load_sw<32, 256>(sk + ((r + 1) % 3) * 32 * HEAD_DIM, kb, j0 + 32, tk, HEAD_DIM, threadIdx.x);
+            load_sw<32, 256>(sv + ((r + 1) & 1) * 32 * HEAD_DIM, vb, j0 + 32, tk, HEAD_DIM, threadIdx.x);
         }
         cp_async_commit();
-        if (jt < w0 || jt > w1) continue;
+        const bool mine = jt >= w0 && jt <= w1;   // warpgroup-uniform: this warpgroup's rows see tile jt
+        if (!mine && !pending) continue;
 
         float p[16], dp[16];
-        wgmma_fence();
+        if (mine) {
+            wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-            wgmma_ss<32>(p, kmajor(sq, 128, 64 * wg, 16 * kk), kmajor(ck, 32, 0, 16 * kk), kk > 0);
+            for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+                wgmma_ss<32>(p, kmajor(sq, 128, 64 * wg, 16 * kk), kmajor(ck, 32, 0, 16 * kk), kk > 0);
 #pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-            wgmma_ss<32>(dp, kmajor(sdo, 128, 64 * wg, 16 * kk), kmajor(cv, 32, 0, 16 * kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
+            for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+                wgmma_ss<32>(dp, kmajor(sdo, 128, 64 * wg, 16 * kk), kmajor(cv, 32, 0, 16 * kk), kk > 0);
+            wgmma_commit();
+        }
+        if (pending) {
+            wgmma_fence();
+            wgmma_rs<HEAD_DIM>(acc, da[0], mnmajor(pk, 32, 0), 1);
+            wgmma_rs<HEAD_DIM>(acc, da[1], mnmajor(pk, 32, 16), 1);
+            wgmma_commit();
+        }
+        if (!mine) {   // the last product of this warpgroup's tiles
+            wgmma_wait<0>();
+            reg_fence<HEAD_DIM / 2>(acc);
+            pending = false;
+            continue;
+        }
+        if (pending) wgmma_wait<1>(); else wgmma_wait<0>();   // S and dP are done (dQ += dS K may still run)
         reg_fence<16>(p);
         reg_fence<16>(dp);
         const bool whole = all_visible(iw, 64, j0, 32, tq, tk, q_offset, window);
@@ -272,15 +308,13 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
                                      ? ex2(p[x] * c - l2[e >> 1]) : 0.f;
                 p[x] = pe * (dp[x] - dr[e >> 1]) * scale;   // dS
             }
-        unsigned da[2][4];
+        if (pending) {
+            wgmma_wait<0>();   // dQ += dS_{r-1} K_{r-1} is done: da may change
+            reg_fence<HEAD_DIM / 2>(acc);
+        }
         a_regs(da[0], p, 0);
         a_regs(da[1], p, 1);
-        wgmma_fence();
-        wgmma_rs<HEAD_DIM>(acc, da[0], mnmajor(ck, 32, 0), 1);
-        wgmma_rs<HEAD_DIM>(acc, da[1], mnmajor(ck, 32, 16), 1);
-        wgmma_commit();
-        wgmma_wait<0>();
-        reg_fence<HEAD_DIM / 2>(acc);
+        pending = true;
     }
     cp_async_wait<0>();
     if (iw >= tq) return;
@@ -291,11 +325,14 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
 
 // ----- backward: dK and dV --------------------------------------------------------------------
 // Grid (Hkv, B, key tiles of 64), first tiles first. Steps: (query head of the group, query tile
-// of 64) pairs that see these keys, head by head; step s + 1's Q, dO, L, Drow load while step s
-// runs. Per step, between two barriers:
-//   warpgroup 0: S^T = K Q^T (SS), P^T = exp2(S^T c - L log2 e) (0 where masked), P^T to xs;
-//   warpgroup 1: dP^T = V dO^T (SS);
-// then warpgroup 0: dV += P^T dO (RS), warpgroup 1: dS^T = P^T (dP^T - Drow) scale, dK += dS^T Q.
+// of 64) pairs that see these keys, head by head. Per step s, after a barrier (step s's Q, dO, L,
+// Drow are in; xs is free):
+//   issue the accumulation of step s - 1 (warpgroup 0: dV += P^T dO, warpgroup 1: dK += dS^T Q,
+//   RS, from the other buffer), then warpgroup 0: S^T = K Q^T, warpgroup 1: dP^T = V dO^T (SS);
+//   once the accumulation is done, a barrier frees the other buffer and step s + 1's tiles start
+//   loading into it while the score products run;
+//   warpgroup 0: P^T = exp2(S^T c - L log2 e) (0 where masked), P^T to xs; a barrier;
+//   warpgroup 1: dS^T = P^T (dP^T - Drow) scale; both pack their tile for the next accumulation.
 // The two warpgroups run the same instructions on different tiles (x and acc are the same
 // registers in both), so each thread holds one D-wide accumulator. xs is in fragment order:
 // thread t of warpgroup 1 reads what thread t of warpgroup 0 wrote.
@@ -342,10 +379,11 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
 
     const float c = scale * LOG2E;
     const int key = j0 + 16 * (t >> 5) + (lane >> 2), col = 2 * (lane & 3);   // keys key, key + 8
-    const half_t* ta = wg == 0 ? sk : sv;   // this warpgroup's first product: ta tb^T
+    const half_t* ta = wg == 0 ? sk : sv;   // this warpgroup's score product: ta tb^T
     float acc[HEAD_DIM / 2];
 #pragma unroll
     for (int i = 0; i < HEAD_DIM / 2; ++i) acc[i] = 0.f;
+    unsigned xa[4][4];   // P^T (warpgroup 0) or dS^T (warpgroup 1) of the step before, packed
 
     for (int s = 0; s < steps; ++s) {
         const int buf = s & 1, i0 = (it0 + s % tiles) * 64;
@@ -355,17 +393,27 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
         const float* cd = sd + buf * 64;
         cp_async_wait<0>();
         fence_async_smem();
-        __syncthreads();   // step s is in; step s - 1 is done everywhere (its buffers and xs are free)
-        if (s + 1 < steps) load_step(s + 1, buf ^ 1);
-        cp_async_commit();
+        __syncthreads();   // step s is in; step s - 1's xs has been read
 
         float x[32];   // warpgroup 0: S^T, then P^T; warpgroup 1: dP^T, then dS^T
+        if (s > 0) {   // the accumulation of step s - 1, from the other buffer
+            const half_t* rb = wg == 0 ? sdo + (buf ^ 1) * 64 * HEAD_DIM : sq + (buf ^ 1) * 64 * HEAD_DIM;
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) wgmma_rs<HEAD_DIM>(acc, xa[kk], mnmajor(rb, 64, 16 * kk), 1);
+            wgmma_commit();
+        }
         const half_t* tb = wg == 0 ? cq : cdo;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
             wgmma_ss<64>(x, kmajor(ta, 64, 0, 16 * kk), kmajor(tb, 64, 0, 16 * kk), kk > 0);
         wgmma_commit();
+        wgmma_wait<1>();   // the accumulation of step s - 1 is done (the score product may still run)
+        reg_fence<HEAD_DIM / 2>(acc);
+        __syncthreads();   // every warpgroup is done with the other buffer
+        if (s + 1 < steps) load_step(s + 1, buf ^ 1);
+        cp_async_commit();
         wgmma_wait<0>();
         reg_fence<32>(x);
         // x[4 n + e]: key key + 8 (e >> 1), query i0 + 8 n + col + (e & 1).
@@ -392,10 +440,11 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
                     x[4 * n + e] = xs[(4 * n + e) * 128 + t] * (x[4 * n + e] - cd[iq]) * scale;
                 }
         }
-        unsigned xa[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) a_regs(xa[kk], x, kk);
-        const half_t* rb = wg == 0 ? cdo : cq;
+    }
+    if (steps > 0) {   // the accumulation of the last step
+        const half_t* rb = wg == 0 ? sdo + ((steps - 1) & 1) * 64 * HEAD_DIM : sq + ((steps - 1) & 1) * 64 * HEAD_DIM;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) wgmma_rs<HEAD_DIM>(acc, xa[kk], mnmajor(rb, 64, 16 * kk), 1);
