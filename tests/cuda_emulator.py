@@ -213,6 +213,19 @@ T __shfl_xor_sync(unsigned mask, T v, int offset) {
     return r;
 }
 
+template <class T>
+T __shfl_sync(unsigned mask, T v, int src) {
+    if (mask != 0xffffffffu) emu_fail("partial warp masks are not emulated");
+    static_assert(sizeof(T) <= 8, "shuffle of a large type");
+    const int w = emu_linear() >> 5, l = emu_linear() & 31;
+    memcpy(emu_words[w][l], &v, sizeof(T));
+    emu_warp_barrier(2);
+    T r;
+    memcpy(&r, emu_words[w][src & 31], sizeof(T));
+    emu_warp_barrier(2);
+    return r;
+}
+
 __device__ __forceinline__ float h2f(half_t h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
 __device__ __forceinline__ half_t f2h(float x) { _Float16 f = (_Float16)x; half_t h; memcpy(&h, &f, 2); return h; }
 __device__ __forceinline__ float neg_inf() { return -INFINITY; }

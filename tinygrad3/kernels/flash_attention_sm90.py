@@ -36,7 +36,7 @@ def smem_bytes(d):
     row = 2 * d
     return {
         "flash_fwd_sm90": 1024 + (FWD_BQ + 4 * FWD_BK) * row,
-        "flash_bwd_dq_sm90": 1024 + (2 * DQ_BQ + 5 * DQ_BK) * row,
+        "flash_bwd_dq_sm90": 1024 + (2 * DQ_BQ + 4 * DQ_BK) * row,
         # K, V; Q, dO twice; P^T exchange (32 floats x 128 threads); L, Drow twice
         "flash_bwd_dkdv_sm90": 1024 + (2 * KV_BK + 4 * KV_BQ) * row + 32 * 128 * 4 + 4 * KV_BQ * 4,
     }
@@ -72,11 +72,8 @@ __device__ __forceinline__ void key_range(int i0, int tq, int q_offset, int wind
 
 // ----- forward ---------------------------------------------------------------------------------
 // Grid (Hq, B, query tiles of 128), last tiles first. Shared: Q (128 rows), K and V (64 rows) twice.
-// Step r (key tile jt0 + r): wait for K_r and V_{r-1}, barrier (the buffers of K_{r-1} and V_{r-2}
-// are free), prefetch K_{r+1} and V_r into them; each warpgroup issues S_r = Q K_r^T (16 SS
-// k-steps) if its rows see tile r, and O += P_{r-1} V_{r-1} (4 RS k-steps) for the tile before,
-// then masks and exponentiates S_r while that product runs; once it is done, it rescales O by the
-// new row maxima and packs P_r for the next step. So the tensor cores work on P V under the softmax.
+// Each step: wait for tile jt, barrier (the other buffer is free), prefetch tile jt + 1, and each
+// warpgroup whose rows see tile jt: S (16 SS k-steps), mask, online softmax, rescale, O += P V.
 extern "C" __global__ void __launch_bounds__(256, 1)
 flash_fwd_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const half_t* __restrict__ v,
                half_t* __restrict__ o, float* __restrict__ lse, int hq, int hkv, int tq, int tk, int q_offset,
@@ -86,7 +83,7 @@ flash_fwd_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const
     half_t* sk = sq + 128 * HEAD_DIM;   // [2][64][HEAD_DIM]
     half_t* sv = sk + 2 * 64 * HEAD_DIM; // [2][64][HEAD_DIM]
     const int h = blockIdx.x, b = blockIdx.y, tile = gridDim.z - 1 - blockIdx.z;
-    const int wg = threadIdx.x >> 7, t = threadIdx.x & 127, lane = threadIdx.x & 31;
+    const int wg = warpgroup(), t = threadIdx.x & 127, lane = threadIdx.x & 31;
     const int i0 = tile * 128, iw = i0 + 64 * wg;   // the block's and this warpgroup's first query
     const size_t qrow0 = (size_t)(b * hq + h) * tq;
     const size_t krow0 = (size_t)(b * hkv + h / (hq / hkv)) * tk;
@@ -100,6 +97,7 @@ flash_fwd_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const
 
     load_sw<128, 256>(sq, q + qrow0 * HEAD_DIM, i0, tq, HEAD_DIM, threadIdx.x);
     load_sw<64, 256>(sk, kb, jt0 * 64, tk, HEAD_DIM, threadIdx.x);
+    load_sw<64, 256>(sv, vb, jt0 * 64, tk, HEAD_DIM, threadIdx.x);
     cp_async_commit();
 
     const float c = scale * LOG2E;
@@ -108,43 +106,28 @@ flash_fwd_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const
 #pragma unroll
     for (int i = 0; i < HEAD_DIM / 2; ++i) acc[i] = 0.f;
     float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
-    unsigned pa[4][4];      // P of the tile before, the A registers of O += P V
-    bool pending = false;   // that product is still to be issued (warpgroup-uniform)
 
-    for (int jt = jt0; jt <= jt1 + 1; ++jt) {
-        const int r = jt - jt0, j0 = jt * 64;
-        const half_t* ck = sk + (r & 1) * 64 * HEAD_DIM;
-        const half_t* cv = sv + ((r - 1) & 1) * 64 * HEAD_DIM;   // V of the tile before
+    for (int jt = jt0; jt <= jt1; ++jt) {
+        const int buf = (jt - jt0) & 1, j0 = jt * 64;
+        const half_t* ck = sk + buf * 64 * HEAD_DIM;
+        const half_t* cv = sv + buf * 64 * HEAD_DIM;
         cp_async_wait<0>();
         fence_async_smem();
-        __syncthreads();   // K_r and V_{r-1} are in; every warpgroup is done with K_{r-1} and V_{r-2}
-        if (jt < jt1) load_sw<64, 256>(sk + ((r + 1) & 1) * 64 * HEAD_DIM, kb, j0 + 64, tk, HEAD_DIM, threadIdx.x);
-        if (jt <= jt1) load_sw<64, 256>(sv + (r & 1) * 64 * HEAD_DIM, vb, j0, tk, HEAD_DIM, threadIdx.x);
+        __syncthreads();   // tile jt is in; every warpgroup is done with the other buffer
+        if (jt < jt1) {
+            load_sw<64, 256>(sk + (buf ^ 1) * 64 * HEAD_DIM, kb, j0 + 64, tk, HEAD_DIM, threadIdx.x);
+            load_sw<64, 256>(sv + (buf ^ 1) * 64 * HEAD_DIM, vb, j0 + 64, tk, HEAD_DIM, threadIdx.x);
+        }
         cp_async_commit();
-        const bool mine = jt >= w0 && jt <= w1;   // warpgroup-uniform: this warpgroup's rows see tile jt
-        if (!mine && !pending) continue;
+        if (jt < w0 || jt > w1) continue;   // warpgroup-uniform: no row of this warpgroup sees tile jt
 
         float s[32];
-        if (mine) {
-            wgmma_fence();
+        wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-                wgmma_ss<64>(s, kmajor(sq, 128, 64 * wg, 16 * kk), kmajor(ck, 64, 0, 16 * kk), kk > 0);
-            wgmma_commit();
-        }
-        if (pending) {
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk) wgmma_rs<HEAD_DIM>(acc, pa[kk], mnmajor(cv, 64, 16 * kk), 1);
-            wgmma_commit();
-        }
-        if (!mine) {   // the last product of this warpgroup's tiles
-            wgmma_wait<0>();
-            reg_fence<HEAD_DIM / 2>(acc);
-            pending = false;
-            continue;
-        }
-        if (pending) wgmma_wait<1>(); else wgmma_wait<0>();   // S_r is done (O += P V may still run)
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+            wgmma_ss<64>(s, kmajor(sq, 128, 64 * wg, 16 * kk), kmajor(ck, 64, 0, 16 * kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
         reg_fence<32>(s);
 
         // Scores in base 2, -inf where masked; s[4 n + e]: row row + 8 (e >> 1), key j0 + 8 n + col + (e & 1).
@@ -160,37 +143,39 @@ flash_fwd_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const
             }
         float alpha[2];
 #pragma unroll
-        for (int r2 = 0; r2 < 2; ++r2) {
+        for (int r = 0; r < 2; ++r) {
             float mx = neg_inf();
 #pragma unroll
-            for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r2], s[4 * n + 2 * r2 + 1]));
-            const float m_new = fmaxf(m[r2], quad_max(mx));
+            for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(s[4 * n + 2 * r], s[4 * n + 2 * r + 1]));
+            const float m_new = fmaxf(m[r], quad_max(mx));
             const float base = m_new == neg_inf() ? 0.f : m_new;   // fully masked so far: subtract 0
-            alpha[r2] = ex2(m[r2] - base);
+            alpha[r] = ex2(m[r] - base);
             float sum = 0.f;
 #pragma unroll
             for (int n = 0; n < 8; ++n)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    float& x = s[4 * n + 2 * r2 + e];
+                    float& x = s[4 * n + 2 * r + e];
                     x = ex2(x - base);
                     sum += x;
                 }
-            l[r2] = l[r2] * alpha[r2] + quad_sum(sum);
-            m[r2] = m_new;
-        }
-        if (pending) {
-            wgmma_wait<0>();   // O += P_{r-1} V_{r-1} is done: O and pa may change
-            reg_fence<HEAD_DIM / 2>(acc);
+            l[r] = l[r] * alpha[r] + quad_sum(sum);
+            m[r] = m_new;
         }
 #pragma unroll
         for (int n = 0; n < HEAD_DIM / 8; ++n) {
             acc[4 * n] *= alpha[0]; acc[4 * n + 1] *= alpha[0];
             acc[4 * n + 2] *= alpha[1]; acc[4 * n + 3] *= alpha[1];
         }
+        unsigned pa[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) a_regs(pa[kk], s, kk);
-        pending = true;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma_rs<HEAD_DIM>(acc, pa[kk], mnmajor(cv, 64, 16 * kk), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence<HEAD_DIM / 2>(acc);
     }
     cp_async_wait<0>();
     if (iw >= tq) return;   // no rows: nothing to write
@@ -206,12 +191,9 @@ flash_fwd_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const
 }
 
 // ----- backward: dQ ---------------------------------------------------------------------------
-// Grid (Hq, B, query tiles of 128). Shared: Q, dO (128 rows), K (32 rows) three times, V (32 rows)
-// twice. Step r (key tile jt0 + r): wait for K_r and V_r, barrier (the buffers of K_{r-2} and
-// V_{r-1} are free), prefetch K_{r+1} and V_{r+1}; each warpgroup issues S = Q K_r^T and
-// dP = dO V_r^T (32 SS k-steps) if its rows see tile r, and dQ += dS_{r-1} K_{r-1} (2 RS k-steps)
-// for the tile before, then computes P = exp2(S c - L log2 e) (0 where masked) and
-// dS = P (dP - Drow) scale while that product runs, and packs dS for the next step.
+// Grid (Hq, B, query tiles of 128). Shared: Q, dO (128 rows), K and V (32 rows) twice. Per key
+// tile seen by its rows, a warpgroup computes S and dP (32 SS k-steps in one group),
+// P = exp2(S c - L log2 e) (0 where masked), dS = P (dP - Drow) scale, dQ += dS K (2 RS k-steps).
 extern "C" __global__ void __launch_bounds__(256, 1)
 flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const half_t* __restrict__ v,
                   const half_t* __restrict__ gy, const float* __restrict__ lse, const float* __restrict__ drow,
@@ -220,10 +202,10 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
     extern __shared__ __align__(16) unsigned char smem[];
     half_t* sq = (half_t*)align1024(smem);
     half_t* sdo = sq + 128 * HEAD_DIM;
-    half_t* sk = sdo + 128 * HEAD_DIM;    // [3][32][HEAD_DIM]
-    half_t* sv = sk + 3 * 32 * HEAD_DIM;  // [2][32][HEAD_DIM]
+    half_t* sk = sdo + 128 * HEAD_DIM;    // [2][32][HEAD_DIM]
+    half_t* sv = sk + 2 * 32 * HEAD_DIM;  // [2][32][HEAD_DIM]
     const int h = blockIdx.x, b = blockIdx.y, tile = gridDim.z - 1 - blockIdx.z;
-    const int wg = threadIdx.x >> 7, t = threadIdx.x & 127, lane = threadIdx.x & 31;
+    const int wg = warpgroup(), t = threadIdx.x & 127, lane = threadIdx.x & 31;
     const int i0 = tile * 128, iw = i0 + 64 * wg;
     const size_t qrow0 = (size_t)(b * hq + h) * tq;
     const size_t krow0 = (size_t)(b * hkv + h / (hq / hkv)) * tk;
@@ -253,49 +235,31 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
     float acc[HEAD_DIM / 2];
 #pragma unroll
     for (int i = 0; i < HEAD_DIM / 2; ++i) acc[i] = 0.f;
-    unsigned da[2][4];      // dS of the tile before, the A registers of dQ += dS K
-    bool pending = false;   // that product is still to be issued (warpgroup-uniform)
 
-    for (int jt = jt0; jt <= jt1 + 1; ++jt) {
-        const int r = jt - jt0, j0 = jt * 32;
-        const half_t* ck = sk + (r % 3) * 32 * HEAD_DIM;
-        const half_t* cv = sv + (r & 1) * 32 * HEAD_DIM;
-        const half_t* pk = sk + ((r + 2) % 3) * 32 * HEAD_DIM;   // K of the tile before
+    for (int jt = jt0; jt <= jt1; ++jt) {
+        const int buf = (jt - jt0) & 1, j0 = jt * 32;
+        const half_t* ck = sk + buf * 32 * HEAD_DIM;
+        const half_t* cv = sv + buf * 32 * HEAD_DIM;
         cp_async_wait<0>();
         fence_async_smem();
-        __syncthreads();   // K_r and V_r are in; every warpgroup is done with K_{r-2} and V_{r-1}
+        __syncthreads();
         if (jt < jt1) {
-            load_sw<32, 256>(sk + ((r + 1) % 3) * 32 * HEAD_DIM, kb, j0 + 32, tk, HEAD_DIM, threadIdx.x);
-            load_sw<32, 256>(sv + ((r + 1) & 1) * 32 * HEAD_DIM, vb, j0 + 32, tk, HEAD_DIM, threadIdx.x);
+            load_sw<32, 256>(sk + (buf ^ 1) * 32 * HEAD_DIM, kb, j0 + 32, tk, HEAD_DIM, threadIdx.x);
+            load_sw<32, 256>(sv + (buf ^ 1) * 32 * HEAD_DIM, vb, j0 + 32, tk, HEAD_DIM, threadIdx.x);
         }
         cp_async_commit();
-        const bool mine = jt >= w0 && jt <= w1;   // warpgroup-uniform: this warpgroup's rows see tile jt
-        if (!mine && !pending) continue;
+        if (jt < w0 || jt > w1) continue;
 
         float p[16], dp[16];
-        if (mine) {
-            wgmma_fence();
+        wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-                wgmma_ss<32>(p, kmajor(sq, 128, 64 * wg, 16 * kk), kmajor(ck, 32, 0, 16 * kk), kk > 0);
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+            wgmma_ss<32>(p, kmajor(sq, 128, 64 * wg, 16 * kk), kmajor(ck, 32, 0, 16 * kk), kk > 0);
 #pragma unroll
-            for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-                wgmma_ss<32>(dp, kmajor(sdo, 128, 64 * wg, 16 * kk), kmajor(cv, 32, 0, 16 * kk), kk > 0);
-            wgmma_commit();
-        }
-        if (pending) {
-            wgmma_fence();
-            wgmma_rs<HEAD_DIM>(acc, da[0], mnmajor(pk, 32, 0), 1);
-            wgmma_rs<HEAD_DIM>(acc, da[1], mnmajor(pk, 32, 16), 1);
-            wgmma_commit();
-        }
-        if (!mine) {   // the last product of this warpgroup's tiles
-            wgmma_wait<0>();
-            reg_fence<HEAD_DIM / 2>(acc);
-            pending = false;
-            continue;
-        }
-        if (pending) wgmma_wait<1>(); else wgmma_wait<0>();   // S and dP are done (dQ += dS K may still run)
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+            wgmma_ss<32>(dp, kmajor(sdo, 128, 64 * wg, 16 * kk), kmajor(cv, 32, 0, 16 * kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
         reg_fence<16>(p);
         reg_fence<16>(dp);
         const bool whole = all_visible(iw, 64, j0, 32, tq, tk, q_offset, window);
@@ -308,13 +272,15 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
                                      ? ex2(p[x] * c - l2[e >> 1]) : 0.f;
                 p[x] = pe * (dp[x] - dr[e >> 1]) * scale;   // dS
             }
-        if (pending) {
-            wgmma_wait<0>();   // dQ += dS_{r-1} K_{r-1} is done: da may change
-            reg_fence<HEAD_DIM / 2>(acc);
-        }
+        unsigned da[2][4];
         a_regs(da[0], p, 0);
         a_regs(da[1], p, 1);
-        pending = true;
+        wgmma_fence();
+        wgmma_rs<HEAD_DIM>(acc, da[0], mnmajor(ck, 32, 0), 1);
+        wgmma_rs<HEAD_DIM>(acc, da[1], mnmajor(ck, 32, 16), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        reg_fence<HEAD_DIM / 2>(acc);
     }
     cp_async_wait<0>();
     if (iw >= tq) return;
@@ -350,7 +316,7 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
     float* sl = xs + 32 * 128;                  // [2][64]
     float* sd = sl + 2 * 64;                    // [2][64]
     const int kvh = blockIdx.x, b = blockIdx.y, j0 = blockIdx.z * 64;
-    const int wg = threadIdx.x >> 7, t = threadIdx.x & 127, lane = threadIdx.x & 31;
+    const int wg = warpgroup(), t = threadIdx.x & 127, lane = threadIdx.x & 31;
     const int group = hq / hkv;
     const size_t krow0 = (size_t)(b * hkv + kvh) * tk;
     const int jlast = min(j0 + 64, tk) - 1;

@@ -129,21 +129,31 @@ __device__ __forceinline__ int sw(int rows, int r, int c) {
     return (c >> 6) * rows * 64 + r * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7);
 }
 
-__device__ __forceinline__ unsigned long long sw128_desc(const half_t* start, unsigned lbo_bytes) {
-    const unsigned a = smem_u32(start);
-    return (unsigned long long)((a & 0x3FFFF) >> 4) | ((unsigned long long)(lbo_bytes >> 4) << 16) |
-           ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
+// A descriptor's upper word is the same for every tile here (SBO 1024, 128B swizzle), and its lower
+// word holds the start address (the low 14 bits, in 16-byte units) and the LBO. The descriptor of a
+// k-step is that of the tile's first plus the step's offset in 16-byte units, added to the lower word
+// alone: every shared tile lies below 256 KB, so the sum stays in the address field, and with k0 a
+// constant of an unrolled loop each step costs one 32-bit add, not a descriptor.
+__device__ __forceinline__ unsigned long long sw128_desc(unsigned lower) {
+    return (1ull << 62) | ((unsigned long long)(1024 >> 4) << 32) | lower;
+}
+__device__ __forceinline__ unsigned sw128_lower(const half_t* start, unsigned lbo_bytes) {
+    return ((smem_u32(start) & 0x3FFFF) >> 4) | ((lbo_bytes >> 4) << 16);
 }
 
 // K-major operand: rows r0 (a multiple of 8) and on of a `rows`-row tile, columns k0 .. k0 + 15.
 __device__ __forceinline__ unsigned long long kmajor(const half_t* tile, int rows, int r0, int k0) {
-    return sw128_desc(tile + (k0 >> 6) * rows * 64 + r0 * 64 + (k0 & 63), 16);
+    return sw128_desc(sw128_lower(tile + r0 * 64, 16) + (((k0 >> 6) * rows * 128 + (k0 & 63) * 2) >> 4));
 }
 
 // MN-major B: rows k0 .. k0 + 15 (k0 a multiple of 8) of a `rows`-row tile, every column.
 __device__ __forceinline__ unsigned long long mnmajor(const half_t* tile, int rows, int k0) {
-    return sw128_desc(tile + k0 * 64, rows * 128);
+    return sw128_desc(sw128_lower(tile, rows * 128) + k0 * 8);
 }
+
+// This thread's warpgroup, shuffled from lane 0 so that the compiler knows it is the same across
+// the warp: the descriptor arithmetic that depends on it then runs in uniform registers.
+__device__ __forceinline__ int warpgroup() { return __shfl_sync(0xffffffffu, (int)threadIdx.x >> 7, 0); }
 
 // The first 1024-aligned byte at or after p (swizzle atoms must be 1024-aligned).
 __device__ __forceinline__ unsigned char* align1024(unsigned char* p) {
@@ -151,15 +161,21 @@ __device__ __forceinline__ unsigned char* align1024(unsigned char* p) {
 }
 
 // Rows [row0, row0 + ROWS) of an (n, HEAD_DIM) float16 matrix whose rows start `stride` halves
-// apart into a swizzled shared tile, by NTHREADS threads from thread `first` (consecutive threads
-// along a row); rows at or past n become zeros.
+// apart into a swizzled shared tile, by NTHREADS threads (thread `first` < NTHREADS of them;
+// consecutive threads along a row); rows at or past n become zeros. Each thread copies the same
+// 16-byte column of every NTHREADS / (HEAD_DIM / 8)-th row, in an unrolled loop: one address
+// computation, then a constant step per copy.
 template <int ROWS, int NTHREADS>
 __device__ __forceinline__ void load_sw(half_t* dst, const half_t* src, int row0, int n, int stride, int first) {
-    constexpr int CHUNKS = HEAD_DIM / 8;
-    for (int t = first; t < ROWS * CHUNKS; t += NTHREADS) {
-        const int r = t / CHUNKS, c = (t % CHUNKS) * 8;
+    constexpr int CHUNKS = HEAD_DIM / 8, STEP = NTHREADS / CHUNKS;
+    static_assert(NTHREADS % CHUNKS == 0 && ROWS % STEP == 0, "load_sw: rows not a multiple of the step");
+    const int r0 = first / CHUNKS, c = (first % CHUNKS) * 8;
+    const half_t* from = src + (size_t)row0 * stride + c;
+#pragma unroll
+    for (int i = 0; i < ROWS / STEP; ++i) {
+        const int r = r0 + i * STEP;
         const bool valid = row0 + r < n;
-        cp_async16(dst + sw(ROWS, r, c), src + (size_t)(valid ? row0 + r : 0) * stride + c, valid);
+        cp_async16(dst + sw(ROWS, r, c), valid ? from + (size_t)r * stride : src, valid);
     }
 }
 
