@@ -305,6 +305,10 @@ static void emu_cp_async(void* dst, const void* src, int bytes, bool valid) {
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
     emu_cp_async(dst, src, 16, valid);
 }
+__device__ __forceinline__ void cp_async16_at(unsigned dst, const void* src, bool valid) {
+    if (dst + 16 > sizeof(smem)) emu_fail("cp_async16_at outside shared memory");
+    emu_cp_async(smem + dst, src, 16, valid);
+}
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) { emu_cp_async(dst, src, 4, valid); }
 __device__ __forceinline__ void cp_async_commit() {
     emu_cur->groups.push_back(emu_cur->open);

@@ -60,7 +60,7 @@ def check(q, k, v, gy, scale, window, offset, layout="bhtd", xp=np):
     return out, lse, grads
 
 
-# (B, Hq, Hkv, Tq, Tk, D, window): as test_flash_attention's cases, for D in 64, 128, 256: one
+# (B, Hq, Hkv, Tq, Tk, D, window): as test_flash_attention's cases, for D in 64, 128, 192, 256: one
 # 128-query tile and several, key tiles of 32 and 64 partly masked, windows narrower and wider
 # than a tile, grouped K/V, queries after earlier keys, one query
 EMULATED_CASES = [
@@ -72,6 +72,7 @@ EMULATED_CASES = [
     (1, 2, 1, 96, 160, 128, 500),
     (1, 4, 1, 150, 150, 256, 40),
     (1, 2, 1, 1, 100, 256, None),
+    (1, 2, 1, 70, 70, 192, 20),      # 24 chunks a row: load_sw's general loop
     (1, 2, 1, 40, 40, 64, 2**31 - 1),
 ]
 

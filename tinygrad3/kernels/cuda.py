@@ -129,9 +129,13 @@ __device__ __forceinline__ unsigned smem_u32(const void* p) {  // the shared-sta
 }
 
 // 16 (or 4) bytes global -> shared without registers (zeros when !valid), in commit groups.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+__device__ __forceinline__ void cp_async16_at(unsigned dst, const void* src, bool valid) {  // dst: smem_u32
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
+                 :: "r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    cp_async16_at(smem_u32(dst), src, valid);
 }
 
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {

@@ -291,14 +291,11 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
 
 // ----- backward: dK and dV --------------------------------------------------------------------
 // Grid (Hkv, B, key tiles of 64), first tiles first. Steps: (query head of the group, query tile
-// of 64) pairs that see these keys, head by head. Per step s, after a barrier (step s's Q, dO, L,
-// Drow are in; xs is free):
-//   issue the accumulation of step s - 1 (warpgroup 0: dV += P^T dO, warpgroup 1: dK += dS^T Q,
-//   RS, from the other buffer), then warpgroup 0: S^T = K Q^T, warpgroup 1: dP^T = V dO^T (SS);
-//   once the accumulation is done, a barrier frees the other buffer and step s + 1's tiles start
-//   loading into it while the score products run;
-//   warpgroup 0: P^T = exp2(S^T c - L log2 e) (0 where masked), P^T to xs; a barrier;
-//   warpgroup 1: dS^T = P^T (dP^T - Drow) scale; both pack their tile for the next accumulation.
+// of 64) pairs that see these keys, head by head; step s + 1's Q, dO, L, Drow load while step s
+// runs. Per step, between two barriers:
+//   warpgroup 0: S^T = K Q^T (SS), P^T = exp2(S^T c - L log2 e) (0 where masked), P^T to xs;
+//   warpgroup 1: dP^T = V dO^T (SS);
+// then warpgroup 0: dV += P^T dO (RS), warpgroup 1: dS^T = P^T (dP^T - Drow) scale, dK += dS^T Q.
 // The two warpgroups run the same instructions on different tiles (x and acc are the same
 // registers in both), so each thread holds one D-wide accumulator. xs is in fragment order:
 // thread t of warpgroup 1 reads what thread t of warpgroup 0 wrote.
@@ -345,11 +342,10 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
 
     const float c = scale * LOG2E;
     const int key = j0 + 16 * (t >> 5) + (lane >> 2), col = 2 * (lane & 3);   // keys key, key + 8
-    const half_t* ta = wg == 0 ? sk : sv;   // this warpgroup's score product: ta tb^T
+    const half_t* ta = wg == 0 ? sk : sv;   // this warpgroup's first product: ta tb^T
     float acc[HEAD_DIM / 2];
 #pragma unroll
     for (int i = 0; i < HEAD_DIM / 2; ++i) acc[i] = 0.f;
-    unsigned xa[4][4];   // P^T (warpgroup 0) or dS^T (warpgroup 1) of the step before, packed
 
     for (int s = 0; s < steps; ++s) {
         const int buf = s & 1, i0 = (it0 + s % tiles) * 64;
@@ -359,27 +355,17 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
         const float* cd = sd + buf * 64;
         cp_async_wait<0>();
         fence_async_smem();
-        __syncthreads();   // step s is in; step s - 1's xs has been read
+        __syncthreads();   // step s is in; step s - 1 is done everywhere (its buffers and xs are free)
+        if (s + 1 < steps) load_step(s + 1, buf ^ 1);
+        cp_async_commit();
 
         float x[32];   // warpgroup 0: S^T, then P^T; warpgroup 1: dP^T, then dS^T
-        if (s > 0) {   // the accumulation of step s - 1, from the other buffer
-            const half_t* rb = wg == 0 ? sdo + (buf ^ 1) * 64 * HEAD_DIM : sq + (buf ^ 1) * 64 * HEAD_DIM;
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk) wgmma_rs<HEAD_DIM>(acc, xa[kk], mnmajor(rb, 64, 16 * kk), 1);
-            wgmma_commit();
-        }
         const half_t* tb = wg == 0 ? cq : cdo;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
             wgmma_ss<64>(x, kmajor(ta, 64, 0, 16 * kk), kmajor(tb, 64, 0, 16 * kk), kk > 0);
         wgmma_commit();
-        wgmma_wait<1>();   // the accumulation of step s - 1 is done (the score product may still run)
-        reg_fence<HEAD_DIM / 2>(acc);
-        __syncthreads();   // every warpgroup is done with the other buffer
-        if (s + 1 < steps) load_step(s + 1, buf ^ 1);
-        cp_async_commit();
         wgmma_wait<0>();
         reg_fence<32>(x);
         // x[4 n + e]: key key + 8 (e >> 1), query i0 + 8 n + col + (e & 1).
@@ -406,11 +392,10 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
                     x[4 * n + e] = xs[(4 * n + e) * 128 + t] * (x[4 * n + e] - cd[iq]) * scale;
                 }
         }
+        unsigned xa[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) a_regs(xa[kk], x, kk);
-    }
-    if (steps > 0) {   // the accumulation of the last step
-        const half_t* rb = wg == 0 ? sdo + ((steps - 1) & 1) * 64 * HEAD_DIM : sq + ((steps - 1) & 1) * 64 * HEAD_DIM;
+        const half_t* rb = wg == 0 ? cdo : cq;
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) wgmma_rs<HEAD_DIM>(acc, xa[kk], mnmajor(rb, 64, 16 * kk), 1);

@@ -162,20 +162,35 @@ __device__ __forceinline__ unsigned char* align1024(unsigned char* p) {
 
 // Rows [row0, row0 + ROWS) of an (n, HEAD_DIM) float16 matrix whose rows start `stride` halves
 // apart into a swizzled shared tile, by NTHREADS threads (thread `first` < NTHREADS of them;
-// consecutive threads along a row); rows at or past n become zeros. Each thread copies the same
-// 16-byte column of every NTHREADS / (HEAD_DIM / 8)-th row, in an unrolled loop: one address
-// computation, then a constant step per copy.
+// consecutive threads along a row); rows at or past n become zeros. Where NTHREADS is a multiple of
+// the row's 16-byte chunks (HEAD_DIM / 8), each thread copies the same chunk of every STEP-th row in
+// an unrolled loop: one address computation, then constant steps, and no row test for a whole tile.
 template <int ROWS, int NTHREADS>
 __device__ __forceinline__ void load_sw(half_t* dst, const half_t* src, int row0, int n, int stride, int first) {
-    constexpr int CHUNKS = HEAD_DIM / 8, STEP = NTHREADS / CHUNKS;
-    static_assert(NTHREADS % CHUNKS == 0 && ROWS % STEP == 0, "load_sw: rows not a multiple of the step");
-    const int r0 = first / CHUNKS, c = (first % CHUNKS) * 8;
-    const half_t* from = src + (size_t)row0 * stride + c;
+    constexpr int CHUNKS = HEAD_DIM / 8;
+    const unsigned to = smem_u32(dst);
+    if constexpr (NTHREADS % CHUNKS == 0 && ROWS % (NTHREADS / CHUNKS) == 0) {
+        constexpr int STEP = NTHREADS / CHUNKS;
+        const int r0 = first / CHUNKS, c = (first % CHUNKS) * 8;
+        const half_t* from = src + (size_t)(row0 + r0) * stride + c;
+        if (row0 + ROWS <= n) {
 #pragma unroll
-    for (int i = 0; i < ROWS / STEP; ++i) {
-        const int r = r0 + i * STEP;
-        const bool valid = row0 + r < n;
-        cp_async16(dst + sw(ROWS, r, c), valid ? from + (size_t)r * stride : src, valid);
+            for (int i = 0; i < ROWS / STEP; ++i)
+                cp_async16_at(to + 2 * sw(ROWS, r0 + i * STEP, c), from + (size_t)i * STEP * stride, true);
+        } else {
+#pragma unroll
+            for (int i = 0; i < ROWS / STEP; ++i) {
+                const bool valid = row0 + r0 + i * STEP < n;
+                const half_t* row = valid ? from + (size_t)i * STEP * stride : src;
+                cp_async16_at(to + 2 * sw(ROWS, r0 + i * STEP, c), row, valid);
+            }
+        }
+    } else {
+        for (int t = first; t < ROWS * CHUNKS; t += NTHREADS) {
+            const int r = t / CHUNKS, c = (t % CHUNKS) * 8;
+            const bool valid = row0 + r < n;
+            cp_async16_at(to + 2 * sw(ROWS, r, c), src + (size_t)(valid ? row0 + r : 0) * stride + c, valid);
+        }
     }
 }
 
