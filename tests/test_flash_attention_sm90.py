@@ -24,7 +24,7 @@ from test_kernels import poison
 
 @functools.lru_cache(maxsize=None)
 def _emulator(d):
-    return cuda_emulator.Emulator(sm90.source(d))
+    return cuda_emulator.Emulator(cuda_emulator.VECTOR_TYPES + sm90.source(d))
 
 
 @pytest.fixture

@@ -297,8 +297,8 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
 //   warpgroup 1: dP^T = V dO^T (SS);
 // then warpgroup 0: dV += P^T dO (RS), warpgroup 1: dS^T = P^T (dP^T - Drow) scale, dK += dS^T Q.
 // The two warpgroups run the same instructions on different tiles (x and acc are the same
-// registers in both), so each thread holds one D-wide accumulator. xs is in fragment order:
-// thread t of warpgroup 1 reads what thread t of warpgroup 0 wrote.
+// registers in both), so each thread holds one D-wide accumulator. xs is in fragment order, one
+// 16-byte store per 4 entries: thread t of warpgroup 1 reads what thread t of warpgroup 0 wrote.
 extern "C" __global__ void __launch_bounds__(256, 1)
 flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const half_t* __restrict__ v,
                     const half_t* __restrict__ gy, const float* __restrict__ lse, const float* __restrict__ drow,
@@ -309,8 +309,8 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
     half_t* sv = sk + 64 * HEAD_DIM;
     half_t* sq = sv + 64 * HEAD_DIM;            // [2][64][HEAD_DIM]
     half_t* sdo = sq + 2 * 64 * HEAD_DIM;       // [2][64][HEAD_DIM]
-    float* xs = (float*)(sdo + 2 * 64 * HEAD_DIM);   // [32][128]
-    float* sl = xs + 32 * 128;                  // [2][64]
+    float4* xs = (float4*)(sdo + 2 * 64 * HEAD_DIM);   // [8][128]
+    float* sl = (float*)(xs + 8 * 128);         // [2][64]
     float* sd = sl + 2 * 64;                    // [2][64]
     const int kvh = blockIdx.x, b = blockIdx.y, j0 = blockIdx.z * 64;
     const int wg = warpgroup(), t = threadIdx.x & 127, lane = threadIdx.x & 31;
@@ -372,25 +372,29 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
         if (wg == 0) {
             const bool whole = all_visible(i0, 64, j0, 64, tq, tk, q_offset, window);
 #pragma unroll
-            for (int n = 0; n < 8; ++n)
+            for (int n = 0; n < 8; ++n) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int iq = 8 * n + col + (e & 1);
                     float& pe = x[4 * n + e];
                     pe = whole || visible(i0 + iq, key + 8 * (e >> 1), tq, q_offset, window)
                              ? ex2(pe * c - cl[iq] * LOG2E) : 0.f;
-                    xs[(4 * n + e) * 128 + t] = pe;
                 }
+                xs[n * 128 + t] = float4{x[4 * n], x[4 * n + 1], x[4 * n + 2], x[4 * n + 3]};
+            }
         }
         __syncthreads();   // P^T is in xs
         if (wg == 1) {
 #pragma unroll
-            for (int n = 0; n < 8; ++n)
+            for (int n = 0; n < 8; ++n) {
+                const float4 p4 = xs[n * 128 + t];
+                const float pn[4] = {p4.x, p4.y, p4.z, p4.w};
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int iq = 8 * n + col + (e & 1);
-                    x[4 * n + e] = xs[(4 * n + e) * 128 + t] * (x[4 * n + e] - cd[iq]) * scale;
+                    x[4 * n + e] = pn[e] * (x[4 * n + e] - cd[iq]) * scale;
                 }
+            }
         }
         unsigned xa[4][4];
 #pragma unroll
