@@ -46,10 +46,11 @@ SOURCE = r"""
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
-// Query row i (pos = q_offset + i) sees key j (flash_attention.py's rule).
-__device__ __forceinline__ bool visible(int i, int j, int tq, int q_offset, int window) {
-    const int pos = q_offset + i;
-    return i < tq && j <= pos && (window <= 0 || j > pos - window);
+// Query row i (pos = q_offset + i) sees key j (flash_attention.py's rule: j <= pos, and j > pos - window
+// with a window) when 0 <= pos - j < span: one unsigned comparison, span = span_of(window).
+__device__ __forceinline__ int span_of(int window) { return window > 0 ? window : 0x7fffffff; }
+__device__ __forceinline__ bool visible(int i, int j, int tq, int q_offset, int span) {
+    return i < tq && (unsigned)(q_offset + i - j) < (unsigned)span;
 }
 
 __device__ __forceinline__ bool all_visible(int i0, int rows, int j0, int keys, int tq, int tk, int q_offset,
@@ -101,6 +102,7 @@ flash_fwd_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const
     cp_async_commit();
 
     const float c = scale * LOG2E;
+    const int span = span_of(window);
     const int row = iw + 16 * (t >> 5) + (lane >> 2), col = 2 * (lane & 3);   // rows row, row + 8
     float acc[HEAD_DIM / 2];
 #pragma unroll
@@ -138,7 +140,7 @@ flash_fwd_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const
             for (int e = 0; e < 4; ++e) {
                 float& x = s[4 * n + e];
                 x *= c;
-                if (!whole && !visible(row + 8 * (e >> 1), j0 + 8 * n + col + (e & 1), tq, q_offset, window))
+                if (!whole && !visible(row + 8 * (e >> 1), j0 + 8 * n + col + (e & 1), tq, q_offset, span))
                     x = neg_inf();
             }
         float alpha[2];
@@ -224,6 +226,7 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
     cp_async_commit();
 
     const float c = scale * LOG2E;
+    const int span = span_of(window);
     const int row = iw + 16 * (t >> 5) + (lane >> 2), col = 2 * (lane & 3);
     float l2[2], dr[2];   // L log2 e and Drow of rows row, row + 8 (0 past tq: those P are 0)
 #pragma unroll
@@ -268,7 +271,7 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int x = 4 * n + e;
-                const float pe = whole || visible(row + 8 * (e >> 1), j0 + 8 * n + col + (e & 1), tq, q_offset, window)
+                const float pe = whole || visible(row + 8 * (e >> 1), j0 + 8 * n + col + (e & 1), tq, q_offset, span)
                                      ? ex2(p[x] * c - l2[e >> 1]) : 0.f;
                 p[x] = pe * (dp[x] - dr[e >> 1]) * scale;   // dS
             }
@@ -341,6 +344,7 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
     cp_async_commit();
 
     const float c = scale * LOG2E;
+    const int span = span_of(window);
     const int key = j0 + 16 * (t >> 5) + (lane >> 2), col = 2 * (lane & 3);   // keys key, key + 8
     const half_t* ta = wg == 0 ? sk : sv;   // this warpgroup's first product: ta tb^T
     float acc[HEAD_DIM / 2];
@@ -369,6 +373,12 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
         wgmma_wait<0>();
         reg_fence<32>(x);
         // x[4 n + e]: key key + 8 (e >> 1), query i0 + 8 n + col + (e & 1).
+        if (wg == 1) {   // dP^T - Drow, while warpgroup 0 exponentiates
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) x[4 * n + e] -= cd[8 * n + col + (e & 1)];
+        }
         if (wg == 0) {
             const bool whole = all_visible(i0, 64, j0, 64, tq, tk, q_offset, window);
 #pragma unroll
@@ -377,7 +387,7 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
                 for (int e = 0; e < 4; ++e) {
                     const int iq = 8 * n + col + (e & 1);
                     float& pe = x[4 * n + e];
-                    pe = whole || visible(i0 + iq, key + 8 * (e >> 1), tq, q_offset, window)
+                    pe = whole || visible(i0 + iq, key + 8 * (e >> 1), tq, q_offset, span)
                              ? ex2(pe * c - cl[iq] * LOG2E) : 0.f;
                 }
                 xs[n * 128 + t] = float4{x[4 * n], x[4 * n + 1], x[4 * n + 2], x[4 * n + 3]};
@@ -390,10 +400,7 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
                 const float4 p4 = xs[n * 128 + t];
                 const float pn[4] = {p4.x, p4.y, p4.z, p4.w};
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int iq = 8 * n + col + (e & 1);
-                    x[4 * n + e] = pn[e] * (x[4 * n + e] - cd[iq]) * scale;
-                }
+                for (int e = 0; e < 4; ++e) x[4 * n + e] = pn[e] * x[4 * n + e] * scale;
             }
         }
         unsigned xa[4][4];
