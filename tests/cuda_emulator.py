@@ -200,31 +200,25 @@ void __syncwarp(unsigned mask = 0xffffffffu) {
 static uint32_t emu_words[32][32][6];    // [warp][lane] registers handed to a warp instruction
 static const void* emu_ptrs[32][32];
 
-template <class T>
-T __shfl_xor_sync(unsigned mask, T v, int offset) {
+// Each lane of the warp receives v of lane from(lane).
+template <class T, class From>
+static T emu_shuffle(unsigned mask, T v, From from) {
     if (mask != 0xffffffffu) emu_fail("partial warp masks are not emulated");
     static_assert(sizeof(T) <= 8, "shuffle of a large type");
     const int w = emu_linear() >> 5, l = emu_linear() & 31;
     memcpy(emu_words[w][l], &v, sizeof(T));
     emu_warp_barrier(2);
     T r;
-    memcpy(&r, emu_words[w][l ^ offset], sizeof(T));
+    memcpy(&r, emu_words[w][from(l) & 31], sizeof(T));
     emu_warp_barrier(2);
     return r;
 }
 
 template <class T>
-T __shfl_sync(unsigned mask, T v, int src) {
-    if (mask != 0xffffffffu) emu_fail("partial warp masks are not emulated");
-    static_assert(sizeof(T) <= 8, "shuffle of a large type");
-    const int w = emu_linear() >> 5, l = emu_linear() & 31;
-    memcpy(emu_words[w][l], &v, sizeof(T));
-    emu_warp_barrier(2);
-    T r;
-    memcpy(&r, emu_words[w][src & 31], sizeof(T));
-    emu_warp_barrier(2);
-    return r;
-}
+T __shfl_xor_sync(unsigned mask, T v, int offset) { return emu_shuffle(mask, v, [=](int l) { return l ^ offset; }); }
+
+template <class T>
+T __shfl_sync(unsigned mask, T v, int src) { return emu_shuffle(mask, v, [=](int) { return src; }); }
 
 __device__ __forceinline__ float h2f(half_t h) { _Float16 f; memcpy(&f, &h, 2); return (float)f; }
 __device__ __forceinline__ half_t f2h(float x) { _Float16 f = (_Float16)x; half_t h; memcpy(&h, &f, 2); return h; }
