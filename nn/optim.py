@@ -13,7 +13,9 @@ into a flat "compute" buffer of the parameters' own dtype:
     in float32, where a small step `lr * update` is not rounded away against a large weight.
   * mixed fp16 and float32 parameters (mixed precision keeps norm weights and embeddings in
     float32, see nn.Parameter): the float32 ones are views of the master buffer, the fp16 ones
-    views of the fp16 compute buffer (whose slots under float32 parameters go unused).
+    views of the fp16 compute buffer, which spans the masters from the first fp16 parameter to
+    the end of the last (`_compute_span`); float32 parameters outside that span (the embedding
+    table, the norm weights after the decayed matrices) take no fp16 memory.
 
 Every step is a handful of whole-buffer operations, whatever the number of parameters. With
 the fast path's "adamw" family on and float32 CuPy masters, the clip, the update and the
@@ -116,10 +118,16 @@ class AdamW:
         self.v = xp.zeros_like(self.master)      # second moment: running mean of squared gradients
         self._grad = xp.zeros_like(self.master)  # the update's gradients, summed (unscaled by step)
         self._adder = flat_grads.FlatAdder()
-        narrow = [p.dtype for p in self._params if p.dtype != self.master_dtype]
-        self._compute = xp.empty(start, dtype=narrow[0]) if narrow else self.master
-        self._views = [(self.master if param.dtype == self.master_dtype else self._compute)[where]
-                       .reshape(param.shape) for param, where in zip(self._params, self._slices)]
+        narrow = [(p.dtype, where) for p, where in zip(self._params, self._slices) if p.dtype != self.master_dtype]
+        if narrow:
+            lo, hi = narrow[0][1].start, narrow[-1][1].stop
+            self._compute_span = slice(lo, hi)
+            self._compute = xp.empty(hi - lo, dtype=narrow[0][0])
+        else:
+            lo, self._compute_span, self._compute = 0, slice(0, start), self.master
+        self._views = [(self.master[where] if param.dtype == self.master_dtype
+                        else self._compute[where.start - lo:where.stop - lo]).reshape(param.shape)
+                       for param, where in zip(self._params, self._slices)]
         self._refresh_compute()
         self._bind()
 
@@ -288,12 +296,12 @@ class AdamW:
         compute = None if self._compute is self.master else self._compute
         adamw.update(self.master, self.m, self.v, g, compute, coef=clip_coef, lr=lr,
                      weight_decay=self.weight_decay, num_decayed=self.num_decayed, betas=self.betas,
-                     eps=self.eps, step=self.step_count)
+                     eps=self.eps, step=self.step_count, compute_start=self._compute_span.start)
 
     def _refresh_compute(self):
         """fp16 parameters: write the freshly updated masters into the fp16 copy (one cast-copy)."""
         if self._compute is not self.master:
-            self._xp.copyto(self._compute, self.master, casting="same_kind")
+            self._xp.copyto(self._compute, self.master[self._compute_span], casting="same_kind")
 
     def _bind(self):
         for param, view in zip(self._params, self._views):

@@ -545,10 +545,11 @@ def test_attention_kernels(gpu_xp, rng, b, hq, hkv, tq, tk, d, window):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [1, 4097, 3_000_001])  # the last needs several grid-stride passes
 @pytest.mark.parametrize("decayed", [0.0, 0.4, 1.0])
-@pytest.mark.parametrize("with_compute", [True, False])
-def test_adamw_kernel(gpu_xp, rng, n, decayed, with_compute):
+@pytest.mark.parametrize("copy", ["none", "whole", "middle"])
+def test_adamw_kernel(gpu_xp, rng, n, decayed, copy):
     """The fused AdamW step against its NumPy reference: within two float32 ulps (it rounds each
-    operation as the reference does, so equal in practice); the float16 copy is float16(master)."""
+    operation as the reference does, so equal in practice); the float16 copy is float16(master)
+    of the whole buffer or of a span in its middle."""
     cp = gpu_xp
     master = rng.standard_normal(n).astype(np.float32)
     m = (0.01 * rng.standard_normal(n)).astype(np.float32)
@@ -557,13 +558,15 @@ def test_adamw_kernel(gpu_xp, rng, n, decayed, with_compute):
     hyper = dict(coef=0.37, lr=3e-3, weight_decay=0.1, num_decayed=int(decayed * n), betas=(0.9, 0.95),
                  eps=1e-8, step=3)
     buffers = [cp.asarray(a) for a in (master, m, v, grad)]
-    compute = cp.full(n, np.nan, np.float16) if with_compute else None
-    adamw.update(*buffers, compute, **hyper)
-    expected = adamw.reference_update(master, m, v, grad, np.float16 if with_compute else None, **hyper)
+    span = {"none": slice(0, 0), "whole": slice(0, n), "middle": slice(n // 3, n // 3 + n // 2)}[copy]
+    compute = None if copy == "none" else cp.full(span.stop - span.start, np.nan, np.float16)
+    adamw.update(*buffers, compute, **hyper, compute_start=span.start)
+    expected = adamw.reference_update(master, m, v, grad, None if compute is None else np.float16, **hyper,
+                                      compute_span=span)
     for actual, want in zip(buffers, expected[:3]):  # master, m, v
         np.testing.assert_array_max_ulp(cp.asnumpy(actual), want, maxulp=2)
-    if with_compute:
-        np.testing.assert_array_equal(cp.asnumpy(compute), cp.asnumpy(buffers[0]).astype(np.float16))
+    if compute is not None:
+        np.testing.assert_array_equal(cp.asnumpy(compute), cp.asnumpy(buffers[0])[span].astype(np.float16))
         close16(compute, expected[3], what="compute")
     np.testing.assert_array_equal(cp.asnumpy(buffers[3]), grad)  # the gradient is only read
 

@@ -45,6 +45,24 @@ def mixed_params(values, xp=np):
     return [(n, Parameter(xp.asarray(values[n].astype(np.float32 if n in KEEP32 else np.float16)))) for n in SHAPES]
 
 
+# Where the fp16 parameters lie among the masters under mixed precision (AdamW keyword arguments):
+# the decayed prefix (the default); after a decayed float32 embedding (the fp16 copy starts past 0);
+# around a decayed float32 norm weight (a float32 slot inside the fp16 copy's span).
+MIXED_LAYOUTS = {
+    "fp16-prefix": {},
+    "fp16-after-embedding": {"decay_embeddings": True},
+    "float32-inside": {"no_decay": lambda n, p: (p.ndim < 2 and n != "model.norm.weight") or "embed" in n},
+}
+
+
+def fp16_span(opt):
+    """[first, last) master elements of the fp16 parameters, from the optimizer's order."""
+    names = opt.decayed_names() + opt.undecayed_names()
+    starts = np.cumsum([0] + [int(np.prod(SHAPES[n])) for n in names])
+    narrow = [i for i, n in enumerate(names) if n not in KEEP32]
+    return int(starts[narrow[0]]), int(starts[narrow[-1] + 1])
+
+
 def run_ours(values, grads, dtype, clip_norm=None, xp=np, **kwargs):
     params = make_params(values, dtype, xp)
     opt = AdamW(params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **kwargs)
@@ -197,18 +215,23 @@ def test_fp16_params_follow_their_float32_masters():
         assert not np.array_equal(p.data, values[name].astype(np.float16))  # the copy was refreshed
 
 
-def test_mixed_fp16_and_float32_params_share_one_float32_master():
+@pytest.mark.parametrize("layout", MIXED_LAYOUTS)
+def test_mixed_fp16_and_float32_params_share_one_float32_master(layout):
     """Mixed precision: 1-D weights and the embedding stay float32 (their .data IS the master),
-    the rest are fp16 copies; the update is the same as an all-float32 run's either way."""
+    the rest are fp16 copies in a buffer spanning only the fp16 parameters' masters; the update is
+    the same as an all-float32 run's either way."""
     values = {n: v.astype(np.float16).astype(np.float64) for n, v in initial_values().items()}
     grads = [{n: g.astype(np.float16).astype(np.float64) for n, g in step.items()} for step in gradient_sequence()]
     params = mixed_params(values)
-    opt = AdamW(params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = AdamW(params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **MIXED_LAYOUTS[layout])
+    lo, hi = fp16_span(opt)
+    assert (lo > 0) == (layout == "fp16-after-embedding")
+    assert opt._compute.dtype == np.float16 and opt._compute.size == hi - lo < opt.num_params
     for step, g in enumerate(grads):
         for name, p in params:
             p.grad = g[name].astype(p.dtype)
         opt.step(lr_at(step), clip_norm=1.0)
-    _, reference, _ = run_ours(values, grads, np.float32, clip_norm=1.0)
+    _, reference, _ = run_ours(values, grads, np.float32, clip_norm=1.0, **MIXED_LAYOUTS[layout])
     np.testing.assert_array_equal(opt.master, reference.master)
     for name, p in params:
         if name in KEEP32:
@@ -218,11 +241,13 @@ def test_mixed_fp16_and_float32_params_share_one_float32_master():
             np.testing.assert_array_equal(p.data, opt.master_of(name).astype(np.float16))
 
 
-def test_fused_kernel_reference_equals_the_reference_path():
+@pytest.mark.parametrize("layout", MIXED_LAYOUTS)
+def test_fused_kernel_reference_equals_the_reference_path(layout):
     """tinygrad3/kernels/adamw.py's NumPy reference, given the gathered unscaled gradients and the
     clip factor, reproduces AdamW.step bit for bit: decay prefix, clipping on and off, fp16 copy."""
     params = mixed_params(initial_values())
-    opt = AdamW(params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = AdamW(params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **MIXED_LAYOUTS[layout])
+    lo, hi = fp16_span(opt)
     assert 0 < opt.num_decayed < opt.num_params
     names = opt.decayed_names() + opt.undecayed_names()
     ends = np.cumsum([np.prod(SHAPES[n]) for n in names])
@@ -237,13 +262,14 @@ def test_fused_kernel_reference_equals_the_reference_path():
         grad = np.concatenate([by_name[n].grad.astype(np.float32).reshape(-1) for n in names]) * np.float32(inv_scale)
         master, m, v, compute = adamw.reference_update(
             master, m, v, grad, np.float16, coef=result.clip_coef, lr=lr_at(step), weight_decay=0.1,
-            num_decayed=opt.num_decayed, betas=(0.9, 0.95), eps=1e-8, step=step + 1)
+            num_decayed=opt.num_decayed, betas=(0.9, 0.95), eps=1e-8, step=step + 1, compute_span=slice(lo, hi))
         np.testing.assert_array_equal(opt.master, master)
         np.testing.assert_array_equal(opt.m, m)
         np.testing.assert_array_equal(opt.v, v)
         for name, end in zip(names, ends):
             if by_name[name].dtype == np.float16:
-                np.testing.assert_array_equal(by_name[name].data.reshape(-1), compute[end - by_name[name].size:end])
+                np.testing.assert_array_equal(by_name[name].data.reshape(-1),
+                                              compute[end - by_name[name].size - lo:end - lo])
 
 
 def test_small_fp16_gradients_are_unscaled_in_float32():
@@ -412,7 +438,7 @@ def test_cupy_step_matches_numpy(gpu_xp, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["mixed", "float32"])
+@pytest.mark.parametrize("precision", ["float32", *MIXED_LAYOUTS])
 def test_fused_step_matches_reference_path(gpu_xp, monkeypatch, precision):
     """The fast path's AdamW (one kernel) against the reference path for 10 steps: loss scale,
     clipping on every step, and step 4's inf gradient skipped (nothing written)."""
@@ -423,8 +449,9 @@ def test_fused_step_matches_reference_path(gpu_xp, monkeypatch, precision):
     monkeypatch.setattr(adamw, "update", lambda *args, **kwargs: (launches.append(1), update(*args, **kwargs)))
 
     def run(enabled):
-        params = mixed_params(values, gpu_xp) if precision == "mixed" else make_params(values, np.float32, gpu_xp)
-        opt = AdamW(params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        mixed = precision in MIXED_LAYOUTS
+        params = mixed_params(values, gpu_xp) if mixed else make_params(values, np.float32, gpu_xp)
+        opt = AdamW(params, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **MIXED_LAYOUTS.get(precision, {}))
         results = []
         with fast(enabled, families=("adamw",)):
             for step, g in enumerate(grads):

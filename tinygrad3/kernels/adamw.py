@@ -8,7 +8,8 @@ when not clipping; grad is already unscaled) and t the step number:
     m = b1 m + (1 - b1) g              running mean of g
     v = b2 v + (1 - b2) g^2            running mean of g^2
     p = p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps),   bc1 = 1 - b1^t, bc2 = 1 - b2^t
-    master[i], m[i], v[i] = p, m, v;   compute[i] = float16(p) when a float16 copy is given
+    master[i], m[i], v[i] = p, m, v;   compute[i - lo] = float16(p) for lo <= i < hi when a
+                                        float16 copy of master[lo:hi] is given
 
 Every operation is rounded as the reference path's separate passes round it: the scalar
 factors are computed in float64 on the host and rounded once to float32, and each product,
@@ -37,11 +38,12 @@ from .cuda import grid_stride_blocks, kernel
 THREADS = 256
 
 SOURCE = r"""
-// One pass over the buffers; WRITE_F16 also writes float16(master) into compute.
+// One pass over the buffers; WRITE_F16 also writes float16(master[lo:hi]) into compute.
 template <bool WRITE_F16>
 __device__ __forceinline__ void adamw_loop(
         float* __restrict__ master, float* __restrict__ m, float* __restrict__ v,
-        const float* __restrict__ grad, half_t* __restrict__ compute, long long n, long long num_decayed,
+        const float* __restrict__ grad, half_t* __restrict__ compute, long long lo, long long hi,
+        long long n, long long num_decayed,
         float coef, float decay, float beta1, float one_minus_beta1, float beta2, float one_minus_beta2,
         float step_size, float sqrt_bc2, float eps) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
@@ -56,7 +58,7 @@ __device__ __forceinline__ void adamw_loop(
         master[i] = p;
         m[i] = mi;
         v[i] = vi;
-        if (WRITE_F16) compute[i] = f2h(p);
+        if (WRITE_F16 && i >= lo && i < hi) compute[i - lo] = f2h(p);
     }
 }
 
@@ -65,7 +67,7 @@ extern "C" __global__ void adamw_step(
         const float* __restrict__ grad, long long n, long long num_decayed, float coef, float decay,
         float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float step_size,
         float sqrt_bc2, float eps) {
-    adamw_loop<false>(master, m, v, grad, nullptr, n, num_decayed, coef, decay, beta1, one_minus_beta1,
+    adamw_loop<false>(master, m, v, grad, nullptr, 0, 0, n, num_decayed, coef, decay, beta1, one_minus_beta1,
                       beta2, one_minus_beta2, step_size, sqrt_bc2, eps);
 }
 
@@ -102,8 +104,8 @@ extern "C" __global__ void adamw_step_f16(
         float* __restrict__ master, float* __restrict__ m, float* __restrict__ v,
         const float* __restrict__ grad, long long n, long long num_decayed, float coef, float decay,
         float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float step_size,
-        float sqrt_bc2, float eps, half_t* __restrict__ compute) {
-    adamw_loop<true>(master, m, v, grad, compute, n, num_decayed, coef, decay, beta1, one_minus_beta1,
+        float sqrt_bc2, float eps, half_t* __restrict__ compute, long long lo, long long hi) {
+    adamw_loop<true>(master, m, v, grad, compute, lo, hi, n, num_decayed, coef, decay, beta1, one_minus_beta1,
                      beta2, one_minus_beta2, step_size, sqrt_bc2, eps);
 }
 """
@@ -131,9 +133,10 @@ def constants(coef, lr, weight_decay, betas, eps, step):
     return Constants(*(np.float32(x) for x in values))
 
 
-def update(master, m, v, grad, compute, *, coef, lr, weight_decay, num_decayed, betas, eps, step):
+def update(master, m, v, grad, compute, *, coef, lr, weight_decay, num_decayed, betas, eps, step,
+           compute_start=0):
     """One AdamW step in place on contiguous float32 CuPy buffers of one size; `compute` (a
-    float16 buffer of that size, or None) receives float16(master)."""
+    float16 buffer, or None) receives float16(master[compute_start:compute_start + compute.size])."""
     n = master.size
     if not n:
         return
@@ -141,7 +144,10 @@ def update(master, m, v, grad, compute, *, coef, lr, weight_decay, num_decayed, 
     args = (master, m, v, grad, np.int64(n), np.int64(num_decayed), c.coef, c.decay, c.beta1,
             c.one_minus_beta1, c.beta2, c.one_minus_beta2, c.step_size, c.sqrt_bc2, c.eps)
     name = "adamw_step" if compute is None else "adamw_step_f16"
-    args = args if compute is None else args + (compute,)
+    if compute is not None:
+        if not 0 <= compute_start <= compute_start + compute.size <= n:
+            raise ValueError(f"update: a float16 copy of {compute.size} from {compute_start} does not fit {n}")
+        args += (compute, np.int64(compute_start), np.int64(compute_start + compute.size))
     kernel(SOURCE, name)((grid_stride_blocks(n, THREADS),), (THREADS,), args)
 
 
@@ -174,8 +180,9 @@ def reference_unscale_sum_squares(grad, inv_scale):
 
 
 def reference_update(master, m, v, grad, compute_dtype=None, *, coef, lr, weight_decay,
-                     num_decayed, betas, eps, step):
-    """The kernel's computation on float32 NumPy arrays: new (master, m, v, compute or None)."""
+                     num_decayed, betas, eps, step, compute_span=slice(None)):
+    """The kernel's computation on float32 NumPy arrays: new (master, m, v, compute or None),
+    compute being master[compute_span] in compute_dtype."""
     c = constants(coef, lr, weight_decay, betas, eps, step)
     g = grad * c.coef
     p = master.copy()
@@ -184,4 +191,4 @@ def reference_update(master, m, v, grad, compute_dtype=None, *, coef, lr, weight
     v = v * c.beta2 + c.one_minus_beta2 * g * g
     denom = np.sqrt(v) / c.sqrt_bc2 + c.eps
     p = p - c.step_size * m / denom
-    return p, m, v, None if compute_dtype is None else p.astype(compute_dtype)
+    return p, m, v, None if compute_dtype is None else p[compute_span].astype(compute_dtype)
