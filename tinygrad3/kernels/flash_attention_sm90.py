@@ -37,8 +37,8 @@ def smem_bytes(d):
     return {
         "flash_fwd_sm90": 1024 + (FWD_BQ + 4 * FWD_BK) * row,
         "flash_bwd_dq_sm90": 1024 + (2 * DQ_BQ + 4 * DQ_BK) * row,
-        # K, V; Q, dO twice; P^T exchange (32 floats x 128 threads); L, Drow twice
-        "flash_bwd_dkdv_sm90": 1024 + (2 * KV_BK + 4 * KV_BQ) * row + 32 * 128 * 4 + 4 * KV_BQ * 4,
+        # K, V; Q, dO twice; L, Drow twice
+        "flash_bwd_dkdv_sm90": 1024 + (2 * KV_BK + 4 * KV_BQ) * row + 4 * KV_BQ * 4,
     }
 
 
@@ -295,13 +295,27 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
 // ----- backward: dK and dV --------------------------------------------------------------------
 // Grid (Hkv, B, key tiles of 64), first tiles first. Steps: (query head of the group, query tile
 // of 64) pairs that see these keys, head by head; step s + 1's Q, dO, L, Drow load while step s
-// runs. Per step, between two barriers:
-//   warpgroup 0: S^T = K Q^T (SS), P^T = exp2(S^T c - L log2 e) (0 where masked), P^T to xs;
-//   warpgroup 1: dP^T = V dO^T (SS);
-// then warpgroup 0: dV += P^T dO (RS), warpgroup 1: dS^T = P^T (dP^T - Drow) scale, dK += dS^T Q.
-// The two warpgroups run the same instructions on different tiles (x and acc are the same
-// registers in both), so each thread holds one D-wide accumulator. xs is in fragment order, one
-// 16-byte store per 4 entries: thread t of warpgroup 1 reads what thread t of warpgroup 0 wrote.
+// runs. Per step, after one barrier (step s is in, step s - 1 is done with the other buffers):
+//   both warpgroups: S^T = K Q^T (SS), P^T = exp2(S^T c - L log2 e) (0 where masked);
+//   warpgroup 0: dV += P^T dO (RS);
+//   warpgroup 1: with dP^T = V dO^T (SS, issued with S^T), dS^T = P^T (dP^T - Drow) scale,
+//                dK += dS^T Q (RS).
+// Warpgroup 1 computes P^T again instead of receiving warpgroup 0's: a fifth tile product per step
+// for no exchange through shared memory and no barrier between the two warpgroups within a step,
+// so each runs ahead into the other's tensor-core idle time. Each thread holds one D-wide accumulator.
+__device__ __forceinline__ void probs_t(float* x, bool whole, int i0, int key, int col, int tq, int q_offset,
+                                        int span, float c, const float* cl) {
+    // x[4 n + e]: key key + 8 (e >> 1), query i0 + 8 n + col + (e & 1).
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int iq = 8 * n + col + (e & 1);
+            float& pe = x[4 * n + e];
+            pe = whole || visible(i0 + iq, key + 8 * (e >> 1), tq, q_offset, span) ? ex2(pe * c - cl[iq] * LOG2E) : 0.f;
+        }
+}
+
 extern "C" __global__ void __launch_bounds__(256, 1)
 flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const half_t* __restrict__ v,
                     const half_t* __restrict__ gy, const float* __restrict__ lse, const float* __restrict__ drow,
@@ -312,8 +326,7 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
     half_t* sv = sk + 64 * HEAD_DIM;
     half_t* sq = sv + 64 * HEAD_DIM;            // [2][64][HEAD_DIM]
     half_t* sdo = sq + 2 * 64 * HEAD_DIM;       // [2][64][HEAD_DIM]
-    float4* xs = (float4*)(sdo + 2 * 64 * HEAD_DIM);   // [8][128]
-    float* sl = (float*)(xs + 8 * 128);         // [2][64]
+    float* sl = (float*)(sdo + 2 * 64 * HEAD_DIM);   // [2][64]
     float* sd = sl + 2 * 64;                    // [2][64]
     const int kvh = blockIdx.x, b = blockIdx.y, j0 = blockIdx.z * 64;
     const int wg = warpgroup(), t = threadIdx.x & 127, lane = threadIdx.x & 31;
@@ -346,7 +359,6 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
     const float c = scale * LOG2E;
     const int span = span_of(window);
     const int key = j0 + 16 * (t >> 5) + (lane >> 2), col = 2 * (lane & 3);   // keys key, key + 8
-    const half_t* ta = wg == 0 ? sk : sv;   // this warpgroup's first product: ta tb^T
     float acc[HEAD_DIM / 2];
 #pragma unroll
     for (int i = 0; i < HEAD_DIM / 2; ++i) acc[i] = 0.f;
@@ -359,49 +371,40 @@ flash_bwd_dkdv_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, 
         const float* cd = sd + buf * 64;
         cp_async_wait<0>();
         fence_async_smem();
-        __syncthreads();   // step s is in; step s - 1 is done everywhere (its buffers and xs are free)
+        __syncthreads();   // step s is in; step s - 1 is done everywhere (its buffers are free)
         if (s + 1 < steps) load_step(s + 1, buf ^ 1);
         cp_async_commit();
 
-        float x[32];   // warpgroup 0: S^T, then P^T; warpgroup 1: dP^T, then dS^T
-        const half_t* tb = wg == 0 ? cq : cdo;
-        wgmma_fence();
+        const bool whole = all_visible(i0, 64, j0, 64, tq, tk, q_offset, window);
+        float x[32];   // warpgroup 0: P^T; warpgroup 1: dS^T
+        if (wg == 0) {
+            wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-            wgmma_ss<64>(x, kmajor(ta, 64, 0, 16 * kk), kmajor(tb, 64, 0, 16 * kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
-        reg_fence<32>(x);
-        // x[4 n + e]: key key + 8 (e >> 1), query i0 + 8 n + col + (e & 1).
-        if (wg == 1) {   // dP^T - Drow, while warpgroup 0 exponentiates
+            for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+                wgmma_ss<64>(x, kmajor(sk, 64, 0, 16 * kk), kmajor(cq, 64, 0, 16 * kk), kk > 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            reg_fence<32>(x);
+            probs_t(x, whole, i0, key, col, tq, q_offset, span, c, cl);
+        } else {
+            float p[32];
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+                wgmma_ss<64>(p, kmajor(sk, 64, 0, 16 * kk), kmajor(cq, 64, 0, 16 * kk), kk > 0);
+#pragma unroll
+            for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+                wgmma_ss<64>(x, kmajor(sv, 64, 0, 16 * kk), kmajor(cdo, 64, 0, 16 * kk), kk > 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            reg_fence<32>(p);
+            reg_fence<32>(x);
+            probs_t(p, whole, i0, key, col, tq, q_offset, span, c, cl);
 #pragma unroll
             for (int n = 0; n < 8; ++n)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) x[4 * n + e] -= cd[8 * n + col + (e & 1)];
-        }
-        if (wg == 0) {
-            const bool whole = all_visible(i0, 64, j0, 64, tq, tk, q_offset, window);
-#pragma unroll
-            for (int n = 0; n < 8; ++n) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int iq = 8 * n + col + (e & 1);
-                    float& pe = x[4 * n + e];
-                    pe = whole || visible(i0 + iq, key + 8 * (e >> 1), tq, q_offset, span)
-                             ? ex2(pe * c - cl[iq] * LOG2E) : 0.f;
-                }
-                xs[n * 128 + t] = float4{x[4 * n], x[4 * n + 1], x[4 * n + 2], x[4 * n + 3]};
-            }
-        }
-        __syncthreads();   // P^T is in xs
-        if (wg == 1) {
-#pragma unroll
-            for (int n = 0; n < 8; ++n) {
-                const float4 p4 = xs[n * 128 + t];
-                const float pn[4] = {p4.x, p4.y, p4.z, p4.w};
-#pragma unroll
-                for (int e = 0; e < 4; ++e) x[4 * n + e] = pn[e] * x[4 * n + e] * scale;
-            }
+                for (int e = 0; e < 4; ++e)
+                    x[4 * n + e] = p[4 * n + e] * (x[4 * n + e] - cd[8 * n + col + (e & 1)]) * scale;
         }
         unsigned xa[4][4];
 #pragma unroll
