@@ -8,14 +8,16 @@ The blocks are 256 threads, two warpgroups:
   * forward: 128 queries, warpgroup g owns queries 64 g .. 64 g + 63 and visits the key tiles
     (64 keys, double-buffered) its own rows see: S = Q K^T (SS, n64), online softmax in
     registers, O += P V (RS, n = D);
-  * dQ: 128 queries, 32-key tiles, per warpgroup S = Q K^T and dP = dO V^T (SS, n32),
-    dS = P (dP - Drow) scale, dQ += dS K (RS);
+  * dQ: 128 queries, 64-key tiles (K double-buffered, V single), per warpgroup S = Q K^T and
+    dP = dO V^T (SS, n64), dS = P (dP - Drow) scale, dQ += dS K (RS);
   * dK/dV: 64 keys, 64-query steps over every query head of the group; warpgroup 0 computes
-    S^T = K Q^T, P^T, dV += P^T dO; warpgroup 1 computes dP^T = V dO^T and, with P^T from
-    warpgroup 0 through shared memory, dS^T and dK += dS^T Q: each holds one D-wide
-    accumulator (128 registers a thread), both do the same work.
-The forward's and dQ's 64-row warpgroup tiles and key tiles are the NumPy reference's
-(flash_attention.reference_*), so they differ from it only in the order of float32 sums.
+    S^T = K Q^T, P^T, dV += P^T dO; warpgroup 1 computes S^T and P^T too, dP^T = V dO^T, dS^T
+    and dK += dS^T Q, with no exchange between the two: each holds one D-wide accumulator
+    (128 registers a thread).
+The forward's 64-row warpgroup tiles and 64-key tiles are the NumPy reference's
+(flash_attention.reference_*); dQ's 64-key tiles are two of the reference's 32-key ones. Every
+probability and dS is computed element by element as there, so the kernels differ from the
+reference only in the order of float32 sums.
 
 Used on compute capability 9.0 for D a multiple of 64 up to 256 (`supports`); the mma.sync kernels
 of flash_attention.py take every other GPU and shape. The row-sum kernel (Drow) is theirs.
@@ -27,7 +29,7 @@ from .cuda import QUAD_REDUCE, kernel_sm90a
 
 THREADS = 256
 FWD_BQ, FWD_BK = 128, 64
-DQ_BQ, DQ_BK = 128, 32
+DQ_BQ, DQ_BK = 128, 64
 KV_BK, KV_BQ = 64, 64
 
 
@@ -36,7 +38,7 @@ def smem_bytes(d):
     row = 2 * d
     return {
         "flash_fwd_sm90": 1024 + (FWD_BQ + 4 * FWD_BK) * row,
-        "flash_bwd_dq_sm90": 1024 + (2 * DQ_BQ + 4 * DQ_BK) * row,
+        "flash_bwd_dq_sm90": 1024 + (2 * DQ_BQ + 3 * DQ_BK) * row,   # Q, dO; K twice; V once
         # K, V; Q, dO twice; L, Drow twice
         "flash_bwd_dkdv_sm90": 1024 + (2 * KV_BK + 4 * KV_BQ) * row + 4 * KV_BQ * 4,
     }
@@ -193,9 +195,11 @@ flash_fwd_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const
 }
 
 // ----- backward: dQ ---------------------------------------------------------------------------
-// Grid (Hq, B, query tiles of 128). Shared: Q, dO (128 rows), K and V (32 rows) twice. Per key
-// tile seen by its rows, a warpgroup computes S and dP (32 SS k-steps in one group),
-// P = exp2(S c - L log2 e) (0 where masked), dS = P (dP - Drow) scale, dQ += dS K (2 RS k-steps).
+// Grid (Hq, B, query tiles of 128). Shared: Q, dO (128 rows), K (64 rows) twice, V (64 rows) once.
+// Per key tile seen by its rows, a warpgroup computes S and dP (32 SS k-steps in one group),
+// P = exp2(S c - L log2 e) (0 where masked), dS = P (dP - Drow) scale, dQ += dS K (4 RS k-steps).
+// Two barriers a step: after the first tile j's K and V are in (and K of j - 1 is free: K(j + 1)
+// is copied), after the second every warpgroup is done with V(j) (V(j + 1) is copied).
 extern "C" __global__ void __launch_bounds__(256, 1)
 flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, const half_t* __restrict__ v,
                   const half_t* __restrict__ gy, const float* __restrict__ lse, const float* __restrict__ drow,
@@ -204,8 +208,8 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
     extern __shared__ __align__(16) unsigned char smem[];
     half_t* sq = (half_t*)align1024(smem);
     half_t* sdo = sq + 128 * HEAD_DIM;
-    half_t* sk = sdo + 128 * HEAD_DIM;    // [2][32][HEAD_DIM]
-    half_t* sv = sk + 2 * 32 * HEAD_DIM;  // [2][32][HEAD_DIM]
+    half_t* sk = sdo + 128 * HEAD_DIM;    // [2][64][HEAD_DIM]
+    half_t* sv = sk + 2 * 64 * HEAD_DIM;  // [64][HEAD_DIM]
     const int h = blockIdx.x, b = blockIdx.y, tile = gridDim.z - 1 - blockIdx.z;
     const int wg = warpgroup(), t = threadIdx.x & 127, lane = threadIdx.x & 31;
     const int i0 = tile * 128, iw = i0 + 64 * wg;
@@ -214,15 +218,15 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
     const half_t* kb = k + krow0 * HEAD_DIM;
     const half_t* vb = v + krow0 * HEAD_DIM;
     int a0, a1, w0, w1;
-    key_range(i0, tq, q_offset, window, 32, &a0, &a1);
-    key_range(i0 + 64, tq, q_offset, window, 32, &w0, &w1);
+    key_range(i0, tq, q_offset, window, 64, &a0, &a1);
+    key_range(i0 + 64, tq, q_offset, window, 64, &w0, &w1);
     const int jt0 = a0, jt1 = max(a1, w1);
     if (wg == 0) { w0 = a0; w1 = a1; }
 
     load_sw<128, 256>(sq, q + qrow0 * HEAD_DIM, i0, tq, HEAD_DIM, threadIdx.x);
     load_sw<128, 256>(sdo, gy + o_head(b, h, hq, tq, ohs), i0, tq, ots, threadIdx.x);
-    load_sw<32, 256>(sk, kb, jt0 * 32, tk, HEAD_DIM, threadIdx.x);
-    load_sw<32, 256>(sv, vb, jt0 * 32, tk, HEAD_DIM, threadIdx.x);
+    load_sw<64, 256>(sk, kb, jt0 * 64, tk, HEAD_DIM, threadIdx.x);
+    load_sw<64, 256>(sv, vb, jt0 * 64, tk, HEAD_DIM, threadIdx.x);
     cp_async_commit();
 
     const float c = scale * LOG2E;
@@ -240,34 +244,35 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
     for (int i = 0; i < HEAD_DIM / 2; ++i) acc[i] = 0.f;
 
     for (int jt = jt0; jt <= jt1; ++jt) {
-        const int buf = (jt - jt0) & 1, j0 = jt * 32;
-        const half_t* ck = sk + buf * 32 * HEAD_DIM;
-        const half_t* cv = sv + buf * 32 * HEAD_DIM;
+        const int buf = (jt - jt0) & 1, j0 = jt * 64;
+        const half_t* ck = sk + buf * 64 * HEAD_DIM;
         cp_async_wait<0>();
         fence_async_smem();
-        __syncthreads();
-        if (jt < jt1) {
-            load_sw<32, 256>(sk + (buf ^ 1) * 32 * HEAD_DIM, kb, j0 + 32, tk, HEAD_DIM, threadIdx.x);
-            load_sw<32, 256>(sv + (buf ^ 1) * 32 * HEAD_DIM, vb, j0 + 32, tk, HEAD_DIM, threadIdx.x);
-        }
+        __syncthreads();   // K and V of tile jt are in; K of jt - 1 is read by no one any more
+        if (jt < jt1) load_sw<64, 256>(sk + (buf ^ 1) * 64 * HEAD_DIM, kb, j0 + 64, tk, HEAD_DIM, threadIdx.x);
         cp_async_commit();
-        if (jt < w0 || jt > w1) continue;
-
-        float p[16], dp[16];
-        wgmma_fence();
+        const bool cur = jt >= w0 && jt <= w1;   // warpgroup-uniform: its rows see tile jt
+        float p[32], dp[32];
+        if (cur) {
+            wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-            wgmma_ss<32>(p, kmajor(sq, 128, 64 * wg, 16 * kk), kmajor(ck, 32, 0, 16 * kk), kk > 0);
+            for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+                wgmma_ss<64>(dp, kmajor(sdo, 128, 64 * wg, 16 * kk), kmajor(sv, 64, 0, 16 * kk), kk > 0);
 #pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
-            wgmma_ss<32>(dp, kmajor(sdo, 128, 64 * wg, 16 * kk), kmajor(cv, 32, 0, 16 * kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
-        reg_fence<16>(p);
-        reg_fence<16>(dp);
-        const bool whole = all_visible(iw, 64, j0, 32, tq, tk, q_offset, window);
+            for (int kk = 0; kk < HEAD_DIM / 16; ++kk)
+                wgmma_ss<64>(p, kmajor(sq, 128, 64 * wg, 16 * kk), kmajor(ck, 64, 0, 16 * kk), kk > 0);
+            wgmma_commit();
+            wgmma_wait<0>();
+            reg_fence<32>(p);
+            reg_fence<32>(dp);
+        }
+        __syncthreads();   // V of tile jt is read by no one any more
+        if (jt < jt1) load_sw<64, 256>(sv, vb, j0 + 64, tk, HEAD_DIM, threadIdx.x);
+        cp_async_commit();
+        if (!cur) continue;
+        const bool whole = all_visible(iw, 64, j0, 64, tq, tk, q_offset, window);
 #pragma unroll
-        for (int n = 0; n < 4; ++n)
+        for (int n = 0; n < 8; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int x = 4 * n + e;
@@ -275,12 +280,12 @@ flash_bwd_dq_sm90(const half_t* __restrict__ q, const half_t* __restrict__ k, co
                                      ? ex2(p[x] * c - l2[e >> 1]) : 0.f;
                 p[x] = pe * (dp[x] - dr[e >> 1]) * scale;   // dS
             }
-        unsigned da[2][4];
-        a_regs(da[0], p, 0);
-        a_regs(da[1], p, 1);
+        unsigned da[4][4];
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) a_regs(da[kk], p, kk);
         wgmma_fence();
-        wgmma_rs<HEAD_DIM>(acc, da[0], mnmajor(ck, 32, 0), 1);
-        wgmma_rs<HEAD_DIM>(acc, da[1], mnmajor(ck, 32, 16), 1);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma_rs<HEAD_DIM>(acc, da[kk], mnmajor(ck, 64, 16 * kk), 1);
         wgmma_commit();
         wgmma_wait<0>();
         reg_fence<HEAD_DIM / 2>(acc);
