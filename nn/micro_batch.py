@@ -6,7 +6,9 @@
     runner.finish()          # every rank now holds the summed gradients
     optimizer.step(...)
 
-- `EagerMicroBatch`: forward and backward op by op; gradients land in `.grad`.
+- `EagerMicroBatch`: forward and backward op by op; given the optimizer, gradients are added into
+  its flat float32 buffer (`grads_in_buffer`), so micro-batches sum in float32 as under autocast,
+  not in the float16 of a float16 weight's `.grad`; without it they land in `.grad`.
 - `DataParallelMicroBatch`: the same, and on the update's last micro-batch each bucket of
   gradients starts its all-reduce as soon as backward completes it; `finish` waits for them.
 - `nn.GraphedMicroBatch` (nn/graphed_step.py): the micro-batch replayed as a CUDA graph,
@@ -18,6 +20,8 @@
 relies on: the `w` it was told in the forward is the factor backward multiplies the loss by
 (docs/fast_path.md, "The head").
 """
+import contextlib
+
 from tinygrad3 import Tensor
 
 
@@ -35,14 +39,16 @@ def forward_backward(loss_fn, x, y, loss_weight, leaf_hook=None):
 
 
 class EagerMicroBatch:
-    """Forward and backward of one micro-batch, op by op; gradients add into each `.grad`."""
+    """Forward and backward of one micro-batch, op by op; gradients add into the optimizer's flat
+    buffer when one is given, else into each `.grad`."""
 
-    def __init__(self, loss_fn):
-        self.loss_fn = loss_fn
+    def __init__(self, loss_fn, optimizer=None):
+        self.loss_fn, self.optimizer = loss_fn, optimizer
 
     def __call__(self, x, y, loss_weight, last=False):
         """The micro-batch's loss (an array); `last`: the update's last micro-batch."""
-        return forward_backward(self.loss_fn, x, y, loss_weight).data
+        with contextlib.nullcontext() if self.optimizer is None else self.optimizer.grads_in_buffer():
+            return forward_backward(self.loss_fn, x, y, loss_weight).data
 
     def finish(self):
         """After the update's last micro-batch: the gradients are complete (nothing to do here)."""

@@ -36,7 +36,7 @@ def micro_batch_runner(loss_fn, optimizer, params, comm=None, graphs=False,
         return GraphedMicroBatch(loss_fn, optimizer, comm=comm)
     if comm is not None:
         return DataParallelMicroBatch(loss_fn, distributed.DataParallel(params, comm, bucket_bytes=bucket_bytes))
-    return EagerMicroBatch(loss_fn)
+    return EagerMicroBatch(loss_fn, optimizer)
 
 
 def stream_seed(seed, rank=0, step=0):
