@@ -94,13 +94,22 @@ def all_fp16_model(trainer, weights):
 
 
 def our_gradient(model, device, batches, scale, fast_path):
+    """The mean loss's gradient, summed over the micro-batches as training sums them: in float32
+    buffers (the optimizer's flat buffer in train.py), not in a float16 weight's `.grad`."""
     model.zero_grad()
     xp = backend.array_module(device)
-    with fast(fast_path):
-        for x, y in batches:
-            _, loss = model(xp.asarray(x), xp.asarray(y))
-            (loss * (scale / len(batches))).backward()
-    return {n: backend.to_numpy(p.grad).astype(np.float64) / scale for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.grad_buffer = xp.zeros(p.shape, np.float32 if p.dtype == np.float16 else p.dtype)
+    try:
+        with fast(fast_path):
+            for x, y in batches:
+                _, loss = model(xp.asarray(x), xp.asarray(y))
+                (loss * (scale / len(batches))).backward()
+        return {n: backend.to_numpy(p.grad_buffer).astype(np.float64) / scale for n, p in params.items()}
+    finally:
+        for p in params.values():
+            p.grad_buffer = None
 
 
 def compare(grads, reference):
