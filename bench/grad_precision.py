@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from bench.parity import train_argv  # noqa: E402
 from models import Gemma3  # noqa: E402
+from nn.optim import MASTER_DTYPE  # noqa: E402
 from tinygrad3 import backend  # noqa: E402
 from tinygrad3.kernels import fast  # noqa: E402
 
@@ -100,7 +101,7 @@ def our_gradient(model, device, batches, scale, fast_path):
     xp = backend.array_module(device)
     params = dict(model.named_parameters())
     for p in params.values():
-        p.grad_buffer = xp.zeros(p.shape, np.float32 if p.dtype == np.float16 else p.dtype)
+        p.grad_buffer = xp.zeros(p.shape, MASTER_DTYPE[np.dtype(p.dtype)])  # AdamW's buffer dtype
     try:
         with fast(fast_path):
             for x, y in batches:
