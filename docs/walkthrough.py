@@ -54,11 +54,13 @@ def held_bytes(fns, outside):
 
 
 def label(fn, names):
-    """The Function's class and the module whose weight it reads (`Linear layers.0.mlp.down_proj`)."""
-    for parent in fn._parents:
-        if isinstance(parent, Tensor) and id(parent.data) in names:
-            return f"{type(fn).__name__} {names[id(parent.data)].removeprefix('model.').removesuffix('.weight')}"
-    return type(fn).__name__
+    """The Function's class and the modules whose weights it reads (`Linear layers.0.mlp.down_proj`;
+    stacked weights: `Linear layers.0.mlp.gate_proj + up_proj`)."""
+    read = [names[id(p.data)].removeprefix("model.").removesuffix(".weight")
+            for p in fn._parents if isinstance(p, Tensor) and id(p.data) in names]
+    if not read:
+        return type(fn).__name__
+    return f"{type(fn).__name__} {read[0]}" + "".join(f" + {r.rsplit('.', 1)[-1]}" for r in read[1:])
 
 
 def instrument(fns, outside, names):

@@ -8,7 +8,7 @@
 Attention: q/k/v projections; RMSNorm over head_dim on q and k, then RoPE with the layer's base
 (both in F.qk_norm_rope); scores scaled by query_pre_attn_scalar**-0.5; causal, or sliding-window
 causal on "sliding_attention" layers; multi-query when there is one KV head.
-MLP (GeGLU): down(gelu_tanh(gate(x)) * up(x)), through F.geglu.
+MLP (GeGLU): down(gelu_tanh(gate(x)) * up(x)), gate and up as one GEMM, through F.geglu.
 With `recompute=True` each decoder layer runs under tinygrad3.recompute: its activations are
 not kept between forward and backward but recomputed, layer by layer, during backward.
 Parameter names are Hugging Face's, so their checkpoints load with load_state_dict.
@@ -81,7 +81,11 @@ class Gemma3MLP(Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, rng=rng)
 
     def forward(self, x):
-        return self.down_proj(F.geglu(self.gate_proj(x), self.up_proj(x)))
+        # gate and up read the same x: one GEMM against their weights stacked by rows makes
+        # [gate | up] (a view, no copy, when they lie side by side in the optimizer's buffer;
+        # backward then adds the weight gradient straight into both parameters' buffers).
+        gate_up = F.linear(x, (self.gate_proj.weight, self.up_proj.weight))
+        return self.down_proj(F.geglu(gate_up))
 
 
 class Gemma3DecoderLayer(Module):

@@ -53,7 +53,7 @@ def test_the_walkthrough_redraws_the_committed_picture(walkthrough):
     for label in ("ResidualRMSNorm", "Attention", "GeGLU", "h (residual stream)", "self_attn.q_proj.weight",
                   "p (2, 1, 64, 16) float32", "w = mlp.down_proj.weight"):
         assert label in texts, label
-    assert texts.count("Linear") == 7 and texts.count("RMSNorm") == 4
+    assert texts.count("Linear") == 6 and texts.count("RMSNorm") == 4  # q, k, v, o; gate + up as one; down
 
 
 # ----- the pages ------------------------------------------------------------------------------

@@ -394,10 +394,55 @@ def test_linear_frozen_weight_does_not_keep_x(xp, rng):
 
 # ----- pointwise and softmax family --------------------------------------------------------
 
+def test_linear_of_stacked_weights(xp, torch, rng):
+    """F.linear(x, (W1, W2, W3)) is x [W1; W2; W3]^T: finite differences, torch, and a weight that
+    needs no gradient gets None while the others get theirs."""
+    x, ws = rng.standard_normal((2, 3, 5)), [rng.standard_normal((n, 5)) for n in (4, 1, 2)]
+    check_grad(xp, lambda x, a, b, c: F.linear(x, [a, b, c]), [x, *ws])
+    compare_with_torch(torch, xp, lambda x, a, b, c: F.linear(x, (a, b, c)),
+                       lambda x, a, b, c: x @ torch.cat([a, b, c]).T, [x, *ws])
+    a, b = Tensor(xp.asarray(ws[0]), requires_grad=True), Tensor(xp.asarray(ws[1]))
+    F.linear(Tensor(xp.asarray(x)), (a, b)).sum().backward()
+    assert b.grad is None and a.grad.shape == (4, 5)
+    np.testing.assert_allclose(to_numpy(a.grad), np.broadcast_to(x.sum(axis=(0, 1)), (4, 5)), rtol=1e-12)
+
+
+def test_stacked_weights_laid_end_to_end_are_a_view_else_a_copy(xp, rng):
+    """Weights that are views of one flat buffer, in order, are stacked without a copy; out of
+    order, with a gap, or repeated, they are copied (and the values are the same)."""
+    from tinygrad3.nn_ops.linear import stacked
+    flat = xp.asarray(rng.standard_normal(40))
+    a, b, c = (flat[i:j].reshape(-1, 4) for i, j in ((0, 12), (12, 20), (24, 40)))
+    joined = stacked([a, b])
+    assert xp.shares_memory(joined, flat)
+    np.testing.assert_array_equal(to_numpy(joined), to_numpy(flat[:20]).reshape(5, 4))
+    for parts in ([b, a], [a, c], [a, a]):
+        out = stacked(parts)
+        assert not xp.shares_memory(out, flat)
+        np.testing.assert_array_equal(to_numpy(out), np.concatenate([to_numpy(p) for p in parts]))
+
+
+def test_linear_rejects_stacked_weights_of_two_dtypes(rng):
+    x = Tensor(np.zeros((2, 5), np.float32))
+    with pytest.raises(TypeError, match="one dtype"):
+        F.linear(x, (Tensor(np.zeros((3, 5), np.float32)), Tensor(np.zeros((3, 5), np.float64))))
+
+
 def test_gelu_tanh(xp, torch, rng):
     x = 3 * rng.standard_normal((3, 7))
     check_grad(xp, F.gelu_tanh, [x])
     compare_with_torch(torch, xp, F.gelu_tanh, lambda x: torch.nn.functional.gelu(x, approximate="tanh"), [x])
+
+
+def test_geglu(xp, torch, rng):
+    """x = [gate | up]: a finite-difference check, and torch's gelu(gate) * up on x's two halves."""
+    x = rng.standard_normal((2, 3, 14)) * np.r_[3 * np.ones(7), np.ones(7)]
+    check_grad(xp, F.geglu, [x])
+
+    def torch_geglu(x):
+        gate, up = x.chunk(2, dim=-1)
+        return torch.nn.functional.gelu(gate, approximate="tanh") * up
+    compare_with_torch(torch, xp, F.geglu, torch_geglu, [x])
 
 
 @pytest.mark.parametrize("name", ["softmax", "log_softmax"])
@@ -477,7 +522,7 @@ def test_cross_entropy_errors(xp, rng):
      "flash_attention.FlashAttention", "Attention"),
     ("attention", lambda a: F._attention_class(a["q"], a["q"], a["q"], None, 0), "attention.FusedAttention",
      "Attention"),
-    ("geglu", lambda a: F._geglu_class(a["x"], a["x"]), "geglu.FusedGeGLU", "GeGLU"),
+    ("geglu", lambda a: F._geglu_class(a["x"]), "geglu.FusedGeGLU", "GeGLU"),
     ("cross_entropy", lambda a: F._cross_entropy_class(a["x"]), "cross_entropy.FusedCrossEntropy", "CrossEntropy"),
 ])
 def test_each_op_takes_its_kernel_function_exactly_when_its_family_is_on(monkeypatch, family, choose, fused,

@@ -171,3 +171,36 @@ def test_fp16_tied_head_casts_the_float32_table_and_returns_its_gradient_in_floa
     table16, table32 = half.model.embed_tokens.weight.grad, full.model.embed_tokens.weight.grad
     assert table16.dtype == np.float32  # both uses (lookup and head) summed in float32
     np.testing.assert_allclose(table16, table32, rtol=0, atol=2e-2 * np.abs(table32).max())
+
+
+def test_mlp_gate_and_up_are_one_gemm_on_the_optimizers_buffers(monkeypatch):
+    """Under AdamW (fp16 weights, float32 masters) each MLP's gate and up weights lie side by side:
+    the stacked weight is a view of the fp16 compute buffer (no copy) and, with grads_in_buffer,
+    the one weight GEMM adds its gradient straight into both parameters' float32 slices. The
+    gradients equal those of the separate parameters without the optimizer."""
+    from tinygrad3 import backend
+    from tinygrad3.nn_ops import linear
+    config = Gemma3Config.tiny(vocab_size=128, unpadded_vocab_size=None)
+    ids = np.random.default_rng(2).integers(0, 128, size=(2, 12))
+    plain = Gemma3(config, seed=4).to(dtype=np.float16)
+    plain(ids, ids)[1].backward()
+    model = Gemma3(config, seed=4).to(dtype=np.float16)
+    opt = nn.AdamW(model.named_parameters())
+    mlps = [layer.mlp for layer in model.model.layers]
+    for mlp in mlps:
+        joined = backend.stacked_view([mlp.gate_proj.weight.data, mlp.up_proj.weight.data])
+        assert joined is not None and joined.shape == (2 * config.intermediate_size, config.hidden_size)
+    targets = []
+    product = linear._product
+    monkeypatch.setattr(linear, "_product", lambda a, b, t, mm, target, dtype: (
+        targets.append(target), product(a, b, t, mm, target, dtype))[1])
+    with opt.grads_in_buffer():
+        model(ids, ids)[1].backward()
+        spans = [backend.stacked_view([m.gate_proj.weight.grad_buffer, m.up_proj.weight.grad_buffer]) for m in mlps]
+    assert all(s is not None and any(t is not None and t.base is s.base and t.shape == s.shape and
+                                     backend.address(t) == backend.address(s) for t in targets) for s in spans)
+    grads = dict(zip(opt._names, np.split(opt.grad_buffer, np.cumsum([p.size for p in opt.params])[:-1])))
+    for name, p in plain.named_parameters():
+        if "mlp" in name:
+            np.testing.assert_allclose(grads[name].reshape(p.shape), p.grad.astype(np.float32), rtol=0,
+                                       atol=2e-3 * np.abs(p.grad).max() + 1e-6, err_msg=name)

@@ -161,6 +161,56 @@ def test_layers_add_weight_gradients_into_buffers(rng):
         np.testing.assert_allclose(p.grad_buffer, e, rtol=1e-5, atol=1e-6)
 
 
+def stacked_leaves(rng, rows, gap=0):
+    """Weights of `rows` rows of 6 with float64 grad_buffers that are views of one flat buffer,
+    end to end (gap 0) or with `gap` unused values between the first two."""
+    ws = [leaf(rng, n, 6) for n in rows]
+    flat = np.zeros(sum(rows) * 6 + gap)
+    start = 0
+    for i, w in enumerate(ws):
+        w.grad_buffer = flat[start:start + w.size].reshape(w.shape)
+        start += w.size + (gap if i == 0 else 0)
+    return ws, flat
+
+
+def test_a_gemm_of_stacked_weights_adds_into_their_adjacent_buffers(rng, monkeypatch):
+    """y = x [W1; W2]^T, weights whose grad buffers lie end to end: ONE weight GEMM per pass adds
+    straight into the span of both buffers; two passes sum; the gradients equal the separate
+    products'. Kills a span over the wrong rows, a pass added twice, and a span offered for
+    buffers that are not adjacent (which would write into the gap)."""
+    x, g = rng.standard_normal((5, 6)), rng.standard_normal((5, 7))
+    ws, flat = stacked_leaves(rng, (4, 3))
+    expected = [2 * (g[:, :4].T @ x), 2 * (g[:, 4:].T @ x)]
+    seen = spy_targets(monkeypatch)
+    for _ in range(2):
+        (F.linear(Tensor(x), ws) * Tensor(g)).sum().backward()
+    assert seen == [True, True]
+    for w, e in zip(ws, expected):
+        assert w.grad is None
+        np.testing.assert_allclose(w.grad_buffer, e, rtol=1e-12)
+
+    gapped, flat = stacked_leaves(rng, (4, 3), gap=6)
+    seen.clear()
+    (F.linear(Tensor(x), gapped) * Tensor(g)).sum().backward()
+    assert seen == [False]  # no span: one new array, its row blocks added into each buffer
+    for w, e in zip(gapped, expected):
+        np.testing.assert_allclose(w.grad_buffer, e / 2, rtol=1e-12)
+    assert not flat[24:30].any()  # the gap stays untouched
+
+
+def test_stacked_weights_report_final_leaves_to_the_hook(rng):
+    """With a leaf_hook (data parallelism), both stacked weights are reported once their
+    gradients are complete."""
+    ws, _ = stacked_leaves(rng, (4, 3))
+    reported = []
+    out = (F.linear(Tensor(rng.standard_normal((5, 6))), ws) ** 2).sum()
+    out.backward(leaf_hook=lambda leaf: reported.append((leaf, leaf.grad_buffer.copy())))
+    assert sorted(id(leaf) for leaf, _ in reported) == sorted(id(w) for w in ws)
+    for leaf_, snapshot in reported:
+        np.testing.assert_array_equal(snapshot, leaf_.grad_buffer)
+        assert snapshot.any()
+
+
 def tiny_model_and_batch(dtype):
     from models import Gemma3, Gemma3Config
     model = Gemma3(Gemma3Config.tiny(), seed=0)

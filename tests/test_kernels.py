@@ -68,18 +68,22 @@ def test_rmsnorm_reference_matches_engine(rng, x_dtype, w_dtype, y_dtype):
 
 
 def test_geglu_reference_path_equals_unfused_pair(rng):
-    gate, up, gy = half(rng, (6, 40), 2), half(rng, (6, 40)), half(rng, (6, 40))
-    fused = run_op(F.geglu, [gate, up], gy)
-    unfused = run_op(lambda g, u: F.gelu_tanh(g) * u, [gate, up], gy)
+    x, gy = half(rng, (6, 80), 2), half(rng, (6, 40))
+    fused = run_op(F.geglu, [x], gy)
+    unfused = run_op(lambda x: F.gelu_tanh(x[:, :40]) * x[:, 40:], [x], gy)
     for a, b in zip([fused[0]] + fused[1], [unfused[0]] + unfused[1]):
         np.testing.assert_array_equal(a, b)  # rounding for rounding
-    close16(geglu.reference_forward(gate, up), fused[0], what="y")
-    for ours, engine in zip(geglu.reference_backward(gy, gate, up), fused[1]):
-        close16(ours, engine, what="grad")
+    close16(geglu.reference_forward(x), fused[0], what="y")
+    close16(geglu.reference_backward(gy, x), fused[1][0], what="grad")
 
 
 def test_geglu_gradcheck(rng):
-    gradcheck(F.geglu, [rng.standard_normal((3, 5)), rng.standard_normal((3, 5))])
+    gradcheck(F.geglu, [rng.standard_normal((3, 10))])
+
+
+def test_geglu_rejects_an_odd_last_axis(rng):
+    with pytest.raises(ValueError, match="two equal halves"):
+        F.geglu(Tensor(half(rng, (3, 9))))
 
 
 def test_cross_entropy_reference_matches_engine(rng):
@@ -319,37 +323,38 @@ def test_rmsnorm_fast_path_takes_the_models_dtypes(gpu_xp, rng, x_dtype, w_dtype
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape,offset,kind", [
-    ((3, 7, 2048), 0, "_vec"),
-    ((1001,), 0, "_vec"),          # a tail of 1
-    ((2100, 2048), 0, "_vec"),     # more than two vectors per thread: the two-vector loop, then one
-    ((5,), 0, "_vec"),             # the tail only
-    ((3, 7, 2048), 2, ""),         # 2 bytes off a 16-byte boundary: the scalar kernels
-    ((1001,), 8, ""),              # 8 bytes off
-    ((33, 2048), 16, "_vec"),      # 16 bytes off: aligned
+@pytest.mark.parametrize("shape,offset,kind", [  # x's shape: rows of [gate | up]
+    ((3, 7, 4096), 0, "_vec"),
+    ((2100, 4096), 0, "_vec"),     # more than two vectors per thread: the two-vector loop, then one
+    ((5, 16), 0, "_vec"),          # one vector per row
+    ((9, 2 * 1001), 0, ""),        # rows of 1001: not whole vectors, the scalar kernels
+    ((3, 7, 4096), 2, ""),         # 2 bytes off a 16-byte boundary: the scalar kernels
+    ((1001, 10), 8, ""),           # 8 bytes off
+    ((33, 4096), 16, "_vec"),      # 16 bytes off: aligned
 ])
 def test_geglu_kernel(gpu_xp, rng, monkeypatch, shape, offset, kind):
     cp = gpu_xp
-    gate, up, gy = half(rng, shape, 3), half(rng, shape), half(rng, shape, 50)
+    x = np.concatenate([half(rng, shape[:-1] + (shape[-1] // 2,), 3), half(rng, shape[:-1] + (shape[-1] // 2,))], -1)
+    gy = half(rng, shape[:-1] + (shape[-1] // 2,), 50)
     launched = recording(monkeypatch, geglu)
+    poison(cp, (gy.shape, np.float16))
+    y = geglu.forward(offset_copy(cp, x, offset))
+    close16(y, geglu.reference_forward(x), what="y")
     poison(cp, (shape, np.float16))
-    y = geglu.forward(offset_copy(cp, gate, offset), offset_copy(cp, up, offset))
-    close16(y, geglu.reference_forward(gate, up), what="y")
-    poison(cp, (shape, np.float16), (shape, np.float16))
-    for ours, ref, name in zip(geglu.backward(*(offset_copy(cp, a, offset) for a in (gy, gate, up))),
-                               geglu.reference_backward(gy, gate, up), ("dgate", "dup")):
-        close16(ours, ref, what=name)
+    gx = geglu.backward(offset_copy(cp, gy, offset), offset_copy(cp, x, offset))
+    ref = geglu.reference_backward(gy, x)
+    half_ = shape[-1] // 2
+    close16(gx[..., :half_], ref[..., :half_], what="dgate")
+    close16(gx[..., half_:], ref[..., half_:], what="dup")
     assert launched == ["geglu_fwd" + kind, "geglu_bwd" + kind]
 
 
 @pytest.mark.gpu
 def test_geglu_vector_and_scalar_kernels_agree_bit_for_bit(gpu_xp, rng):
     cp = gpu_xp
-    gate, up, gy = half(rng, (4099,), 3), half(rng, (4099,)), half(rng, (4099,), 50)
-    vec = [geglu.forward(*(offset_copy(cp, a, 0) for a in (gate, up))),
-           *geglu.backward(*(offset_copy(cp, a, 0) for a in (gy, gate, up)))]
-    scalar = [geglu.forward(*(offset_copy(cp, a, 2) for a in (gate, up))),
-              *geglu.backward(*(offset_copy(cp, a, 2) for a in (gy, gate, up)))]
+    x, gy = half(rng, (41, 2 * 104), 3), half(rng, (41, 104), 50)
+    vec = [geglu.forward(offset_copy(cp, x, 0)), geglu.backward(offset_copy(cp, gy, 0), offset_copy(cp, x, 0))]
+    scalar = [geglu.forward(offset_copy(cp, x, 2)), geglu.backward(offset_copy(cp, gy, 2), offset_copy(cp, x, 2))]
     for a, b in zip(vec, scalar):
         np.testing.assert_array_equal(cp.asnumpy(a), cp.asnumpy(b))
 
@@ -583,7 +588,7 @@ def test_fast_dispatch_through_functional(gpu_xp, rng):
          [half(rng, (4, 9, 640), 2, np.float32), half(rng, 640, 0.1, np.float32)], half(rng, (4, 9, 640)), TOL),
         (lambda x, w: F.rms_norm(x, w), [half(rng, (4, 9, 256), 2), half(rng, 256, 0.1, np.float32)],
          half(rng, (4, 9, 256)), TOL),  # q/k norms: float16 activations, float32 weights
-        (F.geglu, [half(rng, (4, 2048), 2), half(rng, (4, 2048))], half(rng, (4, 2048)), TOL),
+        (F.geglu, [half(rng, (4, 4096), 2)], half(rng, (4, 2048)), TOL),
         (lambda q, k, v: F.attention(q, k, v, 0.0625, window=16),
          [half(rng, (2, 4, 40, 256)), half(rng, (2, 1, 40, 256)), half(rng, (2, 1, 40, 256))],
          half(rng, (2, 4, 40, 256)), 5e-3),

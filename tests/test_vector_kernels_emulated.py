@@ -1,7 +1,7 @@
 """geglu's and rmsnorm's CUDA sources run on the CPU emulator (tests/cuda_emulator.py) through the
 modules' own host code (path choice, alignment checks, grid sizes), against the NumPy references:
-the 16-byte vector kernels and the scalar fallbacks (arrays off their vector boundary, n not a
-multiple of 8, D not a multiple of 4).
+the 16-byte vector kernels and the scalar fallbacks (arrays off their vector boundary, GeGLU rows
+not a multiple of 8, D not a multiple of 4).
 
 The headers below replace each source's helper section (its vector loads and stores) with the same
 accesses plus a check of the alignment the GPU needs: a vector access off its boundary aborts.
@@ -73,8 +73,7 @@ def geglu_emulated(monkeypatch):
 
     def launch(name, blocks, args):
         launched.append(name)
-        for a in args[2 if name.startswith("geglu_fwd") else 3:-1]:
-            nan_fill(a)
+        nan_fill(args[1 if name.startswith("geglu_fwd") else 2])  # y, or x's gradient
         _emulator(geglu.SOURCE).launch(name, (blocks,), geglu.THREADS, list(args))
 
     monkeypatch.setattr(geglu, "_launch", launch)
@@ -82,50 +81,56 @@ def geglu_emulated(monkeypatch):
     return launched
 
 
-GEGLU_CASES = [  # (n, byte offset of the inputs, kernel suffix)
-    (8 * 1536, 0, "_vec"),            # 3 vectors a thread: the two-vector loop, then one
-    (8 * 1536 + 8 * 300 + 5, 0, "_vec"),  # some threads one vector fewer; a tail of 5
-    (8 * 7, 0, "_vec"),               # fewer vectors than threads
-    (5, 0, "_vec"),                   # the tail only
-    (8 * 700 + 3, 2, ""),             # 2 bytes off: the scalar kernels
-    (8 * 300, 8, ""),                 # 8 bytes off
+GEGLU_CASES = [  # (rows, columns of y, byte offset of the inputs, kernel suffix)
+    (6, 2048, 0, "_vec"),             # 3 vectors a thread: the two-vector loop, then one
+    (11, 1352, 0, "_vec"),            # some threads one vector fewer
+    (7, 8, 0, "_vec"),                # one vector a row, fewer vectors than threads
+    (1, 8, 0, "_vec"),                # one vector
+    (5, 1021, 0, ""),                 # rows of 1021: not whole vectors, the scalar kernels
+    (8, 700, 2, ""),                  # 2 bytes off: the scalar kernels
+    (3, 800, 8, ""),                  # 8 bytes off
 ]
 
 
-@pytest.mark.parametrize("n,offset,kind", GEGLU_CASES)
-def test_emulated_geglu(geglu_emulated, rng, n, offset, kind):
-    gate, up, gy = (placed((s * rng.standard_normal(n)).astype(np.float16), offset) for s in (3, 1, 50))
-    y = geglu.forward(gate, up)
-    ref_y = geglu.reference_forward(gate, up)
-    g_gate, g_up = geglu.backward(gy, gate, up)
-    ref_gate, ref_up = geglu.reference_backward(gy, gate, up)
+def packed_inputs(rng, rows, cols, offset):
+    """x = [gate | up] (gate scaled 3, up 1) and gy (scaled 50), starting `offset` bytes off a boundary."""
+    x = np.concatenate([3 * rng.standard_normal((rows, cols)), rng.standard_normal((rows, cols))], axis=1)
+    return placed(x.astype(np.float16), offset), placed((50 * rng.standard_normal((rows, cols))).astype(np.float16),
+                                                        offset)
+
+
+@pytest.mark.parametrize("rows,cols,offset,kind", GEGLU_CASES)
+def test_emulated_geglu(geglu_emulated, rng, rows, cols, offset, kind):
+    x, gy = packed_inputs(rng, rows, cols, offset)
+    y, ref_y = geglu.forward(x), geglu.reference_forward(x)
+    gx, ref_gx = geglu.backward(gy, x), geglu.reference_backward(gy, x)
     assert geglu_emulated == ["geglu_fwd" + kind, "geglu_bwd" + kind]
     close(y, ref_y, TOL, "y")
-    close(g_gate, ref_gate, TOL, "dgate")
-    close(g_up, ref_up, TOL, "dup")
+    close(gx[:, :cols], ref_gx[:, :cols], TOL, "dgate")
+    close(gx[:, cols:], ref_gx[:, cols:], TOL, "dup")
     # Every value goes through tanhf (the C library's here, CUDA's on the GPU, NumPy's in the reference),
     # which may differ in the last bit: nearly all values are equal bit for bit all the same.
-    if n > 1000:
-        for ours, ref in ((y, ref_y), (g_gate, ref_gate), (g_up, ref_up)):
+    if y.size > 1000:
+        for ours, ref in ((y, ref_y), (gx, ref_gx)):
             assert (ours == ref).mean() > 0.95
 
 
 def test_emulated_geglu_paths_agree_bit_for_bit(geglu_emulated, rng):
     """The vector kernels and the scalar fallback compute each element with the same functions."""
-    n = 8 * 600 + 7
-    gate, up, gy = ((s * rng.standard_normal(n)).astype(np.float16) for s in (3, 1, 50))
-    vec = geglu.forward(placed(gate, 0), placed(up, 0)), *geglu.backward(placed(gy, 0), placed(gate, 0), placed(up, 0))
-    fb = geglu.forward(placed(gate, 2), placed(up, 2)), *geglu.backward(placed(gy, 2), placed(gate, 2), placed(up, 2))
+    x, gy = packed_inputs(rng, 9, 600, 0)
+    x2, gy2 = placed(x, 2), placed(gy, 2)
+    vec = geglu.forward(x), geglu.backward(gy, x)
+    fb = geglu.forward(x2), geglu.backward(gy2, x2)
     assert geglu_emulated == ["geglu_fwd_vec", "geglu_bwd_vec", "geglu_fwd", "geglu_bwd"]
     for a, b in zip(vec, fb):
         np.testing.assert_array_equal(a, b)
 
 
 def test_emulated_geglu_one_misaligned_input_takes_the_fallback(geglu_emulated, rng):
-    gate = placed(rng.standard_normal(64).astype(np.float16), 0)
-    up = placed(rng.standard_normal(64).astype(np.float16), 2)
-    close(geglu.forward(gate, up), geglu.reference_forward(gate, up), TOL, "y")
-    assert geglu_emulated == ["geglu_fwd"]
+    x, gy = packed_inputs(rng, 4, 64, 0)
+    gy = placed(gy, 2)
+    close(geglu.backward(gy, x), geglu.reference_backward(gy, x), TOL, "gx")
+    assert geglu_emulated == ["geglu_bwd"]
 
 
 # ----- RMSNorm --------------------------------------------------------------------------------

@@ -51,6 +51,38 @@ def check_device(device):
     return device
 
 
+def address(a):
+    """Where an array's data starts: a CuPy array's device pointer or a NumPy array's host address."""
+    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
+
+
+def stacked_view(arrays):
+    """The arrays stacked along axis 0 as ONE view, when they already lie end to end in one
+    buffer (e.g. parameters that are views of an optimizer's flat buffer): C-contiguous, one
+    dtype, one row shape, each starting where the previous ends. Else None (they must be copied).
+    """
+    first = arrays[0]
+    root = _root(first)
+    for a in arrays:
+        if (not a.flags.c_contiguous or a.dtype != first.dtype or a.shape[1:] != first.shape[1:] or a.size == 0
+                or _root(a) is not root):
+            return None
+    if any(address(b) != address(a) + a.nbytes for a, b in zip(arrays, arrays[1:])):
+        return None
+    if not root.flags.c_contiguous or root.dtype != first.dtype:
+        return None
+    start = (address(first) - address(root)) // first.itemsize
+    rows = sum(a.shape[0] for a in arrays)
+    return root.reshape(-1)[start:start + rows * (first.size // first.shape[0])].reshape((rows,) + first.shape[1:])
+
+
+def _root(a):
+    """The array that owns a view's memory (the view itself when it owns it)."""
+    while a.base is not None and hasattr(a.base, "flags"):
+        a = a.base
+    return a
+
+
 def get_array_module(*arrays):
     """numpy or cupy, whichever the arrays belong to (numpy for plain Python values)."""
     if cupy is not None:

@@ -34,11 +34,19 @@ def _data(x):
 
 
 def linear(x, weight):
-    """x @ weight.T for x (..., in) and weight (out, in), as torch.nn.functional.linear (no bias)."""
-    if x.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"linear: x has {x.shape[-1]} input features, weight {tuple(weight.shape)} expects "
-                         f"{weight.shape[-1]}")
-    return _linear_class(_data(x), _data(weight))()(x, weight)
+    """x @ weight.T for x (..., in) and weight (out, in), as torch.nn.functional.linear (no bias).
+
+    weight may be a sequence of weights (out_i, in) of one dtype: the result is then their
+    outputs side by side, (..., sum of out_i), from one GEMM against them stacked by rows.
+    """
+    weights = tuple(weight) if isinstance(weight, (tuple, list)) else (weight,)
+    for w in weights:
+        if x.shape[-1] != w.shape[-1]:
+            raise ValueError(f"linear: x has {x.shape[-1]} input features, weight {tuple(w.shape)} expects "
+                             f"{w.shape[-1]}")
+    if not weights or len({w.dtype for w in weights}) > 1:
+        raise TypeError(f"linear: stacked weights must share one dtype, got {[w.dtype for w in weights]}")
+    return _linear_class(_data(x), _data(weights[0]))()(x, *weights)
 
 
 def embedding(ids, weight):
@@ -145,14 +153,14 @@ def gelu_tanh(x):
     return GeluTanh()(x)
 
 
-def geglu(gate, up):
-    """gelu_tanh(gate) * up (Gemma's MLP gate), equal to `gelu_tanh(gate) * up` rounding for rounding
-    but saving only gate and up for the backward."""
-    if gate.shape != up.shape:
-        raise ValueError(f"geglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
-    if gate.dtype != up.dtype:
-        raise TypeError(f"geglu: gate is {gate.dtype} but up is {up.dtype}")
-    return _geglu_class(_data(gate), _data(up))()(gate, up)
+def geglu(x):
+    """gelu_tanh(gate) * up (Gemma's MLP gate) for x = [gate | up], its last axis holding gate then
+    up (the output of one GEMM against the gate and up weights stacked by rows, ops.concat): the
+    result has half x's last axis. Equal to `gelu_tanh(gate) * up` rounding for rounding, saving
+    only x for the backward."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"geglu: the last axis of x {tuple(x.shape)} must hold gate and up, two equal halves")
+    return _geglu_class(_data(x))()(x)
 
 
 def softmax(x, axis=-1):
@@ -257,8 +265,8 @@ def _attention_class(q, k, v, window, q_offset):
     return Attention
 
 
-def _geglu_class(gate, up):
-    return geglu_k.FusedGeGLU if use_fast("geglu", gate, up) else GeGLU
+def _geglu_class(x):
+    return geglu_k.FusedGeGLU if use_fast("geglu", x) else GeGLU
 
 
 def _cross_entropy_class(logits):

@@ -6,6 +6,8 @@ the PTX `cvt` instruction, so the kernels need no header and compile the same un
 """
 import functools
 
+from ..backend import address  # noqa: F401  (the kernels' alignment checks; NumPy arrays on the emulator)
+
 PRELUDE = r"""
 typedef unsigned short half_t;
 
@@ -168,12 +170,6 @@ __device__ __forceinline__ float quad_sum(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 """
-
-
-def address(a):
-    """Where an array's data starts: a CuPy array's device pointer, or a NumPy array's host address
-    (tests run the kernels' host code with NumPy arrays on the CPU emulator). For alignment checks."""
-    return a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,8 @@
-"""GeGLU, y = gelu_tanh(gate) * up, fused, for float16 arrays of one shape.
+"""GeGLU, y = gelu_tanh(gate) * up for x = [gate | up], fused, for float16 arrays.
+
+x has rows of 2 C halves, gate (C) then up (C), as one GEMM of the stacked gate and up weights
+writes them; y and its gradient gy have rows of C; x's gradient has x's shape, [d_gate | d_up].
+Element i of y (row r = i / C, column c) reads gate at x[i + r C] and up C halves further.
 
 It reproduces the unfused pair `F.gelu_tanh(gate) * up` of the reference path rounding for
 rounding: the GELU is computed in float32 and rounded to float16 (a), then multiplied by up
@@ -10,29 +14,29 @@ in float16. With u = sqrt(2/pi) (x + 0.044715 x^3) and t = tanh(u):
 Backward of y = a * up: d_up = gy a, d_a = gy up (both float16 products, as the unfused
 multiply's backward), then d_gate = d_a gelu'(gate) in float32, rounded once.
 
-Unlike the unfused pair, the forward saves only gate and up: a and t are recomputed.
+Unlike the unfused pair, the forward saves only x: a and t are recomputed.
 
-Both kernels are memory-bound (the forward moves 6 bytes per element, the backward 10), so
+Both kernels are memory-bound (the forward moves 6 bytes per element of y, the backward 10), so
 what they need is bytes in flight: each access moves 16 bytes.
 
 Vector kernels (geglu_fwd_vec, geglu_bwd_vec), when every array starts on a 16-byte boundary
-(CuPy's allocations do; a view at an odd offset does not): a grid-stride loop over vectors of
-8 halves, one 16-byte load of gate and of up (and of gy) per vector, one 16-byte store of y
-(of g_gate and of g_up). Each iteration takes two vectors, v and v + stride, and issues all of
-their loads before any arithmetic, so a thread has 64 bytes (backward: 96) of loads in flight.
-The last n % 8 elements (n not a multiple of 8) are taken one each by the grid's first threads.
-The grid is BLOCKS_PER_SM blocks per SM (the kernels' __launch_bounds__), one wave.
+(CuPy's allocations do; a view at an odd offset does not) and C is a multiple of 8 (so no vector
+straddles two rows): a grid-stride loop over vectors of 8 halves of y, one 16-byte load of gate
+and of up (and of gy) per vector, one 16-byte store of y (of d_gate and of d_up). Each iteration
+takes two vectors, v and v + stride, and issues all of their loads before any arithmetic, so a
+thread has 64 bytes (backward: 96) of loads in flight. The grid is BLOCKS_PER_SM blocks per SM
+(the kernels' __launch_bounds__), one wave.
 
-Fallback (geglu_fwd, geglu_bwd): the same grid-stride loop over single elements, for arrays
-that are not 16-byte aligned. Every path computes each element with the same device functions
-(geglu_one, geglu_grad_one), so they agree bit for bit.
+Fallback (geglu_fwd, geglu_bwd): the same grid-stride loop over single elements, for any
+alignment and C. Every path computes each element with the same device functions (geglu_one,
+geglu_grad_one), so they agree bit for bit.
 """
 import math
 
 import numpy as np
 
 from ..backend import get_array_module
-from ..nn_ops.geglu import GeGLU
+from ..nn_ops.geglu import GeGLU, halves
 from .cuda import address, grid_stride_blocks, kernel
 
 THREADS = 256
@@ -97,67 +101,73 @@ __device__ __forceinline__ void geglu_grad8(const uint4& gy, const uint4& gate, 
     g_up = pack8(du);
 }
 
-// ----- fallback: one element per thread and iteration, any alignment
-extern "C" __global__ void geglu_fwd(const half_t* __restrict__ gate, const half_t* __restrict__ up,
-                                     half_t* __restrict__ y, long long n) {
+// ----- fallback: one element of y per thread and iteration, any alignment; g: where its gate is in x
+extern "C" __global__ void geglu_fwd(const half_t* __restrict__ x, half_t* __restrict__ y, long long n,
+                                     long long cols) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)blockDim.x * gridDim.x)
-        y[i] = geglu_one(gate[i], up[i]);
-}
-
-extern "C" __global__ void geglu_bwd(const half_t* __restrict__ gy, const half_t* __restrict__ gate,
-                                     const half_t* __restrict__ up, half_t* __restrict__ g_gate,
-                                     half_t* __restrict__ g_up, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)blockDim.x * gridDim.x)
-        geglu_grad_one(gy[i], gate[i], up[i], g_gate[i], g_up[i]);
-}
-
-// ----- vector kernels: every array 16-byte aligned; vectors v, v + stride per iteration, loads first
-extern "C" __global__ void __launch_bounds__(256, 4) geglu_fwd_vec(const half_t* __restrict__ gate,
-                                                                   const half_t* __restrict__ up,
-                                                                   half_t* __restrict__ y, long long n) {
-    const long long vecs = n >> 3, stride = (long long)blockDim.x * gridDim.x;
-    const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    long long v = first;
-    for (; v + stride < vecs; v += 2 * stride) {
-        const uint4 g0 = load16(gate + 8 * v), u0 = load16(up + 8 * v);
-        const uint4 g1 = load16(gate + 8 * (v + stride)), u1 = load16(up + 8 * (v + stride));
-        store16(y + 8 * v, geglu8(g0, u0));
-        store16(y + 8 * (v + stride), geglu8(g1, u1));
+         i += (long long)blockDim.x * gridDim.x) {
+        const long long g = i + i / cols * cols;
+        y[i] = geglu_one(x[g], x[g + cols]);
     }
-    if (v < vecs) store16(y + 8 * v, geglu8(load16(gate + 8 * v), load16(up + 8 * v)));
-    const long long i = 8 * vecs + first;  // the tail, n % 8 elements
-    if (i < n) y[i] = geglu_one(gate[i], up[i]);
+}
+
+extern "C" __global__ void geglu_bwd(const half_t* __restrict__ gy, const half_t* __restrict__ x,
+                                     half_t* __restrict__ gx, long long n, long long cols) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        const long long g = i + i / cols * cols;
+        geglu_grad_one(gy[i], x[g], x[g + cols], gx[g], gx[g + cols]);
+    }
+}
+
+// ----- vector kernels: every array 16-byte aligned, cols a multiple of 8, fewer than 2^31 vectors of y;
+// vectors v, v + stride per iteration, loads first. Vector v of y starts at 8 v, its gate at gate_at(v).
+__device__ __forceinline__ long long gate_at(unsigned v, unsigned per_row) {
+    return 8 * (long long)(v + v / per_row * per_row);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 4) geglu_fwd_vec(const half_t* __restrict__ x,
+                                                                   half_t* __restrict__ y, long long n,
+                                                                   long long cols) {
+    const unsigned vecs = (unsigned)(n >> 3), per_row = (unsigned)(cols >> 3), stride = blockDim.x * gridDim.x;
+    unsigned v = blockIdx.x * blockDim.x + threadIdx.x;
+    for (; v + stride < vecs; v += 2 * stride) {
+        const long long a0 = gate_at(v, per_row), a1 = gate_at(v + stride, per_row);
+        const uint4 g0 = load16(x + a0), u0 = load16(x + a0 + cols);
+        const uint4 g1 = load16(x + a1), u1 = load16(x + a1 + cols);
+        store16(y + 8 * (long long)v, geglu8(g0, u0));
+        store16(y + 8 * (long long)(v + stride), geglu8(g1, u1));
+    }
+    if (v < vecs) {
+        const long long a = gate_at(v, per_row);
+        store16(y + 8 * (long long)v, geglu8(load16(x + a), load16(x + a + cols)));
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256, 4) geglu_bwd_vec(const half_t* __restrict__ gy,
-                                                                   const half_t* __restrict__ gate,
-                                                                   const half_t* __restrict__ up,
-                                                                   half_t* __restrict__ g_gate,
-                                                                   half_t* __restrict__ g_up, long long n) {
-    const long long vecs = n >> 3, stride = (long long)blockDim.x * gridDim.x;
-    const long long first = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    long long v = first;
+                                                                   const half_t* __restrict__ x,
+                                                                   half_t* __restrict__ gx, long long n,
+                                                                   long long cols) {
+    const unsigned vecs = (unsigned)(n >> 3), per_row = (unsigned)(cols >> 3), stride = blockDim.x * gridDim.x;
+    unsigned v = blockIdx.x * blockDim.x + threadIdx.x;
     uint4 dg, du;
     for (; v + stride < vecs; v += 2 * stride) {
-        const long long o0 = 8 * v, o1 = 8 * (v + stride);
-        const uint4 y0 = load16(gy + o0), g0 = load16(gate + o0), u0 = load16(up + o0);
-        const uint4 y1 = load16(gy + o1), g1 = load16(gate + o1), u1 = load16(up + o1);
+        const long long a0 = gate_at(v, per_row), a1 = gate_at(v + stride, per_row);
+        const uint4 y0 = load16(gy + 8 * (long long)v), g0 = load16(x + a0), u0 = load16(x + a0 + cols);
+        const uint4 y1 = load16(gy + 8 * (long long)(v + stride)), g1 = load16(x + a1), u1 = load16(x + a1 + cols);
         geglu_grad8(y0, g0, u0, dg, du);
-        store16(g_gate + o0, dg);
-        store16(g_up + o0, du);
+        store16(gx + a0, dg);
+        store16(gx + a0 + cols, du);
         geglu_grad8(y1, g1, u1, dg, du);
-        store16(g_gate + o1, dg);
-        store16(g_up + o1, du);
+        store16(gx + a1, dg);
+        store16(gx + a1 + cols, du);
     }
     if (v < vecs) {
-        geglu_grad8(load16(gy + 8 * v), load16(gate + 8 * v), load16(up + 8 * v), dg, du);
-        store16(g_gate + 8 * v, dg);
-        store16(g_up + 8 * v, du);
+        const long long a = gate_at(v, per_row);
+        geglu_grad8(load16(gy + 8 * (long long)v), load16(x + a), load16(x + a + cols), dg, du);
+        store16(gx + a, dg);
+        store16(gx + a + cols, du);
     }
-    const long long i = 8 * vecs + first;  // the tail, n % 8 elements
-    if (i < n) geglu_grad_one(gy[i], gate[i], up[i], g_gate[i], g_up[i]);
 }
 """
 
@@ -174,45 +184,56 @@ def _blocks(n, per_sm):
 
 
 
-def vector_ok(*arrays):
-    """The vector kernels' condition: every array starts on a 16-byte boundary (any n)."""
-    return all(address(a) % 16 == 0 for a in arrays)
+def vector_ok(cols, n, *arrays):
+    """The vector kernels' condition: every array starts on a 16-byte boundary, rows of a whole
+    number of vectors, vector indices in 32 bits."""
+    return cols % VEC == 0 and n // VEC < 2 ** 31 and all(address(a) % 16 == 0 for a in arrays)
 
 
-def _run(name, arrays, n):
-    if vector_ok(*arrays):  # 8 halves a thread per iteration, two vectors in flight
-        _launch(name + "_vec", _blocks(max(n // VEC, 1), BLOCKS_PER_SM), arrays + (np.int64(n),))
+def _run(name, arrays, n, cols):
+    sizes = (np.int64(n), np.int64(cols))
+    if vector_ok(cols, n, *arrays):  # 8 halves a thread per iteration, two vectors in flight
+        _launch(name + "_vec", _blocks(max(n // VEC, 1), BLOCKS_PER_SM), arrays + sizes)
     else:
-        _launch(name, _blocks(n, 8), arrays + (np.int64(n),))
+        _launch(name, _blocks(n, 8), arrays + sizes)
 
 
-def forward(gate, up):
-    xp = get_array_module(gate)
-    gate, up = xp.ascontiguousarray(gate), xp.ascontiguousarray(up)
-    y = xp.empty_like(gate)
-    if gate.size:
-        _run("geglu_fwd", (gate, up, y), gate.size)
+def _check(x):
+    if x.shape[-1] % 2:
+        raise ValueError(f"geglu: x's last axis ({x.shape[-1]}) must hold gate and up, two equal halves")
+
+
+def forward(x):
+    """y (x's shape with half its last axis) for x = [gate | up]."""
+    _check(x)
+    xp = get_array_module(x)
+    x = xp.ascontiguousarray(x)
+    y = xp.empty(x.shape[:-1] + (x.shape[-1] // 2,), x.dtype)
+    if y.size:
+        _run("geglu_fwd", (x, y), y.size, y.shape[-1])
     return y
 
 
-def backward(gy, gate, up):
-    xp = get_array_module(gate)
-    gy, gate, up = (xp.ascontiguousarray(a) for a in (gy, gate, up))
-    g_gate, g_up = xp.empty_like(gate), xp.empty_like(up)
-    if gate.size:
-        _run("geglu_bwd", (gy, gate, up, g_gate, g_up), gate.size)
-    return g_gate, g_up
+def backward(gy, x):
+    """x's gradient [d_gate | d_up] (x's shape) from y's gradient gy."""
+    _check(x)
+    xp = get_array_module(x)
+    gy, x = xp.ascontiguousarray(gy), xp.ascontiguousarray(x)
+    gx = xp.empty_like(x)
+    if gy.size:
+        _run("geglu_bwd", (gy, x, gx), gy.size, gy.shape[-1])
+    return gx
 
 
 class FusedGeGLU(GeGLU):
     """GeGLU (nn_ops/geglu.py) by the kernels above, one pass each way (F.geglu picks it)."""
 
-    def forward(self, gate, up):
-        self.gate, self.up = gate, up
-        return forward(gate, up)
+    def forward(self, x):
+        self.x = x
+        return forward(x)
 
     def backward(self, gy):
-        return backward(gy, self.gate, self.up)
+        return backward(gy, self.x)
 
 
 # ----- NumPy reference ------------------------------------------------------------------------
@@ -226,11 +247,13 @@ def _gelu_parts(gate):
     return x, t, (np.float32(0.5) * x * (1 + t)).astype(np.float16)
 
 
-def reference_forward(gate, up):
+def reference_forward(x):
+    gate, up = halves(x)
     return _gelu_parts(gate)[2] * up
 
 
-def reference_backward(gy, gate, up):
-    x, t, a = _gelu_parts(gate)
-    d = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _C * (1 + 3 * _A * x * x)
-    return ((gy * up).astype(np.float32) * d).astype(np.float16), gy * a
+def reference_backward(gy, x):
+    gate, up = halves(x)
+    x32, t, a = _gelu_parts(gate)
+    d = 0.5 * (1 + t) + 0.5 * x32 * (1 - t * t) * _C * (1 + 3 * _A * x32 * x32)
+    return np.concatenate([((gy * up).astype(np.float32) * d).astype(np.float16), gy * a], axis=-1)

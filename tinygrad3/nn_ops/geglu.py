@@ -1,4 +1,4 @@
-"""GELU (tanh form) and Gemma's gate gelu_tanh(gate) * up, math in float32 or wider."""
+"""GELU (tanh form) and Gemma's gate gelu_tanh(gate) * up of x = [gate | up], math in float32 or wider."""
 import math
 
 from ..backend import get_array_module
@@ -27,18 +27,28 @@ class GeluTanh(Function):
         return (gy * dy).astype(self.x.dtype, copy=False)
 
 
-class GeGLU(Function):
-    """y = gelu_tanh(gate) * up, the Gemma MLP's gate, rounded exactly as the unfused pair
-    `gelu_tanh(gate) * up`: a = gelu(gate) in float32 rounded to gate's dtype, then a * up in
-    that dtype. Saves gate and up only; a is recomputed in the backward."""
+def halves(x):
+    """x's last axis split in two: (gate, up), views."""
+    n = x.shape[-1] // 2
+    return x[..., :n], x[..., n:]
 
-    def forward(self, gate, up):
-        self.gate, self.up = gate, up
+
+class GeGLU(Function):
+    """y = gelu_tanh(gate) * up for x = [gate | up]: the last axis holds gate then up, as one GEMM
+    of the stacked gate and up projections makes them. Rounded exactly as the unfused pair
+    `gelu_tanh(gate) * up`: a = gelu(gate) in float32 rounded to x's dtype, then a * up in that
+    dtype. Saves x only; a is recomputed in the backward."""
+
+    def forward(self, x):
+        self.x = x
+        gate, up = halves(x)
         return GeluTanh().forward(gate) * up
 
     def backward(self, gy):
         """The unfused pair's backward, step for step: the product gives d_up = gy a and
-        d_a = gy up (in the inputs' dtype); GeluTanh's backward turns d_a into d_gate."""
+        d_a = gy up (in x's dtype); GeluTanh's backward turns d_a into d_gate. x's gradient is
+        [d_gate | d_up], the two halves side by side as in x."""
+        gate, up = halves(self.x)
         gelu = GeluTanh()
-        a = gelu.forward(self.gate)
-        return gelu.backward(gy * self.up), gy * a
+        a = gelu.forward(gate)
+        return get_array_module(gy).concatenate([gelu.backward(gy * up), gy * a], axis=-1)
