@@ -429,17 +429,26 @@ flash_fwd(const half_t* __restrict__ q, const half_t* __restrict__ k, const half
 
 // ----- backward: Drow = rowsum(dO * O) ----------------------------------------------------------
 // One warp per entry r = (b Hq + h) Tq + t of drow (B, Hq, Tq), reading row t of head h of batch
-// b of gy and o (layout: o_head).
+// b of gy and o (layout: o_head), 8 halves of each a lane at a time (16-byte loads, as the other
+// kernels' copies of gy: rows start at multiples of D = 16k halves). (b, h, t) by 32-bit divisions:
+// rows < 2^31 (more would be a terabyte of O).
+__device__ __forceinline__ float dot2(unsigned a, unsigned b) {
+    return h2f((half_t)(a & 0xffffu)) * h2f((half_t)(b & 0xffffu)) + h2f((half_t)(a >> 16)) * h2f((half_t)(b >> 16));
+}
+
 extern "C" __global__ void flash_bwd_drow(const half_t* __restrict__ gy, const half_t* __restrict__ o,
                                           float* __restrict__ drow, long long rows, int hq, int tq, int ohs,
                                           int ots) {
     const long long r = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (r >= rows) return;   // the whole warp leaves together
-    const long long bh = r / tq;
-    const size_t row = o_head((int)(bh / hq), (int)(bh % hq), hq, tq, ohs) + (size_t)(r % tq) * ots;
+    const unsigned bh = (unsigned)r / (unsigned)tq, b = bh / (unsigned)hq;
+    const size_t row = o_head((int)b, (int)(bh - b * hq), hq, tq, ohs) + (size_t)((unsigned)r - bh * tq) * ots;
     float s = 0.f;
-    for (int c = lane; c < HEAD_DIM; c += 32) s += h2f(gy[row + c]) * h2f(o[row + c]);
+    for (int c = 8 * lane; c < HEAD_DIM; c += 256) {
+        const chunk16 a = *(const chunk16*)(gy + row + c), p = *(const chunk16*)(o + row + c);
+        s += dot2(a.x, p.x) + dot2(a.y, p.y) + dot2(a.z, p.z) + dot2(a.w, p.w);
+    }
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
     if (lane == 0) drow[r] = s;
 }

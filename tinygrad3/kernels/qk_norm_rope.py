@@ -34,7 +34,9 @@ row's loads in flight at once. The row's sums (of x^2; of h n) are a shuffle red
 the segment: no shared memory, no __syncthreads in the row loop, so each of a block's 8 warps
 runs ahead on its own rows. Both kernels loop over rows (grid stride by warps, the trip count
 the same for all segments of a warp, so every shuffle has all 32 lanes), with (1 + w) loaded
-into registers once per thread instead of once per row.
+into registers once per thread instead of once per row. A row's position (b, t, h) comes from two
+32-bit divisions (QKPos; the vector kernels take fewer than 2^31 rows): the 64-bit divisions and
+remainders of the plain formula were more instructions than the row's own arithmetic.
 
 For D = 256 (the 270M model): L = 32, G = 1, one row per warp and iteration, 64 bytes of
 loads in flight per lane for the backward (2 KB per warp).
@@ -201,6 +203,18 @@ struct QKRows {
     }
 };
 
+// (b, t, h) of row (b T + t) H + h by two 32-bit divisions (the vector kernels take fewer than 2^31 rows):
+// the 64-bit divisions and remainders of the plain formula cost more instructions than the row's arithmetic.
+struct QKPos {
+    int b, t, h;
+    __device__ __forceinline__ QKPos(long long row, int T, int H) {
+        const unsigned r = (unsigned)row, bt = r / (unsigned)H, bb = bt / (unsigned)T;
+        h = (int)(r - bt * (unsigned)H);
+        t = (int)(bt - bb * (unsigned)T);
+        b = (int)bb;
+    }
+};
+
 template <int G>
 __device__ __forceinline__ void qk_fwd_vec(const x_t* __restrict__ x, const w_t* __restrict__ w,
                                            const float* __restrict__ cos_t, const float* __restrict__ sin_t,
@@ -221,9 +235,9 @@ __device__ __forceinline__ void qk_fwd_vec(const x_t* __restrict__ x, const w_t*
     for (long long r0 = at.first; r0 < rows; r0 += at.stride) {
         const long long row = r0 + at.in_warp;
         const bool live = row < rows;
-        const int h = live ? (int)(row % H) : 0, t = live ? (int)((row / H) % T) : 0;
-        const long long b = live ? row / ((long long)H * T) : 0;
-        const size_t in = (size_t)(live ? row : 0) * D, out = ((size_t)(b * H + h) * T + t) * D;
+        const QKPos p(live ? row : 0, T, H);
+        const int t = p.t;
+        const size_t in = (size_t)(live ? row : 0) * D, out = (((size_t)p.b * H + p.h) * T + t) * D;
         float lo[G][4], hi[G][4];
         float ss = 0.f;
 #pragma unroll
@@ -286,10 +300,10 @@ __device__ __forceinline__ void qk_bwd_vec(const y_t* __restrict__ gy, const x_t
     for (long long r0 = at.first; r0 < rows; r0 += at.stride) {
         const long long row = r0 + at.in_warp;
         const bool live = row < rows;
-        const int h = live ? (int)(row % H) : 0, t = live ? (int)((row / H) % T) : 0;
-        const long long b = live ? row / ((long long)H * T) : 0;
+        const QKPos p(live ? row : 0, T, H);
+        const int t = p.t;
         const size_t in = (size_t)(live ? row : 0) * D;
-        const long long go = b * gs0 + h * gs1 + t * gs2;
+        const long long go = p.b * gs0 + p.h * gs1 + t * gs2;
         const float r = live ? rstd[row] : 0.f;
         float nlo[G][4], nhi[G][4], hlo[G][4], hhi[G][4];
         float dot = 0.f;
@@ -439,10 +453,11 @@ def _sum_partials(source, part, w_dtype, into=None):
 
 
 def _vector_ok(x, cos, sin):
-    """The vector kernels' layout for x, or None: D = 8k, x 8-byte and the tables 16-byte aligned."""
+    """The vector kernels' layout for x, or None: D = 8k, x 8-byte and the tables 16-byte aligned,
+    fewer than 2^31 rows (their row positions are 32-bit)."""
     layout = vector_layout(x.shape[-1])
     aligned = address(x) % 8 == 0 and address(cos) % 16 == 0 and address(sin) % 16 == 0
-    return layout if aligned else None
+    return layout if aligned and x.size // x.shape[-1] < 2 ** 31 else None
 
 
 def forward(x, w, eps, cos, sin):
