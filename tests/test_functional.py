@@ -408,18 +408,36 @@ def test_linear_of_stacked_weights(xp, torch, rng):
 
 
 def test_stacked_weights_laid_end_to_end_are_a_view_else_a_copy(xp, rng):
-    """Weights that are views of one flat buffer, in order, are stacked without a copy; out of
-    order, with a gap, or repeated, they are copied (and the values are the same)."""
-    from tinygrad3.nn_ops.linear import stacked
+    """Weights that are views of one flat buffer, in order, are stacked without a copy (the view is
+    what backward keeps for dX = G W); out of order, with a gap, or repeated, they are not a view,
+    and a Linear whose input wants a gradient keeps a copy of both. The values are the same."""
     flat = xp.asarray(rng.standard_normal(40))
     a, b, c = (flat[i:j].reshape(-1, 4) for i, j in ((0, 12), (12, 20), (24, 40)))
-    joined = stacked([a, b])
-    assert xp.shares_memory(joined, flat)
-    np.testing.assert_array_equal(to_numpy(joined), to_numpy(flat[:20]).reshape(5, 4))
+    assert xp.shares_memory(backend.stacked_view([a, b]), flat)
+    np.testing.assert_array_equal(to_numpy(backend.stacked_view([a, b])), to_numpy(flat[:20]).reshape(5, 4))
     for parts in ([b, a], [a, c], [a, a]):
-        out = stacked(parts)
-        assert not xp.shares_memory(out, flat)
-        np.testing.assert_array_equal(to_numpy(out), np.concatenate([to_numpy(p) for p in parts]))
+        assert backend.stacked_view(parts) is None
+    x = Tensor(xp.asarray(rng.standard_normal((3, 4))), requires_grad=True)
+    for parts, shared in (([a, b], True), ([b, a], False), ([a, c], False)):
+        out = F.linear(x, [Tensor(p) for p in parts])
+        assert bool(xp.shares_memory(out._creator.w, flat)) == shared
+        expected = to_numpy(x.data) @ np.concatenate([to_numpy(p) for p in parts]).T
+        np.testing.assert_allclose(to_numpy(out.data), expected, rtol=1e-12)
+
+
+def test_inference_with_stacked_weights_not_end_to_end_copies_no_weight(xp, rng, monkeypatch):
+    """Without a gradient (generation), weights that are not end to end are multiplied one by one
+    and the outputs joined: no copy of the weights on every call."""
+    from tinygrad3 import no_grad
+    w1, w2, x = (xp.asarray(rng.standard_normal(s)) for s in ((4, 5), (3, 5), (2, 5)))
+    joined, concatenate = [], xp.concatenate
+    monkeypatch.setattr(xp, "concatenate", lambda arrays, *a, **k: (
+        joined.append([tuple(t.shape) for t in arrays]), concatenate(arrays, *a, **k))[1])
+    with no_grad():
+        out = F.linear(Tensor(x), (Tensor(w1), Tensor(w2)))
+    assert joined == [[(2, 4), (2, 3)]]
+    expected = to_numpy(x) @ np.concatenate([to_numpy(w1), to_numpy(w2)]).T
+    np.testing.assert_allclose(to_numpy(out.data), expected, rtol=1e-12)
 
 
 def test_linear_rejects_stacked_weights_of_two_dtypes(rng):

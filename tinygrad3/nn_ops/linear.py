@@ -14,21 +14,31 @@ class Linear(Function):
     is what keeps float16 on the tensor cores), made by `@`; the fast path's GemmLinear
     (kernels/gemm.py) sets `mm` to call cuBLAS instead (the same GEMM, but one that CUDA-graph
     capture accepts). Stacked weights that already lie end to end in one buffer (parameters bound
-    to an optimizer's flat buffer) are used as one view of it; otherwise they are copied together.
+    to an optimizer's flat buffer) are used as one view of it; otherwise they are copied together
+    when x's gradient needs them whole, and else (inference) multiplied one by one.
     """
 
     fresh_grads = True  # new GEMM outputs (stacked weights: disjoint row blocks of one)
     mm = None  # the fast path's GEMM (GemmLinear's gemm.mm); None: `@`
 
     def forward(self, x, *weights):
-        w = weights[0] if len(weights) == 1 else stacked(weights)
+        w = weights[0] if len(weights) == 1 else backend.stacked_view(weights)
+        if w is None and self.needs_grad[0]:  # not end to end, and dX = G W needs them whole: a copy
+            w = backend.get_array_module(*weights).concatenate(weights)
         x2 = x.reshape(-1, x.shape[-1])
         self.rows = [wi.shape[0] for wi in weights]
         self.x2 = x2 if any(self.needs_grad[1:]) else None
         self.w = w if self.needs_grad[0] else None
-        self.lead, self.x_dtype, self.w_dtype = x.shape[:-1], x.dtype, w.dtype
-        y = x2 @ w.T if self.mm is None else self.mm(x2, w, trans_b=True)
-        return y.reshape(*self.lead, w.shape[0])
+        self.lead, self.x_dtype, self.w_dtype = x.shape[:-1], x.dtype, weights[0].dtype
+        if w is None:  # (e.g. generation) one product per weight, outputs side by side: no copy of the weights
+            y = backend.get_array_module(x2).concatenate([self._times_t(x2, wi) for wi in weights], axis=1)
+        else:
+            y = self._times_t(x2, w)
+        return y.reshape(*self.lead, sum(self.rows))
+
+    def _times_t(self, x2, w):
+        """x2 W^T, by `@` or the fast path's GEMM."""
+        return x2 @ w.T if self.mm is None else self.mm(x2, w, trans_b=True)
 
     def backward(self, gy):
         """y[n,o] = sum_i x[n,i] W[o,i], so
@@ -68,12 +78,6 @@ class Linear(Function):
             blocks.append(gw[start:start + n] if want else None)
             start += n
         return tuple(blocks)
-
-
-def stacked(weights):
-    """The weights stacked by rows: a view when they lie end to end in one buffer, else a copy."""
-    joined = backend.stacked_view(weights)
-    return joined if joined is not None else backend.get_array_module(*weights).concatenate(weights)
 
 
 def _product(a, b, trans_a, mm, target, dtype):
