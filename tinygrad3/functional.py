@@ -155,9 +155,9 @@ def gelu_tanh(x):
 
 def geglu(x):
     """gelu_tanh(gate) * up (Gemma's MLP gate) for x = [gate | up], its last axis holding gate then
-    up (the output of one GEMM against the gate and up weights stacked by rows, ops.concat): the
-    result has half x's last axis. Equal to `gelu_tanh(gate) * up` rounding for rounding, saving
-    only x for the backward."""
+    up (the output of one GEMM against the gate and up weights stacked by rows, `linear(x, (gate_w,
+    up_w))`): the result has half x's last axis. Equal to `gelu_tanh(gate) * up` rounding for
+    rounding, saving only x for the backward."""
     if x.shape[-1] % 2:
         raise ValueError(f"geglu: the last axis of x {tuple(x.shape)} must hold gate and up, two equal halves")
     return _geglu_class(_data(x))()(x)

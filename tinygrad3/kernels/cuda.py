@@ -6,8 +6,6 @@ the PTX `cvt` instruction, so the kernels need no header and compile the same un
 """
 import functools
 
-from ..backend import address  # noqa: F401  (the kernels' alignment checks; NumPy arrays on the emulator)
-
 PRELUDE = r"""
 typedef unsigned short half_t;
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import backend
 from ..nn_ops.embedding import Embedding
-from .cuda import VECTOR_IO, address, grid_stride_blocks, kernel
+from .cuda import VECTOR_IO, grid_stride_blocks, kernel
 
 THREADS = 256
 PER_SM = 8  # blocks per SM: the grid's cap, which __launch_bounds__ makes sure fit at once
@@ -88,7 +88,7 @@ def supports(ids, gy, out):
 def vector_ok(gy, out):
     """The vector path's conditions: D a multiple of 4, gy's rows start on 4-value boundaries,
     out's on 16-byte ones."""
-    return gy.shape[1] % 4 == 0 and address(gy) % (4 * gy.itemsize) == 0 and address(out) % 16 == 0
+    return gy.shape[1] % 4 == 0 and backend.address(gy) % (4 * gy.itemsize) == 0 and backend.address(out) % 16 == 0
 
 
 # ----- launching: through these names, which tests/test_embedding.py replaces to run the

@@ -35,9 +35,9 @@ import math
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import address, get_array_module
 from ..nn_ops.geglu import GeGLU, halves
-from .cuda import address, grid_stride_blocks, kernel
+from .cuda import grid_stride_blocks, kernel
 
 THREADS = 256
 VEC = 8              # halves per 16-byte vector

@@ -68,10 +68,10 @@ import functools
 import numpy as np
 
 from . import rmsnorm, rope
-from ..backend import get_array_module
+from ..backend import address, get_array_module
 from ..nn_ops.rope import rope_tables
 from ..tensor import ADDED, Function
-from .cuda import VECTOR_IO, address, grid_stride_blocks, kernel
+from .cuda import VECTOR_IO, grid_stride_blocks, kernel
 
 THREADS = rmsnorm.THREADS
 PAIRS = rmsnorm.COLS // 2          # feature pairs per thread

@@ -54,10 +54,10 @@ import functools
 
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import address, get_array_module
 from ..nn_ops.rmsnorm import ResidualRMSNorm, RMSNorm
 from ..tensor import ADDED
-from .cuda import VECTOR_IO, address, grid_stride_blocks, kernel
+from .cuda import VECTOR_IO, grid_stride_blocks, kernel
 
 THREADS = 128
 COLS = 8                   # columns per thread
