@@ -226,6 +226,7 @@ __device__ __forceinline__ float neg_inf() { return -INFINITY; }
 __device__ __forceinline__ float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 __device__ __forceinline__ float __expf(float x) { return expf(x); }
 __device__ __forceinline__ float __fadd_rn(float a, float b) { return a + b; }  // g++ never contracts a lone add
+__device__ __forceinline__ float __fmul_rn(float a, float b) { return a * b; }  // nor a lone product
 // Fibers run one at a time, so a plain read-add-write is atomic.
 __device__ __forceinline__ float atomicAdd(float* p, float v) { const float old = *p; *p = old + v; return old; }
 

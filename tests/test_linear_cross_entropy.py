@@ -278,3 +278,110 @@ def test_fast_path_fused_equals_unfused(gpu_xp, rng):
         close16(got, expected, what=what)
     for early_made, recomputed in zip(results[2], results[1]):  # gradients made in the forward: the same bits
         np.testing.assert_array_equal(cp.asnumpy(early_made), cp.asnumpy(recomputed))
+
+
+# ----- the kernels that finish the gradients made in the forward (kernels/linear_cross_entropy.py)
+
+FACTORS = [1.0, 2.0, 1024.0 / 700.0]  # 1: the kernels write nothing (or only add); 2: exact; the last: rounds
+
+
+def finish_inputs(rng):
+    gx = (rng.standard_normal((37, 24)) * 3).astype(np.float16)
+    gw, target = (rng.standard_normal((2, 19, 24)) * 5).astype(np.float32)
+    return gx, gw, target
+
+
+@pytest.fixture
+def finish_emulated(monkeypatch):
+    """The finishing kernels' source on the CPU emulator, on a grid of 2 blocks (a grid-stride loop)."""
+    import cuda_emulator
+    from tinygrad3.kernels import linear_cross_entropy as lce_k
+    if not cuda_emulator.available():
+        pytest.skip("the CUDA emulator needs g++ on x86-64")
+    emulator = cuda_emulator.Emulator("// PTX_HELPERS_BEGIN\n// PTX_HELPERS_END\n" + lce_k.SOURCE)
+
+    def launch(name, n, args):  # NumPy makes the op's factor a float32 scalar, CuPy a 0-d array
+        args = [np.asarray(a) if isinstance(a, np.float32) else a for a in args]
+        emulator.launch(name, (2,), lce_k.THREADS, args + [np.int64(n)])
+
+    monkeypatch.setattr(lce_k, "_launch", launch)
+    monkeypatch.setattr(lce_k, "supports", lambda factor, *arrays: True)
+    return lce_k
+
+
+@pytest.mark.parametrize("factor", FACTORS)
+def test_emulated_finishing_kernels_equal_the_reference_bit_for_bit(finish_emulated, rng, factor):
+    lce_k = finish_emulated
+    gx, gw, target = finish_inputs(rng)
+    f = np.asarray(factor, np.float32)
+    ref_gx, ref_gw, ref_target = lce_k.reference_scale(gx, gw, f, target)
+    ours_gx, ours_gw, ours_target = gx.copy(), gw.copy(), target.copy()
+    lce_k.scale_f16(ours_gx, f)
+    lce_k.scale_add_f32(ours_gw, f, ours_target)
+    np.testing.assert_array_equal(ours_gx, ref_gx)
+    np.testing.assert_array_equal(ours_target, ref_target)  # target += gw * factor
+    np.testing.assert_array_equal(ours_gw, gw)  # with a target, gw is left alone
+    alone = gw.copy()
+    lce_k.scale_add_f32(alone, f)
+    np.testing.assert_array_equal(alone, ref_gw)  # without one, gw *= factor in place
+    if factor != 1.0:
+        assert not np.array_equal(ref_gx, gx) and not np.array_equal(ref_gw, gw)  # the case scales something
+
+
+@pytest.mark.parametrize("gy", [512.0, 700.0])
+def test_emulated_fused_op_backward_equals_the_reference_op(finish_emulated, rng, gy):
+    """FusedLinearCrossEntropy against LinearCrossEntropy (both NumPy float16 GEMMs): the same loss and
+    gradients, bit for bit, when gy is the expected 512 (factor 1) and when it is not."""
+    from tinygrad3.nn_ops.linear_cross_entropy import LinearCrossEntropy
+    x, w = half(rng, (12, 16)), half(rng, (40, 16), 0.2)
+    targets = rng.integers(0, 40, 12)
+    targets[3] = -1
+    results = []
+    for cls in (finish_emulated.FusedLinearCrossEntropy, LinearCrossEntropy):
+        ts = [Tensor(a, requires_grad=True) for a in (x, w)]
+        loss = cls(-1, None, 5, expected_grad=512.0)(*ts, targets)
+        loss.backward(np.asarray(gy, np.float32))
+        results.append([loss.data, ts[0].grad, ts[1].grad])
+    for ours, ref in zip(*results):
+        np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("factor", FACTORS)
+def test_finishing_kernels_equal_the_reference_bit_for_bit(gpu_xp, rng, factor):
+    from tinygrad3.kernels import linear_cross_entropy as lce_k
+    cp = gpu_xp
+    gx, gw, target = finish_inputs(rng)
+    f = np.asarray(factor, np.float32)
+    ref_gx, ref_gw, ref_target = lce_k.reference_scale(gx, gw, f, target)
+    ours_gx, ours_gw, ours_target = (cp.asarray(a) for a in (gx, gw, target))
+    assert lce_k.supports(cp.asarray(f), ours_gx, ours_gw, ours_target)
+    lce_k.scale_f16(ours_gx, cp.asarray(f))
+    lce_k.scale_add_f32(ours_gw, cp.asarray(f), ours_target)
+    np.testing.assert_array_equal(cp.asnumpy(ours_gx), ref_gx)
+    np.testing.assert_array_equal(cp.asnumpy(ours_target), ref_target)
+    alone = cp.asarray(gw)
+    lce_k.scale_add_f32(alone, cp.asarray(f))
+    np.testing.assert_array_equal(cp.asnumpy(alone), ref_gw)
+
+
+@pytest.mark.gpu
+def test_fast_path_gradients_made_in_the_forward_for_another_gy(gpu_xp, rng):
+    """The fast path's op (its finishing kernels) against the reference op with the same GEMMs, when
+    the backward's gy is not the expected one: the same bits."""
+    from tinygrad3.kernels import gemm, linear_cross_entropy as lce_k
+    from tinygrad3.nn_ops.linear_cross_entropy import LinearCrossEntropy
+    cp = gpu_xp
+    x, w = cp.asarray(half(rng, (300, 64))), cp.asarray(half(rng, (512, 64), 0.2))
+    targets = cp.asarray(rng.integers(0, 512, 300))
+    results = []
+    for cls in (lce_k.FusedLinearCrossEntropy, LinearCrossEntropy):
+        ts = [Tensor(a, requires_grad=True) for a in (x, w)]
+        loss = cls(-1, None, 128, cp.asarray(700.0, np.float32), gemm.mm)(*ts, targets)
+        loss.backward(cp.asarray(1024.0, np.float32))
+        results.append([cp.asnumpy(a) for a in (loss.data, ts[0].grad, ts[1].grad)])
+    for ours, ref in zip(*results):
+        np.testing.assert_array_equal(ours, ref)
+    with fast(True):
+        picked = F.linear_cross_entropy(Tensor(x, requires_grad=True), w, targets, expected_grad=2.0)
+    assert isinstance(picked._creator, lce_k.FusedLinearCrossEntropy)

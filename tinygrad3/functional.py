@@ -12,7 +12,7 @@ import numpy as np
 
 from .kernels import attention as attention_k, cross_entropy as cross_entropy_k, embedding as embedding_k
 from .kernels import flash_attention as flash_k, geglu as geglu_k, gemm as gemm_k, qk_norm_rope as qk_norm_rope_k
-from .kernels import rmsnorm as rmsnorm_k, rope as rope_k, use_fast
+from .kernels import linear_cross_entropy as linear_cross_entropy_k, rmsnorm as rmsnorm_k, rope as rope_k, use_fast
 from .nn_ops.attention import Attention
 from .nn_ops.common import as_index_array
 from .nn_ops.cross_entropy import CrossEntropy
@@ -218,8 +218,8 @@ def linear_cross_entropy(x, weight, targets, ignore_index=-1, valid_vocab=None, 
     if expected_grad is not None and not hasattr(expected_grad, "shape") and not float(expected_grad):
         raise ValueError("linear_cross_entropy: expected_grad must be nonzero (the backward divides by it)")
     mm = gemm_k.mm if _linear_class(_data(x), _data(weight)) is gemm_k.GemmLinear else None
-    return LinearCrossEntropy(ignore_index, valid_vocab, block_rows, expected_grad, mm,
-                              _cross_entropy_class)(x, weight, targets)
+    return _linear_cross_entropy_class(_data(x))(ignore_index, valid_vocab, block_rows, expected_grad, mm,
+                                                 _cross_entropy_class)(x, weight, targets)
 
 
 # ----- which Function computes an op: the fast path's (tinygrad3/kernels/<op>.py) where its family
@@ -227,6 +227,12 @@ def linear_cross_entropy(x, weight, targets, ignore_index=-1, valid_vocab=None, 
 
 def _linear_class(x, w):
     return gemm_k.GemmLinear if use_fast("gemm", x, w) else Linear
+
+
+def _linear_cross_entropy_class(x):
+    """The fused class finishes the gradients made in the forward by its kernels (one pass, or none)."""
+    fused = use_fast("cross_entropy", x)
+    return linear_cross_entropy_k.FusedLinearCrossEntropy if fused else LinearCrossEntropy
 
 
 def _embedding_class(w):

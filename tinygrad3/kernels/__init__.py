@@ -20,6 +20,7 @@ computing the same thing step for step (the kernel's reference in tests):
     rmsnorm.py        RMSNorm forward/backward, a warp per row with vector loads (also h + norm(x), the residual form)
     geglu.py          gelu_tanh(gate) * up forward/backward, 16-byte accesses
     cross_entropy.py  loss and gradient straight from float16 logits
+    linear_cross_entropy.py  the head's gradients made in the forward, scaled and added in one pass (or none)
     gemm.py           cuBLAS GEMMs (the linears' 2-D ones, attention's strided-batched ones),
                       float16 in, float32 accumulation, callable during CUDA-graph capture
     attention.py      attention from those GEMMs and a fused masked softmax

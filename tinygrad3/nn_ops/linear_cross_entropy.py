@@ -121,6 +121,17 @@ class LinearCrossEntropy(Function):
         elif gw is not None:
             gw += gz.astype(gw.dtype).T @ x2[start:stop].astype(gw.dtype)
 
+    def scale_made_grads(self, factor, target=None):
+        """(gx, gw): the gradients made in the forward times factor = gy / expected (a 0-d array):
+        gx rounded back to x's dtype, gw in place; with a target (a float32 buffer) gw is then
+        added into it, and the return's gw is not to be used."""
+        xp = get_array_module(factor)
+        gx = None if self.gx is None else (self.gx * factor).astype(self.gx.dtype)
+        gw = None if self.gw is None else xp.multiply(self.gw, factor, out=self.gw)
+        if target is not None:
+            target += gw
+        return gx, gw
+
     def backward(self, gy):
         """Per block: dZ_c from CrossEntropy (upstream gy N_c / N), then dX_c = dZ_c W and
         dW += dZ_c^T X_c (see the module docstring). Made in the forward for gy = expected: every
@@ -130,11 +141,7 @@ class LinearCrossEntropy(Function):
         target = self.grad_target(1) if self.needs_grad[1] else None
         added = target is not None and target.dtype == c and target.flags.c_contiguous
         if self.expected is not None:
-            factor = gy.astype(self.expected.dtype) / self.expected
-            gx = None if self.gx is None else (self.gx * factor).astype(self.gx.dtype)
-            gw = None if self.gw is None else xp.multiply(self.gw, factor, out=self.gw)
-            if added:
-                target += gw
+            gx, gw = self.scale_made_grads(gy.astype(self.expected.dtype) / self.expected, target if added else None)
         else:
             gx = xp.empty(self.x2.shape, self.x2.dtype) if self.needs_grad[0] else None
             gw = target if added else xp.zeros(self.w.shape, c) if self.needs_grad[1] else None
