@@ -309,23 +309,28 @@ def finish_emulated(monkeypatch):
     return lce_k
 
 
-@pytest.mark.parametrize("factor", FACTORS)
-def test_emulated_finishing_kernels_equal_the_reference_bit_for_bit(finish_emulated, rng, factor):
-    lce_k = finish_emulated
+def check_finishing_kernels(lce_k, rng, factor, asarray=np.array, asnumpy=np.asarray):
+    """scale_f16 and scale_add_f32 (with and without a target) against reference_scale, bit for bit;
+    asarray / asnumpy move the inputs to the kernels' arrays and their results back."""
     gx, gw, target = finish_inputs(rng)
     f = np.asarray(factor, np.float32)
     ref_gx, ref_gw, ref_target = lce_k.reference_scale(gx, gw, f, target)
-    ours_gx, ours_gw, ours_target = gx.copy(), gw.copy(), target.copy()
-    lce_k.scale_f16(ours_gx, f)
-    lce_k.scale_add_f32(ours_gw, f, ours_target)
-    np.testing.assert_array_equal(ours_gx, ref_gx)
-    np.testing.assert_array_equal(ours_target, ref_target)  # target += gw * factor
-    np.testing.assert_array_equal(ours_gw, gw)  # with a target, gw is left alone
-    alone = gw.copy()
-    lce_k.scale_add_f32(alone, f)
-    np.testing.assert_array_equal(alone, ref_gw)  # without one, gw *= factor in place
+    ours_gx, ours_gw, ours_target, alone, dev_f = (asarray(a) for a in (gx, gw, target, gw, f))
+    assert lce_k.supports(dev_f, ours_gx, ours_gw, ours_target)
+    lce_k.scale_f16(ours_gx, dev_f)
+    lce_k.scale_add_f32(ours_gw, dev_f, ours_target)
+    np.testing.assert_array_equal(asnumpy(ours_gx), ref_gx)
+    np.testing.assert_array_equal(asnumpy(ours_target), ref_target)  # target += gw * factor
+    np.testing.assert_array_equal(asnumpy(ours_gw), gw)  # with a target, gw is left alone
+    lce_k.scale_add_f32(alone, dev_f)
+    np.testing.assert_array_equal(asnumpy(alone), ref_gw)  # without one, gw *= factor in place
     if factor != 1.0:
         assert not np.array_equal(ref_gx, gx) and not np.array_equal(ref_gw, gw)  # the case scales something
+
+
+@pytest.mark.parametrize("factor", FACTORS)
+def test_emulated_finishing_kernels_equal_the_reference_bit_for_bit(finish_emulated, rng, factor):
+    check_finishing_kernels(finish_emulated, rng, factor)
 
 
 @pytest.mark.parametrize("gy", [512.0, 700.0])
@@ -350,19 +355,7 @@ def test_emulated_fused_op_backward_equals_the_reference_op(finish_emulated, rng
 @pytest.mark.parametrize("factor", FACTORS)
 def test_finishing_kernels_equal_the_reference_bit_for_bit(gpu_xp, rng, factor):
     from tinygrad3.kernels import linear_cross_entropy as lce_k
-    cp = gpu_xp
-    gx, gw, target = finish_inputs(rng)
-    f = np.asarray(factor, np.float32)
-    ref_gx, ref_gw, ref_target = lce_k.reference_scale(gx, gw, f, target)
-    ours_gx, ours_gw, ours_target = (cp.asarray(a) for a in (gx, gw, target))
-    assert lce_k.supports(cp.asarray(f), ours_gx, ours_gw, ours_target)
-    lce_k.scale_f16(ours_gx, cp.asarray(f))
-    lce_k.scale_add_f32(ours_gw, cp.asarray(f), ours_target)
-    np.testing.assert_array_equal(cp.asnumpy(ours_gx), ref_gx)
-    np.testing.assert_array_equal(cp.asnumpy(ours_target), ref_target)
-    alone = cp.asarray(gw)
-    lce_k.scale_add_f32(alone, cp.asarray(f))
-    np.testing.assert_array_equal(cp.asnumpy(alone), ref_gw)
+    check_finishing_kernels(lce_k, rng, factor, gpu_xp.asarray, gpu_xp.asnumpy)
 
 
 @pytest.mark.gpu
