@@ -23,6 +23,8 @@ computing the same thing step for step (the kernel's reference in tests):
     linear_cross_entropy.py  the head's gradients made in the forward, scaled and added in one pass (or none)
     gemm.py           cuBLAS GEMMs (the linears' 2-D ones, attention's strided-batched ones),
                       float16 in, float32 accumulation, callable during CUDA-graph capture
+    gemm_lt.py        the algorithm of each large product that overwrites its output: cuBLASLt's
+                      candidates timed once per shape, the fastest kept (family gemm)
     attention.py      attention from those GEMMs and a fused masked softmax
     flash_attention.py  attention fused into one kernel forward, three backward: tiles of queries
                       and keys on tensor cores, online softmax, no T x T scores, masked tiles

@@ -11,7 +11,9 @@ because CuPy refuses every cuBLAS call while a stream is being captured into a C
 raises). cuBLAS itself can be captured when the handle has a workspace of its own
 (cublasSetWorkspace) and the scalars alpha/beta are host values, read at the call: `_Blas`
 gives the handle a 32 MiB workspace and re-binds stream and workspace only when the current
-stream changes (cublasSetStream drops the workspace, so both go together).
+stream changes (cublasSetStream drops the workspace, so both go together). Large products that
+overwrite their output run the algorithm gemm_lt.py timed fastest for their shape, through
+cuBLASLt on the same workspace; the others, cuBLAS's own choice.
 
 cuBLAS is column-major; our arrays are row-major (C order). A row-major r x c matrix with
 row stride c is the column-major c x r matrix of its transpose, so the row-major product
@@ -25,6 +27,7 @@ import functools
 import numpy as np
 
 from ..nn_ops.linear import Linear
+from . import gemm_lt
 
 OP_N, OP_T = 0, 1  # cublasOperation_t
 CUDA_R_16F, CUDA_R_32F = 2, 0  # cudaDataType
@@ -74,7 +77,8 @@ class _Blas:
 
     def __init__(self):
         import cupy
-        lib = ctypes.CDLL(_loaded_cublas_path())
+        path = _loaded_cublas_path()
+        lib = ctypes.CDLL(path)
         p, i32, i64, u64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_size_t
         lib.cublasCreate_v2.argtypes = [ctypes.POINTER(p)]
         lib.cublasSetStream_v2.argtypes = [p, p]
@@ -87,6 +91,7 @@ class _Blas:
         self.workspace = cupy.empty(WORKSPACE_BYTES, np.uint8)
         self.stream = None
         self.one, self.zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+        self.tuner = gemm_lt.Tuner(path, self.workspace, CUBLAS_COMPUTE_32F, CUDA_R_32F, CUDA_R_16F)
 
     @staticmethod
     def _check(status, what):
@@ -102,16 +107,29 @@ class _Blas:
 
     def gemm(self, a, b, c, p, alpha, beta):
         import cupy
-        self.bind(cupy.cuda.get_current_stream().ptr)
+        stream = cupy.cuda.get_current_stream().ptr
+        self.bind(stream)
+        tune = gemm_lt.worth_timing(p, beta)
         alpha = self.one if alpha == 1.0 else np.array([alpha], np.float32)
         beta = self.zero if beta == 0.0 else np.array([beta], np.float32)
         c_type = CUDA_R_16F if c.dtype == np.float16 else CUDA_R_32F
-        self._check(self.lib.cublasGemmStridedBatchedEx(
-            self.handle, p["transa"], p["transb"], p["m"], p["n"], p["k"],
-            alpha.ctypes.data, b.data.ptr, CUDA_R_16F, p["lda"], p["stride_a"],
-            a.data.ptr, CUDA_R_16F, p["ldb"], p["stride_b"],
-            beta.ctypes.data, c.data.ptr, c_type, p["ldc"], p["stride_c"], p["batch"],
-            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "cublasGemmStridedBatchedEx")
+
+        def own_call():
+            self._check(self.lib.cublasGemmStridedBatchedEx(
+                self.handle, p["transa"], p["transb"], p["m"], p["n"], p["k"],
+                alpha.ctypes.data, b.data.ptr, CUDA_R_16F, p["lda"], p["stride_a"],
+                a.data.ptr, CUDA_R_16F, p["ldb"], p["stride_b"],
+                beta.ctypes.data, c.data.ptr, c_type, p["ldc"], p["stride_c"], p["batch"],
+                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "cublasGemmStridedBatchedEx")
+
+        def lt_call(plan):  # cuBLAS's A is our b (module docstring)
+            self.tuner.matmul(plan, alpha, b.data.ptr, a.data.ptr, beta, c.data.ptr, stream)
+
+        plan = self.tuner.plan((tuple(p.values()), c_type), p, c_type, own_call, lt_call) if tune else None
+        if plan is None:
+            own_call()
+        else:
+            lt_call(plan)
 
 
 @functools.lru_cache(maxsize=None)
